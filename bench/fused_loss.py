@@ -1,0 +1,204 @@
+"""Fused linear + BPO loss: r4b against torch eager, torch.compile and liger-kernel.
+
+    python bench/fused_loss.py                # Qwen3-4B sizes on a GPU, bf16
+    python bench/fused_loss.py --smoke        # tiny sizes on a CPU: a check that it runs
+
+Times forward+backward of the full BPO loss (off-policy ratio, clip-higher,
+beta * k3 KL to a reference, token-mean) and forward-only log-probs (old and
+reference policies), with the peak memory each adds over its inputs, and the
+achieved TFLOP/s against the measured bf16 matmul rate (2·N·H·V FLOPs forward,
+6·N·H·V forward+backward). Writes bench/results/fused_loss-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"  # on a CPU, time the Triton path (interpreted), not the reference
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, matmul_tflops, median_ms, peak_gib, print_table, write_results
+
+from r4b.kernels import bpo_loss_from_logprobs, fused_linear_bpo_loss, linear_logprobs
+
+BETA, EPS_LOW, EPS_HIGH, TEMPERATURE = 0.04, 0.2, 0.28, 1.0
+
+
+def materialized_logprobs(hidden, weight, targets, with_entropy=False):
+    """What trainers do without a fused kernel: full [N, V] logits, log_softmax, gather."""
+    logits = (hidden @ weight.t()).float() / TEMPERATURE
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def materialized_bpo_loss(hidden, weight, targets, batch):
+    logp, entropy = materialized_logprobs(hidden, weight, targets, with_entropy=True)
+    return bpo_loss_from_logprobs(
+        logp, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
+        old_logprobs=batch["old"], ref_logprobs=batch["ref"], entropy=entropy.detach(), clip_eps_low=EPS_LOW,
+        clip_eps_high=EPS_HIGH, beta=BETA,
+    )[0]  # fmt: skip
+
+
+def r4b_bpo_loss(hidden, weight, targets, batch):
+    return fused_linear_bpo_loss(
+        hidden, weight, targets, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
+        old_logprobs=batch["old"], ref_logprobs=batch["ref"], clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
+        beta=BETA, temperature=TEMPERATURE,
+    )[0]  # fmt: skip
+
+
+def liger_bpo_loss_factory(compiled: bool, seq_len: int):
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    module = LigerFusedLinearGRPOLoss(
+        beta=BETA, compiled=compiled, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+        loss_type="bnpo", temperature=TEMPERATURE,
+    )  # fmt: skip
+
+    def loss(hidden, weight, targets, batch):
+        b = hidden.shape[0] // seq_len
+        shape = (b, seq_len)
+        return module(
+            hidden.view(b, seq_len, -1), weight, targets.view(shape), batch["loss_mask"].view(shape).long(),
+            batch["advantages"].view(shape)[:, 0], ref_per_token_logps=batch["ref"].view(shape),
+            old_per_token_logps=batch["old"].view(shape),
+        )[0]  # fmt: skip
+
+    return loss
+
+
+def make_batch(n: int, h: int, v: int, seq_len: int, dtype: torch.dtype, device: str, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, device=device, dtype=dtype, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=gen) * h**-0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device, generator=gen)
+    with torch.no_grad():
+        policy, _ = linear_logprobs(hidden, weight, targets)
+    seq_ids = torch.arange(n, device=device) // seq_len
+    batch = {
+        "seq_ids": seq_ids,
+        "loss_mask": torch.rand(n, device=device, generator=gen) > 0.05,
+        "advantages": torch.randn(n // seq_len + 1, device=device, generator=gen)[seq_ids],
+        "old": policy + 0.1 * torch.randn(n, device=device, generator=gen),
+        "ref": policy + 0.1 * torch.randn(n, device=device, generator=gen),
+    }
+    return hidden, weight, targets, batch
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    ceiling = matmul_tflops(args.sizes[-1], args.hidden, min(args.vocab, 16384), dtype, repeats=args.repeats)
+    fwd_bwd = {"r4b": r4b_bpo_loss, "torch": materialized_bpo_loss}
+    fwd_only = {
+        "r4b": lambda h, w, t: linear_logprobs(h, w, t)[0],
+        "torch": lambda h, w, t: materialized_logprobs(h, w, t)[0],
+    }
+    if args.compile:
+        fwd_bwd["torch.compile"] = torch.compile(materialized_bpo_loss)
+        fwd_only["torch.compile"] = torch.compile(fwd_only["torch"])
+    liger = liger_bpo_loss_factory(compiled=device == "cuda", seq_len=args.seq_len)
+    if liger is not None:
+        fwd_bwd["liger"] = liger
+
+    rows = []
+    for n in args.sizes:
+        rows += bench_size(n, args, fwd_bwd, fwd_only, ceiling)
+    return {"matmul_tflops": ceiling, "rows": rows, "ratios": ratios_to_r4b(rows)}
+
+
+def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, ceiling: float) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, batch = make_batch(
+        n, args.hidden, args.vocab, args.seq_len, getattr(torch, args.dtype), device
+    )
+
+    def train_step(fn):
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets, batch).backward()
+
+    def logprobs_only(fn):
+        with torch.no_grad():
+            fn(hidden, weight, targets)
+
+    flops = 2 * n * args.hidden * args.vocab
+    rows = []
+    for mode, impls, step, mult in (("fwd+bwd", fwd_bwd, train_step, 3), ("fwd logprobs", fwd_only, logprobs_only, 1)):
+        for name, fn in impls.items():
+            row = {"impl": name, "mode": mode, "N": n, "H": args.hidden, "V": args.vocab, "dtype": args.dtype}
+            call = functools.partial(step, fn)
+            try:
+                row["ms"] = median_ms(call, warmup=args.warmup, repeats=args.repeats)
+                row["peak_gib"] = peak_gib(call)
+                row["tflops"] = mult * flops / (row["ms"] * 1e-3) / 1e12
+                row["frac_of_matmul"] = row["tflops"] / ceiling
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def ratios_to_r4b(rows: list[dict]) -> list[dict]:
+    """competitor time / r4b time and r4b memory / competitor memory, same mode and size, same run."""
+    ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == "r4b" and "ms" in r}
+    out = []
+    for r in rows:
+        base = ours.get((r["mode"], r["N"]))
+        if r["impl"] == "r4b" or base is None or "ms" not in r:
+            continue
+        mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
+        out.append(
+            {"mode": r["mode"], "N": r["N"], "vs": r["impl"], "r4b_speedup": r["ms"] / base["ms"], "r4b_mem_ratio": mem}
+        )
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 sizes: a CPU check that the benchmark runs")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768], help="tokens N")
+    parser.add_argument("--hidden", type=int, default=2560)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (liger takes [B, T, H])")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.hidden, args.vocab, args.seq_len = [48, 96], 40, 200, 16
+        args.dtype, args.warmup, args.repeats = "float32", 1, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    payload = run(args)
+    payload["environment"] = environment(("liger-kernel",))
+    payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    columns = ["impl", "mode", "N", "ms", "peak_gib", "tflops", "frac_of_matmul", "error"]
+    print_table(f"fused BPO loss, {payload['environment']['device']}, matmul {payload['matmul_tflops']:.3g} TFLOP/s",
+                payload["rows"], columns)  # fmt: skip
+    print_table("r4b vs competitors (same run)", payload["ratios"], ["mode", "N", "vs", "r4b_speedup", "r4b_mem_ratio"])
+    path = write_results("fused_loss", payload, *([args.out] if args.out else []))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""r4b.kernels: fused Triton kernels for training auto-thinking LLMs.
+
+Depends on torch and triton only, so any trainer can import it::
+
+    from r4b.kernels import fused_linear_bpo_loss
+
+CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch
+references in ``r4b.kernels.reference`` unless ``TRITON_INTERPRET=1`` is set
+(then the Triton kernels run in Triton's CPU interpreter, as the tests do).
+"""
+
+from .linear_logprobs import DEFAULT_CHUNK_ELEMENTS, linear_logprobs
+from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
+from .reference import LOSS_AGG_MODES
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "LOSS_AGG_MODES",
+    "bpo_loss_from_logprobs",
+    "fused_linear_bpo_loss",
+    "fused_linear_cross_entropy",
+    "linear_logprobs",
+]

@@ -1,0 +1,210 @@
+"""Losses on top of the fused log-prob kernel: BPO/GRPO (RL) and cross-entropy (SFT).
+
+The [N, V] work (logits, softmax, their gradients) happens in
+``linear_logprobs``; what is left here is O(N) per-token arithmetic in torch,
+whose gradient reaches the kernel as one scalar per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear_logprobs import linear_logprobs
+from .reference import LOSS_AGG_MODES
+
+
+def _check_bpo_inputs(
+    targets: torch.Tensor,
+    per_token: dict[str, torch.Tensor | None],
+    *,
+    beta: float,
+    loss_agg_mode: str,
+    norm_len: int | None,
+    clip_eps_low: float,
+    clip_eps_high: float,
+) -> None:
+    """Fail before any kernel runs, naming the argument."""
+    for name, tensor in per_token.items():
+        if tensor is not None and tensor.shape != targets.shape:
+            raise ValueError(f"{name} must have the shape of targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+    if beta != 0.0 and per_token.get("ref_logprobs") is None:
+        raise ValueError("beta != 0 needs ref_logprobs (the reference policy's log-probs)")
+    if loss_agg_mode == "seq-mean-token-sum-norm" and (norm_len is None or norm_len <= 0):
+        raise ValueError(
+            "loss_agg_mode='seq-mean-token-sum-norm' needs a positive norm_len (Dr. GRPO: max response length)"
+        )
+    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
+        raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low}, {clip_eps_high}")
+
+
+def _aggregation_weights(
+    seq_ids: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, norm_len: int | None
+) -> torch.Tensor:
+    """Per-token weights w such that loss = sum(w * token_loss) for verl's loss_agg_modes.
+
+    Sequences are the distinct values of ``seq_ids``; only those with at least
+    one token in ``mask`` count in means over sequences.
+    """
+    maskf = mask.to(torch.float32)
+    if loss_agg_mode == "token-mean":
+        return maskf / maskf.sum().clamp(min=1.0)
+    _, seq_index = torch.unique(seq_ids, return_inverse=True)
+    tokens_per_seq = torch.zeros(int(seq_index.max()) + 1 if seq_index.numel() else 0, device=mask.device)
+    tokens_per_seq.scatter_add_(0, seq_index, maskf)
+    num_seqs = (tokens_per_seq > 0).sum().clamp(min=1).to(torch.float32)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return maskf / (tokens_per_seq[seq_index].clamp(min=1.0) * num_seqs)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return maskf / num_seqs
+    return maskf / (norm_len * num_seqs)
+
+
+def bpo_loss_from_logprobs(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The BPO/GRPO loss of ``fused_linear_bpo_loss`` from per-token log-probs you already have.
+
+    ``entropy`` (per token, optional) only feeds the ``entropy`` metric.
+    """
+    _check_bpo_inputs(
+        logprobs,
+        dict(advantages=advantages, seq_ids=seq_ids, loss_mask=loss_mask, old_logprobs=old_logprobs,
+             ref_logprobs=ref_logprobs, entropy=entropy),
+        beta=beta, loss_agg_mode=loss_agg_mode, norm_len=norm_len, clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+    )  # fmt: skip
+
+    logp = logprobs
+    mask = torch.ones_like(logp, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    # Masked tokens get neutral inputs so that garbage there (inf, NaN) cannot
+    # leak NaN into the gradient through a 0 * inf.
+    detached = logp.detach()
+    old = detached if old_logprobs is None else torch.where(mask, old_logprobs.to(logp.dtype), detached)
+    adv = torch.where(mask, advantages.to(logp.dtype), 0.0)
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    if ref_logprobs is not None:
+        delta = torch.where(mask, ref_logprobs.to(logp.dtype), detached) - logp
+        kl = torch.exp(delta) - delta - 1.0
+        token_loss = token_loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+
+    weights = _aggregation_weights(seq_ids, mask, loss_agg_mode, norm_len)
+    loss = (token_loss * weights).sum()
+
+    n_tokens = mask.sum().clamp(min=1).to(logp.dtype)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": ((clipped > unclipped) & mask).sum() / n_tokens,
+            "kl": torch.where(mask, kl, 0.0).sum() / n_tokens,
+            "entropy": torch.where(mask, entropy, 0.0).sum() / n_tokens if entropy is not None else n_tokens * 0,
+        }
+    return loss, metrics
+
+
+def fused_linear_bpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg_mode: str = "token-mean",
+    norm_len: int | None = None,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BPO/GRPO policy loss from final hidden states, never building [N, V] logits.
+
+    Per token: ``max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high)) + beta * k3``
+    with ``r = exp(logp - old_logprobs)`` (``old_logprobs=None``: on-policy,
+    the ratio is 1 with logp's gradient) and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+    Tokens outside ``loss_mask`` contribute nothing, whatever their targets,
+    advantages or old/ref log-probs hold (a padding target of -100 is fine).
+    ``loss_agg_mode`` follows verl; ``seq-mean-token-sum-norm`` (Dr. GRPO)
+    divides each sequence's sum by ``norm_len``, which it requires.
+
+    Returns the scalar loss (fp32) and detached token-mean metrics
+    ``clip_frac``, ``kl`` and ``entropy``.
+    """
+    _check_bpo_inputs(
+        targets,
+        dict(advantages=advantages, seq_ids=seq_ids, loss_mask=loss_mask, old_logprobs=old_logprobs,
+             ref_logprobs=ref_logprobs),
+        beta=beta, loss_agg_mode=loss_agg_mode, norm_len=norm_len, clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+    )  # fmt: skip
+    mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    logprobs, entropy = linear_logprobs(
+        hidden,
+        weight,
+        targets.masked_fill(~mask, 0),
+        temperature=temperature,
+        with_entropy=True,
+        chunk_elements=chunk_elements,
+    )
+    return bpo_loss_from_logprobs(
+        logprobs,
+        advantages,
+        seq_ids=seq_ids,
+        loss_mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy.detach(),
+        clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+        beta=beta,
+        loss_agg_mode=loss_agg_mode,
+        norm_len=norm_len,
+    )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets``, never building the logits.
+
+    Matches ``torch.nn.functional.cross_entropy`` except that a batch whose
+    targets are all ``ignore_index`` gives 0 with ``reduction="mean"`` (torch
+    gives NaN): a packed micro-batch without supervised tokens must not poison
+    gradient accumulation. Returns fp32.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    valid = targets != ignore_index
+    logp, _ = linear_logprobs(hidden, weight, targets.masked_fill(~valid, 0), chunk_elements=chunk_elements)
+    losses = torch.where(valid, -logp, 0.0)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / valid.sum().clamp(min=1)

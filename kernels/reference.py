@@ -1,0 +1,110 @@
+"""Plain-PyTorch references: the tests' oracle and the fallback where Triton cannot run.
+
+Written for obviousness, not speed: the logits are materialized and every
+reduction over sequences is a Python loop. Run them in float64 to get an
+oracle for the fp32/fp16/bf16 kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(hidden @ weight.T / T) gathered at targets; fp32 (fp64 for fp64 inputs)."""
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ weight.t()).to(out_dtype) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logprobs = log_probs.gather(1, targets.long()[:, None]).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logprobs, entropy
+
+
+def bpo_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg_mode: str = "token-mean",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The BPO/GRPO token-level clipped surrogate + beta * k3 KL, aggregated as verl does."""
+    mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
+    logp, entropy = linear_logprobs_reference(hidden, weight, safe_targets, temperature=temperature, with_entropy=True)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+    ratio = torch.exp(logp - old)
+    adv = advantages.to(logp.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        delta = ref_logprobs.to(logp.dtype) - logp
+        kl = torch.exp(delta) - delta - 1.0
+    token_loss = token_loss + beta * kl
+
+    masked = [token_loss[(seq_ids == s) & mask] for s in torch.unique(seq_ids)]
+    masked = [x for x in masked if x.numel() > 0]
+    if loss_agg_mode == "token-mean":
+        picked = token_loss[mask]
+        loss = picked.sum() / max(picked.numel(), 1)
+    elif loss_agg_mode == "seq-mean-token-mean":
+        loss = _mean([x.mean() for x in masked], token_loss)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        loss = _mean([x.sum() for x in masked], token_loss)
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = _mean([x.sum() / norm_len for x in masked], token_loss)
+    else:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+
+    n_tokens = max(int(mask.sum()), 1)
+    metrics = {
+        "clip_frac": ((clipped > unclipped) & mask).sum().float() / n_tokens,
+        "kl": (kl * mask).sum().detach() / n_tokens,
+        "entropy": (entropy * mask).sum().detach() / n_tokens,
+    }
+    return loss, metrics
+
+
+def _mean(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not values:
+        return (like * 0).sum()
+    return torch.stack(values).mean()
+
+
+def cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy on materialized logits (0, not NaN, when all are ignored)."""
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ weight.t()).to(out_dtype)
+    losses = torch.nn.functional.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / max(int((targets != ignore_index).sum()), 1)

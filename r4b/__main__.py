@@ -1,0 +1,3 @@
+from r4b.cli import main
+
+raise SystemExit(main())

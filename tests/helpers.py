@@ -1,0 +1,55 @@
+"""Shared test utilities: devices, tolerances, allocation tracking."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative (Frobenius) error allowed against the float64 reference, by input dtype.
+# fp16/bf16 bounds come from rounding the outputs and d_logits to that dtype.
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+VALUE_ATOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def max_abs(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max())
+
+
+def random_problem(n: int, h: int, v: int, *, seed: int, scale: float = 0.5):
+    """float64 hidden, weight and targets on DEVICE: logits of order a few units."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (scale * 4 / h**0.5)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
+
+
+def leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_()
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Records the element count of every tensor an op allocates (not views of existing storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
+        return out
+
+    def largest(self) -> tuple[int, str]:
+        return max(self.sizes, default=(0, "none"))

@@ -1,0 +1,44 @@
+"""The console entry point and the benchmark's CPU smoke run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import r4b
+from r4b.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    assert "info" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert r4b.__version__ in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([Path(sys.executable).parent / "r4b", "info", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["r4b"] == r4b.__version__ and "torch" in info
+
+
+def test_fused_loss_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fused_loss
+    finally:
+        sys.path.pop(0)
+    assert fused_loss.main(["--smoke", "--no-compile", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("fused_loss-*.json")
+    record = json.loads(result.read_text())
+    assert {"suite", "device", "torch", "triton", "cuda", "date", "command", "rows"} <= record.keys()
+    impls = {row["impl"] for row in record["rows"] if "ms" in row}
+    assert {"r4b", "torch", "liger"} <= impls
+    assert {r["vs"] for r in record["ratios"]} == {"torch", "liger"}
