@@ -1,5 +1,8 @@
 """r4b.kernels: fused Triton kernels for training auto-thinking LLMs.
 
+The fused lm_head + log-prob / BPO / cross-entropy losses and packed
+variable-length attention with shared prompts and bidirectional blocks.
+
 Depends on torch and triton only, so any trainer can import it::
 
     from r4b.kernels import fused_linear_bpo_loss
@@ -12,6 +15,7 @@ references in ``r4b.kernels.reference`` unless ``TRITON_INTERPRET=1`` is set
 from .linear_logprobs import DEFAULT_CHUNK_ELEMENTS, linear_logprobs
 from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
 from .reference import LOSS_AGG_MODES
+from .varlen_attention import varlen_attention
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -20,4 +24,5 @@ __all__ = [
     "fused_linear_bpo_loss",
     "fused_linear_cross_entropy",
     "linear_logprobs",
+    "varlen_attention",
 ]
