@@ -1,5 +1,6 @@
 """The console entry point and the benchmark's CPU smoke run."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -29,12 +30,16 @@ def test_console_script_is_installed():
     assert info["r4b"] == r4b.__version__ and "torch" in info
 
 
-def test_fused_loss_benchmark_smoke(tmp_path):
+def _bench_module(name: str):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import fused_loss
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_fused_loss_benchmark_smoke(tmp_path):
+    fused_loss = _bench_module("fused_loss")
     assert fused_loss.main(["--smoke", "--no-compile", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("fused_loss-*.json")
     record = json.loads(result.read_text())
@@ -42,3 +47,17 @@ def test_fused_loss_benchmark_smoke(tmp_path):
     impls = {row["impl"] for row in record["rows"] if "ms" in row}
     assert {"r4b", "torch", "liger"} <= impls
     assert {r["vs"] for r in record["ratios"]} == {"torch", "liger"}
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    attention = _bench_module("attention")
+    assert attention.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("attention-*.json")
+    record = json.loads(result.read_text())
+    assert {row["mask"] for row in record["rows"]} == {"causal-docs", "shared-prefix"}
+    (shared, unshared) = (
+        next(r for r in record["bpo_rows"] if r["mask"] == m and r["mode"] == "fwd")
+        for m in ("shared-prefix", "unshared")
+    )
+    assert shared["tokens"] < unshared["tokens"] and shared["visible_pairs"] < unshared["visible_pairs"]
+    assert any(r["vs"] == "sdpa-dense-mask" for r in record["ratios"])
