@@ -12,18 +12,31 @@ TORCH_CPU ?= torch==2.13.0
 INTERPRET := $(if $(HAS_GPU),0,1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench-smoke clean
+# The oldest Triton the kernels support (the GPU image's); its interpreter
+# needs numpy < 2.3 (int() of a 1-element array).
+TRITON_COMPAT ?= 3.6.0
+COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
+KERNEL_TESTS := tests/test_linear_logprobs.py tests/test_losses.py tests/test_liger_parity.py \
+	tests/test_bad_input.py tests/test_varlen_attention.py
+
+.PHONY: install demo test test-triton-compat lint format clean
+
+# $(call make-venv,DIR,EXTRA_REQUIREMENTS)
+define make-venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip setuptools wheel pybind11
+	$(if $(HAS_GPU),,$(1)/bin/pip install --quiet $(TORCH_CPU))
+	$(1)/bin/pip install --quiet --no-build-isolation -e ".[dev]" $(2)
+	@touch $(1)/.installed
+endef
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel pybind11
-ifeq ($(HAS_GPU),)
-	$(BIN)/pip install --quiet $(TORCH_CPU)
-endif
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
-	@touch $@
+	$(call make-venv,$(VENV))
+
+$(COMPAT_VENV)/.installed: pyproject.toml setup.py
+	$(call make-venv,$(COMPAT_VENV),"triton==$(TRITON_COMPAT)" "numpy<2.3")
 
 # Until the end-to-end demo lands: the fused-loss benchmark at smoke sizes.
 demo: install
@@ -31,6 +44,10 @@ demo: install
 
 test: install
 	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The kernel tests again on the oldest supported Triton.
+test-triton-compat: $(COMPAT_VENV)/.installed
+	TRITON_INTERPRET=$(INTERPRET) $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings $(KERNEL_TESTS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -41,4 +58,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
