@@ -27,6 +27,7 @@ import triton.language as tl
 
 from . import reference
 from ._backend import interpreting, use_triton
+from ._tl_helpers import dot
 
 # Upper bound on the elements of the backward's d_logits chunk buffer; the
 # test-suite lowers it to prove no [N, V] tensor is ever allocated.
@@ -83,14 +84,7 @@ def _logits_tile(
         k_ok = offs_k + k0 < H
         a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            # Interpreter only: its bf16 dot is wrong; bf16 -> fp32 is exact.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot(a, b, acc, UPCAST, IEEE)
         h_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
     return acc * inv_temp

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreting, use_triton
+from ._tl_helpers import dot
 
 _LOG2E = 1.4426950408889634
 
@@ -78,16 +79,16 @@ def _visible(
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:
-        # Interpreter only: its bf16 dot is wrong; bf16 -> fp32 is exact.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+def _load_rows(ptr, rows, head, stride_n, stride_h, offs_d, mask):
+    """A [rows, head_dim] tile of one head of an [N, heads, head_dim] tensor."""
+    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask)
+
+
+@triton.jit
+def _store_rows(ptr, rows, head, stride_n, stride_h, offs_d, mask, value):
+    tl.store(
+        ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], value.to(ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "CAUSAL", "HAS_SEG", "HAS_BIDIR"])
@@ -136,9 +137,8 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qn + head * stride_qh + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :]
-    )
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
 
@@ -154,30 +154,21 @@ def _fwd_kernel(
         if tl.max(visible.to(tl.int32)) > 0:  # skip tiles the mask empties: no K/V load, no dots
             cols = (start + offs_n).to(tl.int64)
             n_ok = offs_n < seqlen
-            kt = tl.load(
-                k_ptr + cols[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
-                mask=n_ok[None, :] & d_ok[:, None],
-            )
-            s = _dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+            s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + cols[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :],
-            )
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+            v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
             m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(
-        o_ptr + rows[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    _store_rows(o_ptr, rows, head, stride_on, stride_oh, offs_d, q_mask, out)
     # base-2 log-sum-exp of the scaled scores, for the backward
     tl.store(lse_ptr + head * n_total + start + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
 
@@ -236,8 +227,8 @@ def _bwd_dkdv_kernel(
     n_ok = offs_n < seqlen
     cols = (start + offs_n).to(tl.int64)
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + cols[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask)
-    v = tl.load(v_ptr + cols[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask)
+    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
@@ -254,26 +245,18 @@ def _bwd_dkdv_kernel(
                 m_ok = offs_m < seqlen
                 rows = (start + offs_m).to(tl.int64)
                 q_mask = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_ptr + rows[:, None] * stride_qn + head * stride_qh + offs_d[None, :], mask=q_mask)
-                do = tl.load(do_ptr + rows[:, None] * stride_don + head * stride_doh + offs_d[None, :], mask=q_mask)
+                q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+                do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
                 lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
                 delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-                s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
+                s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
                 p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-                dv = _dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, IEEE)
-                dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
+                dv = dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, IEEE)
+                dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
                 ds = p * (dp - delta[:, None])
-                dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, IEEE)
-    tl.store(
-        dk_ptr + cols[:, None] * stride_dkn + kv_head * stride_dkh + offs_d[None, :],
-        (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        dv_ptr + cols[:, None] * stride_dvn + kv_head * stride_dvh + offs_d[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
-        mask=kv_mask,
-    )
+                dk = dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, IEEE)
+    _store_rows(dk_ptr, cols, kv_head, stride_dkn, stride_dkh, offs_d, kv_mask, dk * sm_scale)
+    _store_rows(dv_ptr, cols, kv_head, stride_dvn, stride_dvh, offs_d, kv_mask, dv)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "HAS_SEG", "HAS_BIDIR"])
@@ -328,8 +311,8 @@ def _bwd_dq_kernel(
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + rows[:, None] * stride_qn + head * stride_qh + offs_d[None, :], mask=q_mask)
-    do = tl.load(do_ptr + rows[:, None] * stride_don + head * stride_doh + offs_d[None, :], mask=q_mask)
+    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
     lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
     seg_doc = seg_ptr + start
@@ -345,18 +328,14 @@ def _bwd_dq_kernel(
             n_ok = offs_n < seqlen
             cols = (start + offs_n).to(tl.int64)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + cols[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask)
-            v = tl.load(v_ptr + cols[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask)
-            s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
+            k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+            v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+            s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
             p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
+            dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
-    tl.store(
-        dq_ptr + rows[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :],
-        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-        mask=q_mask,
-    )
+            dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+    _store_rows(dq_ptr, rows, head, stride_dqn, stride_dqh, offs_d, q_mask, dq * sm_scale)
 
 
 def _flags(q: torch.Tensor, causal: bool, segment_ids, bidir_ids) -> dict:
