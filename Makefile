@@ -30,10 +30,15 @@ define make-venv
 	@touch $(1)/.installed
 endef
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.native
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(VENV))
+
+# Rebuild r4b._C when a C++ source changes (the venv itself stays).
+$(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h)
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	@touch $@
 
 $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(COMPAT_VENV),"triton==$(TRITON_COMPAT)" "numpy<2.3")
