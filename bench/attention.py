@@ -4,7 +4,8 @@
     python bench/attention.py --smoke     # tiny sizes on a CPU: a check that it runs
 
 Two tables:
-1. masks: plain causal documents and shared-prefix documents (a prompt with
+1. masks: plain causal documents, vision-tower tiles (729-token images, full
+   attention, 16 heads of 72) and shared-prefix documents (a prompt with
    responses that see it but not each other, an image block inside the prompt
    attending bidirectionally), forward and forward+backward, TFLOP/s counted on
    the visible (query, key) pairs only.
@@ -34,10 +35,14 @@ from r4b.kernels.varlen_attention import attention_mask_reference
 
 
 class Layout:
-    """A packed batch: documents, segment ids (0 = prompt, k = response k) and bidir ids."""
+    """A packed batch: documents, segment ids (0 = prompt, k = response k), bidir ids, causality,
+    and the attention heads it runs with (q heads, kv heads, head dim; None: the command line's)."""
 
-    def __init__(self, lengths: list[int], segments: list[list[int]] | None = None, bidir: list[int] | None = None):
+    def __init__(self, lengths: list[int], segments: list[list[int]] | None = None, bidir: list[int] | None = None,
+                 *, causal: bool = True, heads: tuple[int, int, int] | None = None):  # fmt: skip
         self.lengths = lengths
+        self.causal = causal
+        self.heads = heads
         self.cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         self.n = sum(lengths)
         self.seg = None if segments is None else torch.tensor([s for doc in segments for s in doc], dtype=torch.int32)
@@ -57,7 +62,7 @@ class Layout:
             cu = torch.tensor([0, length], dtype=torch.int32)
             seg = None if self.seg is None else self.seg[offset : offset + length].cpu()
             bidir = None if self.bidir is None else self.bidir[offset : offset + length].cpu()
-            total += int(attention_mask_reference(cu, segment_ids=seg, bidir_ids=bidir).sum())
+            total += int(attention_mask_reference(cu, causal=self.causal, segment_ids=seg, bidir_ids=bidir).sum())
             offset += length
         return total
 
@@ -65,6 +70,11 @@ class Layout:
 def causal_documents(n_tokens: int, doc_len: int) -> Layout:
     lengths = [doc_len] * (n_tokens // doc_len) + ([n_tokens % doc_len] if n_tokens % doc_len else [])
     return Layout(lengths)
+
+
+def vision_tiles(n_tokens: int, tile: int) -> Layout:
+    """A vision tower's batch: one document per image tile, full attention, SigLIP-so400m heads (16 x 72)."""
+    return Layout([tile] * max(1, n_tokens // tile), causal=False, heads=(16, 16, 72))
 
 
 def bpo_groups(num_groups: int, prompt: int, image: int, responses: int, mean_len: int, *, shared: bool, seed=0):
@@ -97,6 +107,8 @@ def flex_attention_fn(layout: Layout, device: str):
     bidir = layout.bidir if layout.bidir is not None else torch.zeros(layout.n, dtype=torch.int32, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
+        if not layout.causal:
+            return doc[q_idx] == doc[kv_idx]
         causal = (kv_idx <= q_idx) & ((seg[kv_idx] == 0) | (seg[kv_idx] == seg[q_idx]))
         both = (bidir[q_idx] == bidir[kv_idx]) & (bidir[kv_idx] != 0)
         return (doc[q_idx] == doc[kv_idx]) & (causal | both)
@@ -113,7 +125,7 @@ def flex_attention_fn(layout: Layout, device: str):
 
 
 def sdpa_dense_fn(layout: Layout):
-    mask = attention_mask_reference(layout.cu, segment_ids=layout.seg, bidir_ids=layout.bidir)
+    mask = attention_mask_reference(layout.cu, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir)
 
     def run(q, k, v):
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -133,24 +145,26 @@ def flash_attn_fn(layout: Layout):
     except ImportError:
         return None
     max_len = max(layout.lengths)
-    return lambda q, k, v: flash_attn_varlen_func(q, k, v, layout.cu, layout.cu, max_len, max_len, causal=True)
+    return lambda q, k, v: flash_attn_varlen_func(q, k, v, layout.cu, layout.cu, max_len, max_len, causal=layout.causal)
 
 
 def r4b_fn(layout: Layout):
     max_len = max(layout.lengths)
-    return lambda q, k, v: varlen_attention(q, k, v, layout.cu, max_len, segment_ids=layout.seg, bidir_ids=layout.bidir)
+    return lambda q, k, v: varlen_attention(
+        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir
+    )
 
 
 def time_impl(name: str, fn, layout: Layout, args, extra: dict) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(layout.n, args.q_heads, args.head_dim, device=device, dtype=dtype, generator=gen)
-    k, v = (torch.randn(layout.n, args.kv_heads, args.head_dim, device=device, dtype=dtype, generator=gen)
-            for _ in range(2))  # fmt: skip
+    q_heads, kv_heads, head_dim = layout.heads or (args.q_heads, args.kv_heads, args.head_dim)
+    q = torch.randn(layout.n, q_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(layout.n, kv_heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
-    pair_flops = 4 * args.head_dim * args.q_heads * extra["visible_pairs"]
+    pair_flops = 4 * head_dim * q_heads * extra["visible_pairs"]
 
     def forward():
         with torch.no_grad():
@@ -192,6 +206,7 @@ def run(args) -> dict:
     for n_tokens in args.sizes:
         for mask_name, layout in (
             ("causal-docs", causal_documents(n_tokens, args.doc_len)),
+            ("vision-tiles", vision_tiles(n_tokens, args.tile)),
             ("shared-prefix", bpo_groups(max(1, n_tokens // (args.prompt + 16 * args.response)), args.prompt,
                                          args.image, 16, args.response, shared=True)),
         ):  # fmt: skip
@@ -231,6 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 sizes: a CPU check that the benchmark runs")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--doc-len", type=int, default=2048, help="document length of the causal-docs mask")
+    parser.add_argument("--tile", type=int, default=729, help="tokens per image tile of the vision-tiles mask")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -246,7 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.sizes, args.doc_len, args.q_heads, args.kv_heads, args.head_dim = [96], 40, 2, 1, 16
+        args.sizes, args.doc_len, args.tile, args.q_heads, args.kv_heads, args.head_dim = [96], 40, 48, 2, 1, 16
         args.prompt, args.image, args.response, args.bpo_groups = 24, 10, 8, 1
         args.dtype, args.warmup, args.repeats, args.flex = "float32", 0, 1, False
     return args

@@ -54,7 +54,7 @@ def test_attention_benchmark_smoke(tmp_path):
     assert attention.main(["--smoke", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("attention-*.json")
     record = json.loads(result.read_text())
-    assert {row["mask"] for row in record["rows"]} == {"causal-docs", "shared-prefix"}
+    assert {row["mask"] for row in record["rows"]} == {"causal-docs", "vision-tiles", "shared-prefix"}
     (shared, unshared) = (
         next(r for r in record["bpo_rows"] if r["mask"] == m and r["mode"] == "fwd")
         for m in ("shared-prefix", "unshared")
