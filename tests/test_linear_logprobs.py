@@ -129,3 +129,18 @@ def test_forward_only_costs_only_outputs():
         linear_logprobs(hidden, weight, targets, with_entropy=True)
     size, op = tracker.largest()
     assert size <= 4 * 3 * n, f"{op} allocated {size} elements"
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gets_no_gradient(frozen):
+    """A frozen lm_head (or frozen activations) skips that matmul; the other gradient is unchanged."""
+    hidden64, weight64, targets = random_problem(21, 30, 77, seed=9)
+    inputs = {"hidden": leaf(hidden64, torch.float32), "weight": leaf(weight64, torch.float32)}
+    inputs[frozen].requires_grad_(False)
+    logp, _ = linear_logprobs(inputs["hidden"], inputs["weight"], targets, chunk_elements=21 * 20)
+    logp.sum().backward()
+    hidden_ref, weight_ref = leaf(hidden64, torch.float64), leaf(weight64, torch.float64)
+    linear_logprobs_reference(hidden_ref, weight_ref, targets)[0].sum().backward()
+    trained, reference = ("weight", weight_ref) if frozen == "hidden" else ("hidden", hidden_ref)
+    assert inputs[frozen].grad is None
+    assert rel_err(inputs[trained].grad, reference.grad) < GRAD_RTOL[torch.float32]
