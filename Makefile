@@ -19,7 +19,7 @@ COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
 KERNEL_TESTS := tests/test_linear_logprobs.py tests/test_losses.py tests/test_liger_parity.py \
 	tests/test_bad_input.py tests/test_varlen_attention.py
 
-.PHONY: install demo test test-triton-compat lint format clean
+.PHONY: install demo test test-triton-compat check-cuda lint format clean
 
 # $(call make-venv,DIR,EXTRA_REQUIREMENTS)
 define make-venv
@@ -35,8 +35,8 @@ install: $(VENV)/.installed $(VENV)/.native
 $(VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(VENV))
 
-# Rebuild r4b._C when a C++ source changes (the venv itself stays).
-$(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h)
+# Rebuild r4b._C (and r4b._cuda where torch has CUDA) when a source changes (the venv itself stays).
+$(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -53,6 +53,16 @@ test: install
 # The kernel tests again on the oldest supported Triton.
 test-triton-compat: $(COMPAT_VENV)/.installed
 	TRITON_INTERPRET=$(INTERPRET) $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings $(KERNEL_TESTS)
+
+# The CUDA kernels are plain .cu files (no torch headers): nvcc compiles them without a GPU.
+NVCC ?= nvcc
+CUDA_CHECK_DIR ?= /tmp/r4b-check-cuda
+check-cuda:
+	@mkdir -p $(CUDA_CHECK_DIR)
+	@for f in csrc/cuda/*.cu; do \
+		echo "$(NVCC) -std=c++17 -arch=sm_90 -c $$f"; \
+		$(NVCC) -std=c++17 -arch=sm_90 -c $$f -o $(CUDA_CHECK_DIR)/$$(basename $$f .cu).o || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .
