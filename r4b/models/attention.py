@@ -1,0 +1,74 @@
+"""r4b's varlen attention as a transformers attention implementation.
+
+After :func:`register_varlen_attention`, any model loaded with
+``attn_implementation="r4b_varlen"`` runs packed batches (one row of N tokens)
+through ``r4b.kernels.varlen_attention``. The packing travels as keyword
+arguments of the model's forward, which transformers hands to every attention
+call: ``cu_seq_lens_q`` / ``max_length_q`` (the names flash-attn's path uses),
+plus r4b's ``segment_ids`` (shared-prefix responses) and ``bidir_ids``
+(bidirectional image blocks). Without ``cu_seq_lens_q`` each row is one
+document. A padding mask is refused: pack instead of padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+from r4b.kernels import varlen_attention
+
+ATTENTION_NAME = "r4b_varlen"
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' calling convention: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None)."""
+    if attention_mask is not None:
+        raise ValueError(
+            f"{ATTENTION_NAME} takes packed batches, not padding masks: pass one row of packed tokens with "
+            "cu_seq_lens_q / max_length_q instead of attention_mask"
+        )
+    if dropout:
+        raise ValueError(f"{ATTENTION_NAME} has no attention dropout (got {dropout})")
+    batch, _, seq_len, _ = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value))
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
+        max_length_q = seq_len
+    elif batch != 1:
+        raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
+    flat = lambda ids: None if ids is None else ids.reshape(-1).to(torch.int32)
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        cu_seq_lens_q.to(torch.int32),
+        int(max_length_q),
+        causal=getattr(module, "is_causal", True),
+        segment_ids=flat(segment_ids),
+        bidir_ids=flat(bidir_ids),
+        softmax_scale=scaling,
+    )
+    return out.view(batch, seq_len, *out.shape[1:]), None
+
+
+def register_varlen_attention() -> str:
+    """Register ``r4b_varlen`` with transformers (idempotent); returns the name to pass as attn_implementation."""
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    # Like flash-attn: no [T, T] mask is ever built for this implementation.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
+    return ATTENTION_NAME
