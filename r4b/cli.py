@@ -22,6 +22,8 @@ def environment_info() -> dict[str, str]:
     else:
         device = f"cpu ({platform.processor() or platform.machine()})"
         backend = "triton interpreter" if interpreting() else "torch reference (set TRITON_INTERPRET=1 for Triton)"
+    from r4b import packing, shared_prefix
+
     return {
         "r4b": __version__,
         "python": platform.python_version(),
@@ -30,6 +32,8 @@ def environment_info() -> dict[str, str]:
         "cuda": torch.version.cuda or "none",
         "device": device,
         "kernel backend for this device": backend,
+        "packing planner": packing.BACKEND,
+        "shared-prefix packing on CUDA": "r4b._cuda kernels" if shared_prefix._cuda is not None else "torch",
     }
 
 
