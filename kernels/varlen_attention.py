@@ -79,9 +79,19 @@ def _visible(
 
 
 @triton.jit
+def _worth_computing(visible, MAY_BE_EMPTY: tl.constexpr):
+    """Whether a tile has a visible pair. Plain causal and full masks loop over non-empty tiles only,
+    and a constant here keeps their loads out of an scf.if, where the pipeliner cannot reach them."""
+    if MAY_BE_EMPTY:
+        return tl.max(visible.to(tl.int32)) > 0
+    else:
+        return True
+
+
+@triton.jit
 def _load_rows(ptr, rows, head, stride_n, stride_h, offs_d, mask):
     """A [rows, head_dim] tile of one head of an [N, heads, head_dim] tensor."""
-    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask)
+    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -123,8 +133,8 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    doc = tl.program_id(1)
+    doc = tl.program_id(0)
+    pid_m = tl.program_id(1)
     head = tl.program_id(2)
     start = tl.load(cu_ptr + doc)
     seqlen = tl.load(cu_ptr + doc + 1) - start
@@ -151,7 +161,7 @@ def _fwd_kernel(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        if tl.max(visible.to(tl.int32)) > 0:  # skip tiles the mask empties: no K/V load, no dots
+        if _worth_computing(visible, HAS_SEG or HAS_BIDIR):  # empty tiles: no K/V loads, no dots
             cols = (start + offs_n).to(tl.int64)
             n_ok = offs_n < seqlen
             kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -213,8 +223,8 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    doc = tl.program_id(1)
+    doc = tl.program_id(0)
+    pid_n = tl.program_id(1)
     kv_head = tl.program_id(2)
     start = tl.load(cu_ptr + doc)
     seqlen = tl.load(cu_ptr + doc + 1) - start
@@ -241,7 +251,7 @@ def _bwd_dkdv_kernel(
         for m0 in range(lo, seqlen, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-            if tl.max(visible.to(tl.int32)) > 0:
+            if _worth_computing(visible, HAS_SEG or HAS_BIDIR):
                 m_ok = offs_m < seqlen
                 rows = (start + offs_m).to(tl.int64)
                 q_mask = m_ok[:, None] & d_ok[None, :]
@@ -296,8 +306,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    doc = tl.program_id(1)
+    doc = tl.program_id(0)
+    pid_m = tl.program_id(1)
     head = tl.program_id(2)
     start = tl.load(cu_ptr + doc)
     seqlen = tl.load(cu_ptr + doc + 1) - start
@@ -324,7 +334,7 @@ def _bwd_dq_kernel(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        if tl.max(visible.to(tl.int32)) > 0:
+        if _worth_computing(visible, HAS_SEG or HAS_BIDIR):
             n_ok = offs_n < seqlen
             cols = (start + offs_n).to(tl.int64)
             kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -365,7 +375,7 @@ class _VarlenAttention(torch.autograd.Function):
         group = n_heads // k.shape[1]
 
         def grid(meta):
-            return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), num_docs, n_heads)
+            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
 
         _fwd_kernel[grid](
             q, k, v, out, lse, cu_seqlens, seg, bidir,
@@ -391,7 +401,7 @@ class _VarlenAttention(torch.autograd.Function):
         scales = (n_total, softmax_scale * _LOG2E, softmax_scale)
 
         def grid_kv(meta):
-            return (triton.cdiv(max_seqlen, meta["BLOCK_N"]), num_docs, k.shape[1])
+            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_N"]), k.shape[1])
 
         _bwd_dkdv_kernel[grid_kv](
             q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seg, bidir,
@@ -401,7 +411,7 @@ class _VarlenAttention(torch.autograd.Function):
         )  # fmt: skip
 
         def grid_q(meta):
-            return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), num_docs, n_heads)
+            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
 
         _bwd_dq_kernel[grid_q](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
@@ -460,7 +470,7 @@ def varlen_attention_reference(
     return torch.einsum("hnm,mhd->nhd", probs, vf).to(q.dtype)
 
 
-def _check_inputs(q, k, v, cu_seqlens, causal, segment_ids, bidir_ids) -> None:
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [N, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -475,6 +485,9 @@ def _check_inputs(q, k, v, cu_seqlens, causal, segment_ids, bidir_ids) -> None:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
     if int(cu_seqlens[-1]) != q.shape[0]:
         raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} must equal the packed tokens N = {q.shape[0]}")
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest document ({longest} tokens)")
     if not causal and (segment_ids is not None or bidir_ids is not None):
         raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
     for name, ids in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)):
@@ -515,13 +528,15 @@ def varlen_attention(
     GPU when installed; else the Triton kernel (GPU, or CPU under
     ``TRITON_INTERPRET=1``); else the explicit-mask reference.
     """
-    _check_inputs(q, k, v, cu_seqlens, causal, segment_ids, bidir_ids)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plain = segment_ids is None and bidir_ids is None
     flash = _flash_attn_varlen() if q.is_cuda and plain and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
         return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
     if use_triton(q, k, v):
+        # The kernels index head_dim with unit stride.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids, scale)
     return varlen_attention_reference(
         q,

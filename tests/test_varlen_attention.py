@@ -122,7 +122,22 @@ def test_bad_input():
         varlen_attention(q, kv, kv, cu.long(), 6)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 9 must equal the packed tokens N = 10"):
         varlen_attention(q, kv, kv, torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), 6)
+    with pytest.raises(ValueError, match=r"max_seqlen = 5 is shorter than the longest document \(6 tokens\)"):
+        varlen_attention(q, kv, kv, cu, 5)
     with pytest.raises(ValueError, match="causal=False attends all pairs"):
         varlen_attention(q, kv, kv, cu, 6, causal=False, segment_ids=torch.zeros(10, dtype=torch.int32))
     with pytest.raises(ValueError, match="segment_ids must be int32"):
         varlen_attention(q, kv, kv, cu, 6, segment_ids=torch.zeros(10, dtype=torch.long, device=DEVICE))
+
+
+def test_head_dim_with_non_unit_stride():
+    """q sliced out of a wider tensor (stride over head_dim != 1) is made contiguous, not misread."""
+    lengths = [9, 14]
+    cu, _, _ = packed_documents(lengths, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(23, 2, 32, generator=gen, dtype=torch.float64).to(DEVICE)
+    q = wide.float()[..., ::2]
+    kv = torch.randn(23, 1, 16, generator=gen).to(DEVICE)
+    out = varlen_attention(q, kv, kv, cu, 14)
+    ref = varlen_attention_reference(q.double(), kv.double(), kv.double(), cu, 14)
+    assert q.stride(-1) == 2 and rel_err(out, ref) < 1e-5
