@@ -348,6 +348,25 @@ def _bwd_dq_kernel(
     _store_rows(dq_ptr, rows, head, stride_dqn, stride_dqh, offs_d, q_mask, dq * sm_scale)
 
 
+_DELTA_ROWS = 16 if interpreting() else 64
+
+
+@triton.jit
+def _delta_kernel(
+    o_ptr, do_ptr, delta_ptr, stride_on, stride_oh, stride_don, stride_doh, n_total,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """delta[head, i] = sum_d dO[i, head, d] * O[i, head, d] in fp32, without fp32 copies of O and dO."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < n_total
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = _load_rows(o_ptr, rows.to(tl.int64), head, stride_on, stride_oh, offs_d, mask).to(tl.float32)
+    do = _load_rows(do_ptr, rows.to(tl.int64), head, stride_don, stride_doh, offs_d, mask).to(tl.float32)
+    tl.store(delta_ptr + head * n_total + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
 def _flags(q: torch.Tensor, causal: bool, segment_ids, bidir_ids) -> dict:
     head_dim = q.shape[-1]
     return {
@@ -395,7 +414,11 @@ class _VarlenAttention(torch.autograd.Function):
         n_total, n_heads, _ = q.shape
         num_docs = cu_seqlens.numel() - 1
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # [heads, N]
+        delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(n_total, _DELTA_ROWS), n_heads)](
+            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
+            HEAD_DIM=flags["HEAD_DIM"], D_PAD=flags["D_PAD"], BLOCK=_DELTA_ROWS,
+        )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(GROUP=group, **flags)
         scales = (n_total, softmax_scale * _LOG2E, softmax_scale)
