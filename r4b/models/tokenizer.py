@@ -1,0 +1,56 @@
+"""The R-4B prompt format and the tiny tokenizer shipped with r4b (the embedded default).
+
+R-4B's prompt is ChatML with an ``<image>`` placeholder; the mode is forced by what follows
+``<|im_start|>assistant\\n``: ``<think>`` lets the model choose (auto), ``<think>\\n`` forces
+thinking, ``<think>\\n\\n</think>`` forces a direct answer. ``\\n`` and ``\\n\\n`` are distinct
+tokens, so the first token after ``<think>`` is the model's mode decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
+THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)
+
+MODES = ("auto", "thinking", "non_thinking")
+# What the prompt ends with in each mode (the paper's suffixes).
+MODE_SUFFIX = {"auto": "<think>", "thinking": "<think>\n", "non_thinking": "<think>\n\n</think>"}
+# The chat template's `thinking_mode` switch uses R-4B's own names.
+TEMPLATE_MODE = {"auto": "auto", "thinking": "long", "non_thinking": "short"}
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if thinking_mode is defined and thinking_mode == 'long' -%}{{ '<think>\\n' }}"
+    "{%- elif thinking_mode is defined and thinking_mode == 'short' -%}{{ '<think>\\n\\n</think>' }}"
+    "{%- else -%}{{ '<think>' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def format_response(answer: str, reasoning: str | None) -> str:
+    """R-4B's assistant text: ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` or, without
+    reasoning, ``<think>\\n\\n</think>\\n\\n{answer}``."""
+    if reasoning is None:
+        return f"{MODE_SUFFIX['non_thinking']}\n\n{answer}"
+    return f"{MODE_SUFFIX['thinking']}{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """A Hugging Face tokenizer from ``path`` (a local model directory), by default the tiny one."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path or TINY_TOKENIZER_DIR))
