@@ -1,0 +1,129 @@
+"""Rendered-image questions at two difficulties, deterministic from a seed.
+
+Each picture shows a few shapes of one kind and a number written in the corner.
+- easy: "How many circles are there?" - answerable at a glance: a direct (non-thinking) answer.
+- hard: "Multiply the number in the picture by the number of circles, then add 7." - needs several
+  steps: a thinking sample whose trace reads both quantities and does the arithmetic.
+Annealing data takes thinking traces for hard items and direct answers for easy ones, in the
+paper's proportion (about 1/3 thinking) by default.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from r4b.models.tokenizer import format_response
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "blue", "green")
+IMAGE_SIZE = 56
+
+
+@dataclass(frozen=True)
+class SynthItem:
+    id: str
+    difficulty: str  # "easy" | "hard"
+    shape: str
+    count: int
+    number: int
+    offset: int
+    question: str
+    answer: str
+    reasoning: str | None  # the step-by-step trace for hard items
+
+    @property
+    def image_name(self) -> str:
+        return f"images/{self.id}.png"
+
+
+def make_items(n: int, seed: int, *, hard_fraction: float = 1 / 3, prefix: str = "item") -> list[SynthItem]:
+    rng = random.Random(seed)
+    items = []
+    for index in range(n):
+        shape, count, number, offset = rng.choice(SHAPES), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 9)
+        if rng.random() < hard_fraction:
+            question = f"Multiply the number in the picture by the number of {shape}s, then add {offset}."
+            product = number * count
+            answer = str(product + offset)
+            reasoning = (
+                f"The number in the picture is {number}.\nThere are {count} {shape}s.\n"
+                f"{number} * {count} = {product}.\n{product} + {offset} = {answer}."
+            )
+            difficulty = "hard"
+        else:
+            question, answer, reasoning, difficulty = f"How many {shape}s are there?", str(count), None, "easy"
+        items.append(
+            SynthItem(f"{prefix}-{index:05d}", difficulty, shape, count, number, offset, question, answer, reasoning)
+        )
+    return items
+
+
+def render(item: SynthItem) -> Image.Image:
+    """The picture: ``count`` shapes in a row-major grid and ``number`` written top-left."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+    draw = ImageDraw.Draw(image)
+    color = COLORS[SHAPES.index(item.shape)]
+    for k in range(item.count):
+        x, y = 8 + (k % 2) * 24, 20 + (k // 2) * 18
+        box = (x, y, x + 14, y + 14)
+        if item.shape == "circle":
+            draw.ellipse(box, fill=color)
+        elif item.shape == "square":
+            draw.rectangle(box, fill=color)
+        else:
+            draw.polygon([(x + 7, y), (x, y + 14), (x + 14, y + 14)], fill=color)
+    draw.text((2, 2), str(item.number), fill="black")
+    return image
+
+
+def _user_message(item: SynthItem) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}
+
+
+def _sft_record(item: SynthItem) -> dict:
+    mode = "thinking" if item.reasoning is not None else "non_thinking"
+    response = format_response(item.answer, item.reasoning)
+    return {
+        "messages": [_user_message(item), {"role": "assistant", "content": response}],
+        "images": [item.image_name],
+        "mode": mode,
+        "answer": item.answer,
+    }
+
+
+def _prompt_record(item: SynthItem) -> dict:
+    return {
+        "messages": [_user_message(item)],
+        "images": [item.image_name],
+        "answer": item.answer,
+        "difficulty": item.difficulty,
+        "id": item.id,
+    }
+
+
+def write_synthetic(
+    out_dir: str | Path, *, n_sft: int = 512, n_rl: int = 256, n_eval: int = 128, seed: int = 0
+) -> dict:
+    """Write ``sft.jsonl`` (bi-mode annealing), ``rl.jsonl`` (prompts with answers), ``eval.jsonl``
+    (held out) and their images under ``out_dir``; returns the counts."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits = {
+        "sft": (make_items(n_sft, seed, prefix="sft"), _sft_record),
+        "rl": (make_items(n_rl, seed + 1, hard_fraction=0.5, prefix="rl"), _prompt_record),
+        "eval": (make_items(n_eval, seed + 2, hard_fraction=0.5, prefix="eval"), _prompt_record),
+    }
+    counts = {}
+    for split, (items, record) in splits.items():
+        with (out / f"{split}.jsonl").open("w") as handle:
+            for item in items:
+                render(item).save(out / item.image_name)
+                handle.write(json.dumps(record(item)) + "\n")
+        counts[split] = {"items": len(items), "hard": sum(i.difficulty == "hard" for i in items)}
+    (out / "items.json").write_text(json.dumps(counts, indent=2))
+    return counts

@@ -1,0 +1,1 @@
+"""Training: distributed engines, trainers."""

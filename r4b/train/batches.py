@@ -1,0 +1,89 @@
+"""Which samples each rank trains on at each optimizer step: deterministic from (seed, step).
+
+A global batch is ``global_batch_samples`` samples of the epoch's shuffled order (the last batch of
+an epoch may be smaller). Its samples are split across data-parallel ranks with Karmarkar-Karp
+balancing of tokens (plus a quadratic attention term), then each rank packs its share into
+micro-batches under the token budget (best-fit decreasing). The plan depends only on the seed and
+the step, so resuming needs nothing but the step number, and 1 and N processes see the same global
+batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from r4b.packing import balance_partitions, plan_micro_batches
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    epoch: int
+    # rank -> micro-batches -> sample indices (into the dataset)
+    micro_batches: tuple[tuple[tuple[int, ...], ...], ...]
+    loss_tokens: int  # tokens with a label in the whole global batch: the loss denominator
+    tokens: int  # all tokens of the global batch
+
+    def for_rank(self, rank: int) -> tuple[tuple[int, ...], ...]:
+        return self.micro_batches[rank]
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward/backward passes every rank makes (ranks with fewer micro-batches pad with empty ones,
+        because sharded engines need the same collectives on every rank)."""
+        return max(1, max(len(m) for m in self.micro_batches))
+
+
+class GlobalBatchPlanner:
+    def __init__(
+        self,
+        lengths: list[int],
+        loss_tokens: list[int],
+        *,
+        global_batch_samples: int,
+        max_tokens: int,
+        world_size: int = 1,
+        seed: int = 0,
+        attention_weight: float = 0.0,
+    ) -> None:
+        if not lengths:
+            raise ValueError("no training samples")
+        if global_batch_samples <= 0:
+            raise ValueError(f"global_batch_samples must be positive, got {global_batch_samples}")
+        longest = max(lengths)
+        if longest > max_tokens:
+            index = lengths.index(longest)
+            raise ValueError(f"sample {index} has {longest} tokens, over the budget of {max_tokens}")
+        self.lengths, self.loss_tokens = list(lengths), list(loss_tokens)
+        self.global_batch_samples = global_batch_samples
+        self.max_tokens, self.world_size, self.seed = max_tokens, world_size, seed
+        self.attention_weight = attention_weight
+        self.steps_per_epoch = -(-len(lengths) // global_batch_samples)
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one planner per run; the epoch order is reused by every step
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.lengths), generator=generator).tolist()
+
+    def plan(self, step: int) -> StepPlan:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start = index * self.global_batch_samples
+        samples = self._order(epoch)[start : start + self.global_batch_samples]
+        shares = balance_partitions(
+            [self.lengths[i] for i in samples], self.world_size, attention_weight=self.attention_weight
+        )
+        per_rank = []
+        for share in shares:
+            ids = [samples[i] for i in share]
+            bins = plan_micro_batches([self.lengths[i] for i in ids], self.max_tokens)
+            per_rank.append(tuple(tuple(ids[j] for j in b) for b in bins))
+        return StepPlan(
+            step=step,
+            epoch=epoch,
+            micro_batches=tuple(per_rank),
+            loss_tokens=sum(self.loss_tokens[i] for i in samples),
+            tokens=sum(self.lengths[i] for i in samples),
+        )

@@ -1,0 +1,92 @@
+"""Run logs on the main process: metrics.jsonl, TensorBoard curves and a rich progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class RunLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` (kept across resumes: lines past the
+    resumed step are dropped first), mirrors scalars to TensorBoard and shows progress."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        *,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        description: str = "train",
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        self.progress = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.task = self.progress.add_task(description, total=total_steps, completed=start_step, status="")
+            self.progress.start()
+        self.started = time.perf_counter()
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        if self.writer is not None:
+            for key, value in _scalars(metrics):
+                self.writer.add_scalar(key, value, step)
+        if self.progress is not None:
+            status = (
+                f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
+                if "loss" in metrics
+                else ""
+            )
+            self.progress.update(self.task, completed=step, status=status)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalars(metrics: dict[str, Any], prefix: str = ""):
+    for key, value in metrics.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            yield f"{prefix}{key}", value
