@@ -1,0 +1,96 @@
+"""Rule-based answer rewards: extract the final answer of a response and check it against the reference.
+
+The final answer is what follows the last ``</think>`` (the whole response if there is none): the
+last ``\\boxed{...}`` in it (nested braces allowed), else a caller's regex, else the text itself.
+Multiple-choice references (a single letter) match a letter answer such as ``B``, ``(B)`` or
+``B. 42``. Everything else is compared with math-verify (fractions, LaTeX, units, sets), with a
+relative numeric tolerance for plain numbers and normalized string equality as the last resort.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+THINK_CLOSE = "</think>"
+_CHOICE = re.compile(r"^\(?([A-Ja-j])\)?(?:[.:)\s]|$)")
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+RewardFn = Callable[[str, str], float]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register ``fn(response, answer) -> float`` under ``name`` (the config's ``reward`` field)."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return add
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if absent."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, begin = 1, i
+    while i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].strip()
+        i += 1
+    return None  # unbalanced: no answer
+
+
+def extract_answer(response: str, pattern: str | None = None) -> str | None:
+    """The final answer of ``response`` (see the module docstring), or None when there is none."""
+    if "<think>" in response and THINK_CLOSE not in response:
+        return None  # an unfinished thought has no answer
+    final = response.rsplit(THINK_CLOSE, 1)[-1].strip()
+    if "\\boxed{" in final or "\\fbox{" in final:
+        return last_boxed(final)  # None when its braces never close
+    if pattern is not None:
+        matches = re.findall(pattern, final)
+        return matches[-1].strip() if matches else None
+    return final or None
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().strip("$").rstrip(".")).lower()
+
+
+def _numbers_match(pred: str, gold: str, rel_tol: float) -> bool | None:
+    p, g = pred.replace(",", ""), gold.replace(",", "")
+    if not (_NUMBER.match(p) and _NUMBER.match(g)):
+        return None
+    a, b = float(p), float(g)
+    return abs(a - b) <= rel_tol * max(1.0, abs(b))
+
+
+def answers_match(pred: str, gold: str, *, rel_tol: float = 1e-4) -> bool:
+    gold = gold.strip()
+    if re.fullmatch(r"[A-Ja-j]", gold):
+        found = _CHOICE.match(pred.strip())
+        return bool(found) and found.group(1).upper() == gold.upper()
+    numeric = _numbers_match(pred.strip(), gold, rel_tol)
+    if numeric is not None:
+        return numeric
+    if _normalize(pred) == _normalize(gold):
+        return True
+    from math_verify import parse, verify
+
+    wrap = lambda s: s if "$" in s else f"${s}$"
+    try:
+        return bool(verify(parse(wrap(gold)), parse(wrap(pred))))
+    except Exception:  # math-verify gives up on some inputs: not a match
+        return False
+
+
+@register_reward("answer")
+def answer_reward(response: str, answer: str, pattern: str | None = None) -> float:
+    """1.0 when the response's final answer matches ``answer``, else 0.0."""
+    pred = extract_answer(response, pattern)
+    return float(pred is not None and answers_match(pred, answer))

@@ -1,0 +1,49 @@
+"""Answer extraction and checking on tricky strings."""
+
+import pytest
+
+from r4b.rl import answer_reward, extract_answer
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("<think>\nso 3\n</think>\n\n12", "12"),
+        ("<think>\n\n</think>\n\nThe answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{1} then \\boxed{\\{a, \\{b\\}\\}}", "\\{a, \\{b\\}\\}"),
+        ("\\boxed{x^{2}+1}", "x^{2}+1"),
+        ("<think>\nnever closed", None),
+        ("\\boxed{unbalanced", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "reward"),
+    [
+        ("<think>\n\n</think>\n\n12", "12", 1.0),
+        ("<think>\n3*4\n</think>\n\n\\boxed{12}", "12", 1.0),
+        ("\\boxed{12.00001}", "12", 1.0),
+        ("\\boxed{13}", "12", 0.0),
+        ("\\boxed{1,000}", "1000", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+        ("(B)", "B", 1.0),
+        ("B. 42", "B", 1.0),
+        ("b", "B", 1.0),
+        ("Because", "B", 0.0),
+        ("C", "B", 0.0),
+        ("Paris.", "paris", 1.0),
+        ("<think>\nthe answer is 12", "12", 0.0),
+    ],
+)
+def test_answer_reward(response, answer, reward):
+    assert answer_reward(response, answer) == reward
+
+
+def test_custom_pattern():
+    assert answer_reward("Answer: 7 apples", "7", pattern=r"Answer:\s*(\d+)") == 1.0
