@@ -101,8 +101,7 @@ def _prompt_record(item: SynthItem) -> dict:
         "messages": [_user_message(item)],
         "images": [item.image_name],
         "answer": item.answer,
-        "difficulty": item.difficulty,
-        "id": item.id,
+        "meta": {"id": item.id, "difficulty": item.difficulty},
     }
 
 
