@@ -1,0 +1,98 @@
+"""The packed training forward of R-4B / LLaVA-OneVision: one row of N tokens from several samples.
+
+The vision tower and projector run as in LLaVA-OneVision (``get_image_features``: AnyRes tiles, unpadding,
+newlines; the tower keeps its own attention implementation); the features replace the ``<image>`` tokens in
+order, as LLaVA-OneVision's ``masked_scatter`` does; the language model runs with ``r4b_varlen`` attention
+and the packing (``cu_seqlens``) so that no token sees another sample. The result is the final hidden state
+(after the last norm), for r4b's fused losses with ``model.lm_head.weight`` -- never an [N, V] logits tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionForConditionalGeneration
+
+from .attention import register_varlen_attention
+
+
+def use_varlen_attention(model: torch.nn.Module) -> str:
+    """Switch the language model of a LLaVA-OneVision-style model to ``r4b_varlen`` (the vision tower keeps its
+    implementation). Persistent on purpose: gradient-checkpoint recomputation must see the same attention."""
+    base = model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
+    name = register_varlen_attention()
+    if base.language_model.config._attn_implementation != name:
+        base.language_model.set_attn_implementation(name)
+    return name
+
+
+def _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra) -> None:
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be one packed row [N], got shape {tuple(input_ids.shape)}")
+    n = input_ids.shape[0]
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {(n,)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
+    lengths = cu_seqlens.diff()
+    if bool((lengths <= 0).any()) or int(lengths.max()) > max_seqlen:
+        raise ValueError(f"cu_seqlens lengths {lengths.tolist()} must be positive and <= max_seqlen={max_seqlen}")
+    for name, ids in extra.items():
+        if ids.shape != input_ids.shape:
+            raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {(n,)}")
+
+
+def packed_hidden_states(
+    model: torch.nn.Module,
+    *,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    pixel_values: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states [N, H] of a packed row through an R-4B (or any LLaVA-OneVision) model.
+
+    ``input_ids`` / ``position_ids`` [N] (positions restart at 0 in each sample), ``cu_seqlens`` int32 [S+1]
+    sample boundaries, ``max_seqlen`` the longest sample. ``pixel_values`` [num_images, max_tiles, 3, S, S] and
+    ``image_sizes`` [num_images, 2] cover the row's images in token order; the row must hold exactly
+    ``sum(num_image_tokens)`` ``<image>`` tokens. ``segment_ids`` / ``bidir_ids`` [N] reach r4b's varlen
+    attention (shared-prefix responses, bidirectional blocks). Switches the language model to ``r4b_varlen``.
+    """
+    extra = {k: v for k, v in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)) if v is not None}
+    _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra)
+    base = model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
+    use_varlen_attention(base)
+
+    embeds = base.get_input_embeddings()(input_ids)
+    image_mask = input_ids == base.config.image_token_id
+    num_image_tokens = int(image_mask.sum())
+    if pixel_values is not None:
+        if image_sizes is None or image_sizes.shape[0] != pixel_values.shape[0]:
+            raise ValueError("pixel_values needs image_sizes [num_images, 2], one row per image")
+        features = base.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+        features = torch.cat(list(features), dim=0).to(embeds.dtype)
+        if features.shape[0] != num_image_tokens:
+            raise ValueError(
+                f"the row holds {num_image_tokens} <image> tokens but its {pixel_values.shape[0]} images give "
+                f"{features.shape[0]} features: expand each <image> to RImageProcessor.num_image_tokens(h, w)"
+            )
+        embeds = embeds.masked_scatter(image_mask[:, None], features)
+    elif num_image_tokens:
+        raise ValueError(f"the row holds {num_image_tokens} <image> tokens but no pixel_values were given")
+
+    out = base.language_model(
+        inputs_embeds=embeds[None],
+        position_ids=position_ids[None],
+        cu_seq_lens_q=cu_seqlens,
+        cu_seq_lens_k=cu_seqlens,
+        max_length_q=int(max_seqlen),
+        max_length_k=int(max_seqlen),
+        use_cache=False,
+        **{k: v[None] for k, v in extra.items()},
+    )
+    return out.last_hidden_state[0]
