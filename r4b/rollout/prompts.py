@@ -1,0 +1,73 @@
+"""Prompts to token ids: the chat template in a forced mode, with each ``<image>`` expanded to its token count."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from r4b.data.image import ImageProcessor, load_images
+from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, TEMPLATE_MODE
+
+from .base import Prompt, check_mode
+
+__all__ = ["EncodedPrompt", "encode_prompt", "render_prompt"]
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt ready for the model: ``ids`` with image tokens expanded and the decoded RGB ``images``."""
+
+    ids: list[int]
+    images: list[Image.Image]
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str) -> str:
+    """The chat template's generation prompt in ``mode``; it ends with ``MODE_SUFFIX[mode]`` (checked)."""
+    check_mode(mode)
+    if messages and messages[-1]["role"] == "assistant":
+        raise ValueError("the prompt's last message is an assistant turn: nothing left to generate")
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=True, thinking_mode=TEMPLATE_MODE[mode]
+    )
+    if not text.endswith(MODE_SUFFIX[mode]):
+        raise ValueError(
+            f"the tokenizer's chat template does not end the {mode} prompt with {MODE_SUFFIX[mode]!r}: "
+            f"...{text[-40:]!r} (does it support thinking_mode={TEMPLATE_MODE[mode]!r}?)"
+        )
+    return text
+
+
+def _images(images: Sequence[Image.Image | str | Path]) -> list[Image.Image]:
+    out = []
+    for k, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+        elif isinstance(image, (str, Path)):
+            out.extend(load_images([Path(image)], where=f"prompt image {k}"))
+        else:
+            raise TypeError(f"prompt image {k} is a {type(image).__name__}, not a PIL image or a path")
+    return out
+
+
+def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mode: str) -> EncodedPrompt:
+    """Token ids of ``prompt`` in ``mode``; each ``<image>`` becomes ``processor.num_image_tokens(h, w)`` copies."""
+    text = render_prompt(tokenizer, prompt.messages, mode)
+    images = _images(prompt.images)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids: list[int] = []
+    seen = 0
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if token != image_id:
+            ids.append(token)
+            continue
+        if seen < len(images):
+            width, height = images[seen].size
+            ids.extend([image_id] * int(processor.num_image_tokens(height, width)))
+        seen += 1
+    if seen != len(images):
+        raise ValueError(f"the prompt has {seen} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
+    return EncodedPrompt(ids, images)
