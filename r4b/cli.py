@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from collections.abc import Sequence
 
 from r4b import __version__
@@ -48,6 +49,43 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    return overrides
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from r4b.config import load_config
+    from r4b.train.sft import SFTConfig, train_sft
+
+    config = load_config(SFTConfig, args.config, _stage_overrides(args))
+    run_dir = train_sft(config)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from r4b.synth import write_synthetic
+
+    counts = write_synthetic(args.out, n_sft=args.sft, n_rl=args.rl, n_eval=args.eval, seed=args.seed)
+    print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+def _add_stage(commands, name: str, help: str, run) -> argparse.ArgumentParser:
+    stage = commands.add_parser(name, help=help, description=help)
+    stage.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    stage.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    stage.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    stage.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_llm=1e-5")
+    stage.set_defaults(run=run)
+    return stage
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r4b",
@@ -58,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print versions, the device and the kernel backend")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_info)
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", metavar="TOOL")
+    synth = data.add_parser("synth", help="write the synthetic rendered-image task (annealing, RL and eval sets)")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--sft", type=int, default=512, help="annealing samples")
+    synth.add_argument("--rl", type=int, default=256, help="RL prompts")
+    synth.add_argument("--eval", type=int, default=128, help="held-out evaluation items")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_synth)
+    _add_stage(commands, "sft", "bi-mode annealing: packed SFT over thinking and non-thinking samples", _sft)
+    from r4b.curate import add_parser as add_curate
+
+    add_curate(commands)
     return parser
 
 
@@ -67,4 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
-    return args.run(args)
+    from r4b.errors import InputError
+
+    try:
+        return args.run(args)
+    except InputError as error:  # bad config or data: the message names the file, line and field
+        print(f"r4b {args.command}: error: {error}", file=sys.stderr)
+        return 2

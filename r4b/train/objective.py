@@ -1,0 +1,45 @@
+"""The training forward as one module, so sharded engines see every parameter used inside it.
+
+FSDP2 and ZeRO-3 gather a module's parameters in its forward hooks. r4b's loss needs the final
+hidden states *and* ``lm_head.weight`` (the fused loss never builds the logits), so the whole
+computation - packed forward to hidden states, then the fused cross-entropy - runs inside the
+``forward`` of this wrapper, which the engine wraps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r4b.kernels import fused_linear_cross_entropy
+from r4b.models import packed_hidden_states
+
+
+class PackedSFTObjective(nn.Module):
+    """``forward(**packed batch) -> sum of token cross-entropies`` (fp32) over the labelled tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        targets: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = packed_hidden_states(
+            self.model,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+        )
+        weight = self.model.lm_head.weight
+        return fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, reduction="sum")

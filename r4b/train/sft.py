@@ -1,0 +1,237 @@
+"""Bi-mode annealing: packed SFT over thinking and non-thinking samples (``r4b sft``).
+
+One optimizer step = one global batch of ``global_batch_samples`` samples, split across ranks and
+packed into token-budget micro-batches (r4b.train.batches). The loss is the token mean over the
+whole global batch: each micro-batch contributes its sum of token cross-entropies divided by the
+global batch's labelled-token count, so the result does not depend on how the batch was packed or
+how many processes share it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from r4b.config import config_to_dict
+from r4b.train.batches import GlobalBatchPlanner, StepPlan
+from r4b.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from r4b.train.engine import EngineConfig, build_engine, init_distributed
+from r4b.train.logging import RunLogger
+from r4b.train.objective import PackedSFTObjective
+from r4b.train.schedule import MODULES, parameter_groups, warmup_cosine
+from r4b.train.sft_data import SFTDataset
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # a Hugging Face directory in R-4B's layout; None = the embedded tiny model
+    tokenizer: str | None = None  # default: the model directory's, or the tiny tokenizer
+    seed: int = 0  # initialises the tiny model
+    train: list[str] = field(default_factory=lambda: list(MODULES))  # which of vision, projector, llm train
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # JSONL files
+    max_tokens: int = 16384  # packed micro-batch budget (the paper: 16,384)
+    on_error: str = "raise"  # "raise" | "skip": a bad or over-long sample stops the run or is counted
+    mask_empty_think: bool = True  # the paper's non-thinking loss masking
+
+
+@dataclass
+class OptimSection:
+    lr_llm: float = 4e-5
+    lr_vision: float = 4e-6
+    lr_projector: float = 4e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    global_batch_samples: int = 1024
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (the schedule still spans epochs unless schedule_steps is set)
+    schedule_steps: int | None = None  # length of the cosine schedule; default: all steps of all epochs
+    seed: int = 0
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # "auto" (newest checkpoint in output_dir), "none", or a checkpoint directory
+    attention_cost_weight: float = 0.0  # quadratic term when balancing ranks (verl's seqlen balancing)
+    tensorboard: bool = True
+    progress: bool = True
+    export: bool = True  # write output_dir/model (Hugging Face, R-4B layout) at the end
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_sft(config: SFTConfig) -> Path:
+    """Run bi-mode annealing; returns the run directory."""
+    init_distributed()
+    rank, world = _world()
+    main = rank == 0
+    run_dir = Path(config.output_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    seed_everything(config.train.seed)
+
+    from r4b.models.loading import load_model_and_processor
+
+    model, tokenizer, processor = load_model_and_processor(
+        config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
+    )
+    model.train()
+    dataset = SFTDataset.from_files(
+        config.data.train,
+        tokenizer,
+        processor,
+        max_tokens=config.data.max_tokens,
+        on_error=config.data.on_error,
+        mask_empty_think=config.data.mask_empty_think,
+    )
+    if main:
+        (run_dir / "data_report.json").write_text(dataset.report.to_json())
+        print(f"data: {dataset.report}")
+    planner = GlobalBatchPlanner(
+        dataset.lengths,
+        dataset.loss_tokens,
+        global_batch_samples=config.train.global_batch_samples,
+        max_tokens=config.data.max_tokens,
+        world_size=world,
+        seed=config.train.seed,
+        attention_weight=config.train.attention_cost_weight,
+    )
+    total_steps = planner.steps_per_epoch * config.train.epochs
+    schedule_steps = config.train.schedule_steps or total_steps
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+
+    lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
+    objective = PackedSFTObjective(model)
+    engine = build_engine(
+        objective,
+        parameter_groups(objective, lrs, config.model.train),
+        warmup_cosine(schedule_steps, math.ceil(config.optim.warmup_ratio * schedule_steps), config.optim.min_lr_ratio),
+        config.engine,
+        betas=tuple(config.optim.betas),
+        weight_decay=config.optim.weight_decay,
+        eps=config.optim.eps,
+    )
+    start_step = _resume(config.train.resume, run_dir, engine)
+    logger = RunLogger(
+        run_dir,
+        total_steps,
+        start_step=start_step,
+        enabled=main,
+        tensorboard=config.train.tensorboard,
+        progress=config.train.progress,
+        description="sft",
+    )
+    try:
+        for step in range(start_step, total_steps):
+            metrics = _train_step(engine, dataset, planner.plan(step), rank, world)
+            logger.log(metrics)
+            done = step + 1
+            if (config.train.save_every and done % config.train.save_every == 0) or done == total_steps:
+                save_checkpoint(run_dir, done, engine, {"epoch": metrics["epoch"]}, keep=config.train.keep_checkpoints)
+    finally:
+        logger.close()
+    if config.train.export:
+        _export(engine, model, tokenizer, run_dir / "model", main)
+    return run_dir
+
+
+def _train_step(engine, dataset: SFTDataset, plan: StepPlan, rank: int, world: int) -> dict:
+    started = time.perf_counter()
+    mine = plan.for_rank(rank)
+    # Gradients are averaged over ranks: scale so their average is sum / (labelled tokens of the global batch).
+    scale = world / max(1, plan.loss_tokens)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for index in range(plan.micro_steps):
+        padding = index >= len(mine)  # this rank has fewer micro-batches: a zero-weight pass keeps collectives paired
+        samples = mine[index] if not padding else next(m for r in plan.micro_batches for m in r)[:1]
+        batch = dataset.collate(samples, engine.device)
+        loss = engine.module(**batch)
+        engine.backward(loss * (0.0 if padding else scale))
+        if not padding:
+            loss_sum += loss.detach().double().cpu()
+    lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())
+    grad_norm = engine.step()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    elapsed = time.perf_counter() - started
+    return {
+        "step": plan.step + 1,
+        "epoch": plan.epoch,
+        "loss": float(loss_sum) / max(1, plan.loss_tokens),
+        "lr": lrs.get("llm", next(iter(lrs.values()), 0.0)),
+        "lrs": lrs,
+        "grad_norm": grad_norm,
+        "tokens": plan.tokens,
+        "loss_tokens": plan.loss_tokens,
+        "samples": sum(len(m) for r in plan.micro_batches for m in r),
+        "tokens_per_s": plan.tokens / elapsed,
+        "step_time_s": elapsed,
+    }
+
+
+def _resume(resume: str, run_dir: Path, engine) -> int:
+    if resume == "none":
+        return 0
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        if not found:
+            return 0
+        path = found[-1]
+    else:
+        path = Path(resume)
+    state = load_checkpoint(path, engine)
+    print(f"resumed from {path} at step {state['step']}")
+    return int(state["step"])
+
+
+def _export(engine, model, tokenizer, out: Path, main: bool) -> None:
+    """Write the trained model as a Hugging Face directory (R-4B's layout) from rank 0."""
+    from r4b.models.loading import save_model
+
+    state = engine.full_state_dict()  # collective: every rank takes part
+    if main:
+        # The engine may have sharded `model` in place: load the full weights into a fresh copy.
+        fresh = type(model)(model.config)
+        fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        save_model(fresh, out, tokenizer)
+        print(f"exported {out}")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,82 @@
+"""The annealing stage's data: JSONL files -> encoded samples -> packed micro-batches on a device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r4b.data import DataReport, EncodedSample, ImageProcessor, collate_packed, encode_samples, load_images, read_jsonl
+from r4b.data.encode import IGNORE_INDEX
+from r4b.data.pack import overlong_error
+
+
+@dataclass
+class SFTDataset:
+    samples: list[EncodedSample]
+    processor: ImageProcessor | None
+    report: DataReport
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: Sequence[str],
+        tokenizer: Any,
+        processor: ImageProcessor | None,
+        *,
+        max_tokens: int,
+        on_error: str = "raise",
+        mask_empty_think: bool = True,
+    ) -> SFTDataset:
+        """Read, validate and encode every file; bad or over-long samples raise or are counted (``on_error``)."""
+        if not paths:
+            raise ValueError("no training data: set data.train to one or more JSONL files")
+        report = DataReport()
+        encoded: list[EncodedSample] = []
+        for path in paths:
+            samples, read_report = read_jsonl(path, on_error=on_error)
+            ready, encode_report = encode_samples(
+                samples, tokenizer, processor, mask_empty_think=mask_empty_think, on_error=on_error
+            )
+            report = report.merge(read_report).merge(encode_report)
+            encoded += ready
+        kept = []
+        for sample in encoded:
+            if sample.length <= max_tokens:
+                kept.append(sample)
+                continue
+            error = overlong_error(sample, max_tokens)
+            if on_error == "raise":
+                raise error
+            report.skip(error)
+        report.loaded = len(kept)
+        if not kept:
+            raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}:\n{report}")
+        return cls(kept, processor, report)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [sample.length for sample in self.samples]
+
+    @property
+    def loss_tokens(self) -> list[int]:
+        """Labelled tokens of each sample after the next-token shift (the first token is never a target)."""
+        return [sum(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in self.samples]
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
+        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples."""
+        packed = collate_packed([self.samples[i] for i in indices], indices)
+        batch: dict[str, Any] = {
+            "input_ids": packed.input_ids.to(device),
+            "position_ids": packed.position_ids.to(device),
+            "targets": packed.labels.to(device),
+            "cu_seqlens": packed.cu_seqlens.to(device),
+            "max_seqlen": packed.max_seqlen,
+        }
+        if packed.images:
+            vision = self.processor.preprocess(load_images(packed.images, where=", ".join(packed.sources)))
+            batch["pixel_values"] = vision["pixel_values"].to(device)
+            batch["image_sizes"] = vision["image_sizes"].to(device)
+        return batch
