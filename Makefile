@@ -43,9 +43,14 @@ $(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(COMPAT_VENV),"triton==$(TRITON_COMPAT)" "numpy<2.3")
 
-# Until the end-to-end demo lands: the fused-loss benchmark at smoke sizes.
+# The end-to-end demo on the embedded tiny model (so far: synthetic data, then bi-mode annealing).
+# On a CPU it runs the kernels' torch references (fast); the Triton interpreter is for the tests.
+DEMO_DIR ?= runs/demo
 demo: install
-	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python bench/fused_loss.py --smoke
+	rm -rf $(DEMO_DIR)
+	$(BIN)/r4b data synth --out $(DEMO_DIR)/data
+	$(BIN)/r4b sft --config configs/demo/sft.yaml output_dir=$(DEMO_DIR)/sft data.train=[$(DEMO_DIR)/data/sft.jsonl]
+	@echo "demo: metrics in $(DEMO_DIR)/sft/metrics.jsonl, the annealed model in $(DEMO_DIR)/sft/model"
 
 test: install
 	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q $(PYTEST_ARGS)

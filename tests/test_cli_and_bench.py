@@ -61,3 +61,15 @@ def test_attention_benchmark_smoke(tmp_path):
     )
     assert shared["tokens"] < unshared["tokens"] and shared["visible_pairs"] < unshared["visible_pairs"]
     assert any(r["vs"] == "sdpa-dense-mask" for r in record["ratios"])
+
+
+def test_sft_step_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch references: a check that it runs, not a timing
+    sft_step = _bench_module("sft_step")
+    assert sft_step.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("sft_step-*.json")
+    record = json.loads(result.read_text())
+    rows = {row["impl"]: row for row in record["rows"]}
+    assert rows.keys() == {"r4b", "hf-padded"}
+    assert rows["r4b"]["tokens"] == rows["hf-padded"]["tokens"] and rows["r4b"]["pad_frac"] == 0
+    assert record["ratios"][0]["vs"] == "hf-padded" and record["ratios"][0]["r4b_speedup"] > 0
