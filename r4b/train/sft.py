@@ -36,6 +36,7 @@ class ModelSection:
     tokenizer: str | None = None  # default: the model directory's, or the tiny tokenizer
     seed: int = 0  # initialises the tiny model
     train: list[str] = field(default_factory=lambda: list(MODULES))  # which of vision, projector, llm train
+    liger: bool = True  # liger-kernel's RMSNorm / RoPE / SwiGLU on a GPU (never on a CPU)
 
 
 @dataclass
@@ -113,6 +114,12 @@ def train_sft(config: SFTConfig) -> Path:
         config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
     )
     model.train()
+    if config.model.liger and torch.cuda.is_available():
+        from r4b.models.liger import apply_liger_patches
+
+        patched = apply_liger_patches(model, require_cuda=False)  # the engine moves the model to the GPU
+        if main:
+            print(f"liger-kernel: {', '.join(patched) or 'nothing to patch'}")
     dataset = SFTDataset.from_files(
         config.data.train,
         tokenizer,
