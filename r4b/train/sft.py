@@ -10,22 +10,19 @@ how many processes share it.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from r4b.config import config_to_dict
 from r4b.train.batches import GlobalBatchPlanner, StepPlan
-from r4b.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from r4b.train.engine import EngineConfig, build_engine, init_distributed
+from r4b.train.checkpoint import save_checkpoint
+from r4b.train.engine import EngineConfig, build_engine
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
+from r4b.train.runtime import export_model, resume, start_run
 from r4b.train.schedule import MODULES, parameter_groups, warmup_cosine
 from r4b.train.sft_data import SFTDataset
 
@@ -85,28 +82,10 @@ class SFTConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train_sft(config: SFTConfig) -> Path:
     """Run bi-mode annealing; returns the run directory."""
-    init_distributed()
-    rank, world = _world()
+    rank, world_size, run_dir = start_run(config, config.output_dir, config.train.seed)
     main = rank == 0
-    run_dir = Path(config.output_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    seed_everything(config.train.seed)
 
     from r4b.models.loading import load_model_and_processor
 
@@ -136,7 +115,7 @@ def train_sft(config: SFTConfig) -> Path:
         dataset.loss_tokens,
         global_batch_samples=config.train.global_batch_samples,
         max_tokens=config.data.max_tokens,
-        world_size=world,
+        world_size=world_size,
         seed=config.train.seed,
         attention_weight=config.train.attention_cost_weight,
     )
@@ -156,7 +135,7 @@ def train_sft(config: SFTConfig) -> Path:
         weight_decay=config.optim.weight_decay,
         eps=config.optim.eps,
     )
-    start_step = _resume(config.train.resume, run_dir, engine)
+    start_step = resume(config.train.resume, run_dir, engine)
     logger = RunLogger(
         run_dir,
         total_steps,
@@ -168,7 +147,7 @@ def train_sft(config: SFTConfig) -> Path:
     )
     try:
         for step in range(start_step, total_steps):
-            metrics = _train_step(engine, dataset, planner.plan(step), rank, world)
+            metrics = _train_step(engine, dataset, planner.plan(step), rank, world_size)
             logger.log(metrics)
             done = step + 1
             if (config.train.save_every and done % config.train.save_every == 0) or done == total_steps:
@@ -176,7 +155,7 @@ def train_sft(config: SFTConfig) -> Path:
     finally:
         logger.close()
     if config.train.export:
-        _export(engine, model, tokenizer, run_dir / "model", main)
+        export_model(engine, model, tokenizer, run_dir / "model", main)
     return run_dir
 
 
@@ -212,33 +191,3 @@ def _train_step(engine, dataset: SFTDataset, plan: StepPlan, rank: int, world: i
         "tokens_per_s": plan.tokens / elapsed,
         "step_time_s": elapsed,
     }
-
-
-def _resume(resume: str, run_dir: Path, engine) -> int:
-    if resume == "none":
-        return 0
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        if not found:
-            return 0
-        path = found[-1]
-    else:
-        path = Path(resume)
-    state = load_checkpoint(path, engine)
-    print(f"resumed from {path} at step {state['step']}")
-    return int(state["step"])
-
-
-def _export(engine, model, tokenizer, out: Path, main: bool) -> None:
-    """Write the trained model as a Hugging Face directory (R-4B's layout) from rank 0."""
-    from r4b.models.loading import save_model
-
-    state = engine.full_state_dict()  # collective: every rank takes part
-    if main:
-        # The engine may have sharded `model` in place: load the full weights into a fresh copy.
-        fresh = type(model)(model.config)
-        fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        save_model(fresh, out, tokenizer)
-        print(f"exported {out}")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
