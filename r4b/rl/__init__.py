@@ -1,5 +1,21 @@
-"""Reinforcement learning: rewards (and, with BPO, rollouts, advantages and the policy update)."""
+"""Reinforcement learning: rewards, BPO advantages, rollout batches and the BPO policy update."""
 
+from .advantages import ADVANTAGE_MODES, compute_advantages
+from .batch import RolloutBatch
 from .reward import REWARDS, answer_reward, answers_match, extract_answer, register_reward
+from .update import BPOObjective, UpdateConfig, compute_logprobs, policy_update
 
-__all__ = ["REWARDS", "answer_reward", "answers_match", "extract_answer", "register_reward"]
+__all__ = [
+    "ADVANTAGE_MODES",
+    "REWARDS",
+    "BPOObjective",
+    "RolloutBatch",
+    "UpdateConfig",
+    "answer_reward",
+    "answers_match",
+    "compute_advantages",
+    "compute_logprobs",
+    "extract_answer",
+    "policy_update",
+    "register_reward",
+]

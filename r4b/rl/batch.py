@@ -1,0 +1,307 @@
+"""A BPO batch (prompt entries and their responses) and how it is cut into packed micro-batches.
+
+In BPO every prompt is rolled out twice: ``g`` responses after the thinking suffix ``<think>\\n`` and
+``g`` after the non-thinking suffix ``<think>\\n\\n</think>``. The suffix belongs to the prompt, so the
+two halves have *different* prompt ids. The unit of shared-prefix packing is therefore a **prompt
+entry** = (prompt, mode): its own ids, its images, and the responses written after it. A prompt
+contributes one entry per mode it was rolled out in.
+
+Micro-batches are built from **chunks**: an entry with all its responses, or, when that does not fit
+the token budget, runs of its responses that do (each chunk then repeats the prompt -- and its
+images -- as a document of its own; a response never spans two micro-batches). A single response
+whose prompt + response exceeds the budget is an error naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from r4b.data.image import ImageProcessor, load_images
+from r4b.rollout.base import Rollout
+from r4b.shared_prefix import PackedGroups, pack_shared_prefix, pack_unshared
+
+__all__ = ["Chunk", "MicroBatch", "RolloutBatch", "build_micro_batch", "plan_chunks"]
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts ready for log-probs and the policy update; every field lives on the CPU (or any one device).
+
+    Per prompt entry ``e`` (E of them): ``prompt_ids[e]`` 1-D int64 ids (image tokens expanded, ending
+    with the mode suffix), ``entry_prompts[e]`` the prompt it came from, ``entry_modes[e]`` its mode,
+    ``images[e]`` its PIL images and ``pixel_values[e]`` / ``image_sizes[e]`` the processor's tensors
+    for them (None without images; the two entries of one prompt may share the same tensors).
+
+    Per response ``i`` (R of them): ``response_ids[i]`` right-padded ``[R, Lmax]``, ``response_lengths[i]``
+    (>= 1), ``groups[i]`` its entry (sorted, each entry's responses contiguous), ``advantages[i]``,
+    ``modes[i]``; optionally ``source[i]`` = (prompt index, column) in the rollouts / rewards it was
+    built from and ``rollout_logprobs`` ``[R, Lmax]`` (the rollout engine's own log-probs, 0 past a length).
+    """
+
+    prompt_ids: list[Tensor]
+    entry_prompts: list[int]
+    entry_modes: list[str]
+    images: list[list[Image.Image]]
+    pixel_values: list[Tensor | None]
+    image_sizes: list[Tensor | None]
+    response_ids: Tensor
+    response_lengths: Tensor
+    groups: Tensor
+    advantages: Tensor
+    modes: list[str]
+    source: list[tuple[int, int]] | None = None
+    rollout_logprobs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        entries, num = len(self.prompt_ids), self.response_ids.shape[0]
+        for name in ("entry_prompts", "entry_modes", "images", "pixel_values", "image_sizes"):
+            if len(getattr(self, name)) != entries:
+                raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} items for {entries} entries")
+        for name, tensor in (("response_lengths", self.response_lengths), ("groups", self.groups),
+                             ("advantages", self.advantages)):  # fmt: skip
+            if tensor.shape != (num,):
+                raise ValueError(f"RolloutBatch.{name} must have shape ({num},), got {tuple(tensor.shape)}")
+        if len(self.modes) != num:
+            raise ValueError(f"RolloutBatch.modes has {len(self.modes)} items for {num} responses")
+        groups = self.groups.tolist()
+        if groups != sorted(groups) or sorted(set(groups)) != list(range(entries)):
+            raise ValueError("RolloutBatch.groups must be sorted and give every entry at least one response")
+        lengths = self.response_lengths.tolist()
+        bad = [i for i, n in enumerate(lengths) if not 1 <= n <= self.response_ids.shape[1]]
+        if bad:
+            raise ValueError(
+                f"response {bad[0]} has length {lengths[bad[0]]}, outside [1, {self.response_ids.shape[1]}]"
+            )
+        for e, (pixels, sizes) in enumerate(zip(self.pixel_values, self.image_sizes, strict=True)):
+            if (pixels is None) != (sizes is None) or (pixels is not None and pixels.shape[0] != sizes.shape[0]):
+                raise ValueError(f"entry {e}: pixel_values and image_sizes must both be given, one row per image")
+
+    @property
+    def num_responses(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.prompt_ids)
+
+    def entry_responses(self) -> list[list[int]]:
+        """The response indices of each entry."""
+        out: list[list[int]] = [[] for _ in range(self.num_entries)]
+        for i, e in enumerate(self.groups.tolist()):
+            out[e].append(i)
+        return out
+
+    @classmethod
+    def from_rollouts(
+        cls,
+        rollouts: Sequence[Sequence[Rollout]],
+        advantages: Tensor | Sequence[Sequence[float]],
+        *,
+        images: Sequence[Sequence[Image.Image | str | Path]] | None = None,
+        processor: ImageProcessor | None = None,
+        pad_id: int = 0,
+    ) -> RolloutBatch:
+        """Build a batch from ``rollouts[p][j]`` (prompt p, column j) and ``advantages[p][j]``.
+
+        Each prompt's rollouts are grouped by mode into entries (modes in order of first appearance;
+        rollouts of one entry must share their prompt ids). ``images[p]`` are prompt p's images (PIL or
+        paths); ``processor`` turns them into ``pixel_values`` once per prompt. Responses must be
+        non-empty; ``rollout_logprobs`` is filled when every rollout carries log-probs.
+        """
+        if len(advantages) != len(rollouts):
+            raise ValueError(f"advantages has {len(advantages)} rows for {len(rollouts)} prompts")
+        if images is not None and len(images) != len(rollouts):
+            raise ValueError(f"images has {len(images)} entries for {len(rollouts)} prompts")
+        prompt_ids, entry_prompts, entry_modes, entry_images, pixels, sizes = [], [], [], [], [], []
+        picked: list[tuple[int, int, Rollout]] = []
+        groups: list[int] = []
+        for p, row in enumerate(rollouts):
+            if len(advantages[p]) != len(row):
+                raise ValueError(f"advantages[{p}] has {len(advantages[p])} values for {len(row)} rollouts")
+            decoded = _decode_images(images[p] if images is not None else [], where=f"prompt {p}")
+            vision = _preprocess(decoded, processor, where=f"prompt {p}")
+            for mode in dict.fromkeys(r.mode for r in row):
+                columns = [j for j, r in enumerate(row) if r.mode == mode]
+                ids = row[columns[0]].prompt_ids
+                for j in columns:
+                    if list(row[j].prompt_ids) != list(ids):
+                        raise ValueError(
+                            f"rollouts[{p}][{j}] ({mode}) has other prompt ids than rollouts[{p}][{columns[0]}]"
+                        )
+                    if len(row[j].response_ids) == 0:
+                        raise ValueError(f"rollouts[{p}][{j}] has an empty response")
+                    picked.append((p, j, row[j]))
+                    groups.append(len(prompt_ids))
+                prompt_ids.append(torch.tensor(list(ids), dtype=torch.long))
+                entry_prompts.append(p)
+                entry_modes.append(mode)
+                entry_images.append(decoded)
+                pixels.append(vision[0])
+                sizes.append(vision[1])
+        if not picked:
+            raise ValueError("no rollouts")
+        width = max(len(r.response_ids) for _, _, r in picked)
+        response_ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
+        with_logprobs = all(r.logprobs is not None for _, _, r in picked)
+        logprobs = torch.zeros((len(picked), width), dtype=torch.float32) if with_logprobs else None
+        for i, (_, _, r) in enumerate(picked):
+            response_ids[i, : len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
+            if logprobs is not None:
+                logprobs[i, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+        adv = [float(advantages[p][j]) for p, j, _ in picked]
+        return cls(
+            prompt_ids=prompt_ids,
+            entry_prompts=entry_prompts,
+            entry_modes=entry_modes,
+            images=entry_images,
+            pixel_values=pixels,
+            image_sizes=sizes,
+            response_ids=response_ids,
+            response_lengths=torch.tensor([len(r.response_ids) for _, _, r in picked], dtype=torch.long),
+            groups=torch.tensor(groups, dtype=torch.long),
+            advantages=torch.tensor(adv, dtype=torch.float32),
+            modes=[r.mode for _, _, r in picked],
+            source=[(p, j) for p, j, _ in picked],
+            rollout_logprobs=logprobs,
+        )
+
+
+def _decode_images(images: Sequence[Image.Image | str | Path], *, where: str) -> list[Image.Image]:
+    out = []
+    for k, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+        else:
+            out.extend(load_images([Path(image)], where=f"{where} image {k}"))
+    return out
+
+
+def _preprocess(images: list[Image.Image], processor: ImageProcessor | None, *, where: str):
+    if not images:
+        return None, None
+    if processor is None:
+        raise ValueError(f"{where} has images: pass processor= to compute their pixel_values")
+    out = processor.preprocess(images)
+    return out["pixel_values"], out["image_sizes"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunks and micro-batches
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Responses of one entry packed as one document (shared) or one document each (unshared)."""
+
+    entry: int
+    responses: tuple[int, ...]
+
+
+def chunk_tokens(batch: RolloutBatch, entry: int, responses: Sequence[int], *, shared: bool) -> int:
+    """Packed tokens of these responses of ``entry``: shared ``P - 1 + sum(L + 1)``, unshared ``sum(P + L)``."""
+    prompt = batch.prompt_ids[entry].numel()
+    lengths = sum(int(batch.response_lengths[i]) for i in responses)
+    return prompt - 1 + lengths + len(responses) if shared else len(responses) * prompt + lengths
+
+
+def plan_chunks(batch: RolloutBatch, responses: Sequence[int], max_tokens: int, *, shared: bool) -> list[Chunk]:
+    """Cut ``responses`` (indices into the batch) into chunks of at most ``max_tokens`` packed tokens.
+
+    Each entry's responses (in index order) form one chunk when they fit, else runs that do, filled
+    greedily in order. Raises ValueError naming a response whose prompt + response alone is too long.
+    """
+    by_entry: dict[int, list[int]] = {}
+    for i in sorted(responses):
+        by_entry.setdefault(int(batch.groups[i]), []).append(i)
+    chunks = []
+    for entry, members in by_entry.items():
+        current: list[int] = []
+        for i in members:
+            alone = chunk_tokens(batch, entry, [i], shared=shared)
+            if alone > max_tokens:
+                raise ValueError(
+                    f"response {i} (entry {entry}: prompt of {batch.prompt_ids[entry].numel()} tokens + "
+                    f"{int(batch.response_lengths[i])} response tokens) is over the budget max_tokens={max_tokens}"
+                )
+            if current and chunk_tokens(batch, entry, [*current, i], shared=shared) > max_tokens:
+                chunks.append(Chunk(entry, tuple(current)))
+                current = []
+            current.append(i)
+        chunks.append(Chunk(entry, tuple(current)))
+    return chunks
+
+
+@dataclass
+class MicroBatch:
+    """One packed forward: the objective's keyword arguments, the packing and which responses it holds."""
+
+    inputs: dict[str, Any]
+    packed: PackedGroups
+    responses: Tensor  # [r] batch indices of the packed responses, in packing order
+    loss_tokens: int
+
+    @property
+    def num_responses(self) -> int:
+        return self.responses.numel()
+
+
+def build_micro_batch(
+    batch: RolloutBatch,
+    chunks: Sequence[Chunk],
+    *,
+    shared: bool,
+    device: torch.device | str,
+    pixel_dtype: torch.dtype = torch.float32,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+) -> MicroBatch:
+    """Pack ``chunks`` (in entry order) into one row on ``device``; ``old``/``ref`` are ``[R, Lmax]`` of the batch."""
+    chunks = sorted(chunks, key=lambda c: (c.entry, c.responses))
+    index = torch.tensor([i for c in chunks for i in c.responses], dtype=torch.long)
+    lengths = batch.response_lengths[index]
+    width = int(lengths.max())
+    on = lambda t: None if t is None else t[index, :width].to(device)
+    pack = pack_shared_prefix if shared else pack_unshared
+    packed = pack(
+        [batch.prompt_ids[c.entry].to(device) for c in chunks],
+        batch.response_ids[index, :width].to(device),
+        lengths.to(device),
+        torch.arange(len(chunks)).repeat_interleave(torch.tensor([len(c.responses) for c in chunks])).to(device),
+        batch.advantages[index].to(device),
+        old_logprobs=on(old_logprobs),
+        ref_logprobs=on(ref_logprobs),
+    )
+    # One copy of an entry's images per packed document: per chunk (shared) or per response (unshared).
+    docs = [c.entry for c in chunks for _ in (c.responses if not shared else (0,))]
+    inputs: dict[str, Any] = {
+        "input_ids": packed.input_ids,
+        "position_ids": packed.position_ids,
+        "cu_seqlens": packed.cu_seqlens,
+        "max_seqlen": packed.max_seqlen,
+        "targets": packed.targets,
+        "loss_mask": packed.loss_mask,
+        "advantages": packed.advantages,
+        "seq_ids": packed.seq_ids,
+        "old_logprobs": packed.old_logprobs,
+        "ref_logprobs": packed.ref_logprobs,
+        "segment_ids": packed.segment_ids if shared else None,
+    }
+    with_images = [e for e in docs if batch.pixel_values[e] is not None]
+    if with_images:
+        inputs["pixel_values"] = _cat_tiles([batch.pixel_values[e] for e in with_images]).to(device, pixel_dtype)
+        inputs["image_sizes"] = torch.cat([batch.image_sizes[e] for e in with_images]).to(device)
+    return MicroBatch(inputs, packed, index, int(lengths.sum()))
+
+
+def _cat_tiles(pixels: list[Tensor]) -> Tensor:
+    """Concatenate ``[n, tiles, 3, S, S]`` blocks, zero-padding the tile axis (the model slices by image_sizes)."""
+    tiles = max(p.shape[1] for p in pixels)
+    return torch.cat([F.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) if p.shape[1] < tiles else p for p in pixels])

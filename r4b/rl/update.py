@@ -1,0 +1,332 @@
+"""The BPO policy update: log-probs of a rollout batch and clipped-surrogate optimizer steps over it.
+
+The whole loss -- packed forward to final hidden states, then the fused lm_head + BPO loss -- runs in
+the ``forward`` of :class:`BPOObjective`, so FSDP2 / ZeRO-3 gather ``lm_head.weight`` inside it (as
+:class:`r4b.train.objective.PackedSFTObjective` does for SFT).
+
+Exact aggregation. A mini-batch's loss is ``fused_linear_bpo_loss`` over all its responses at once
+(verl's ``loss_agg_mode``). It is computed as a sum over micro-batches (and ranks) of each micro-batch's
+own loss times a weight: ``token-mean`` weights by loss tokens (``T_micro / T_mini``), the three
+``seq-mean-*`` modes by responses (``S_micro / S_mini``; a response never spans micro-batches, and
+``seq-mean-token-sum-norm`` uses one ``norm_len`` for the whole batch). Engines average gradients over
+ranks, so each rank scales by ``world_size`` on top. Ranks make the same number of forward/backward
+calls: a rank with fewer micro-batches runs zero-weight ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
+from r4b.models.packed import packed_hidden_states
+from r4b.packing import balance_partitions, plan_micro_batches
+from r4b.shared_prefix import unpack_responses
+
+from .batch import Chunk, MicroBatch, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
+
+__all__ = ["BPOObjective", "UpdateConfig", "compute_logprobs", "policy_update"]
+
+
+@dataclass
+class UpdateConfig:
+    """How one BPO policy update runs (verl's names where there is one)."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # > clip_eps_low: DAPO's clip-higher
+    beta: float = 0.0  # weight of the k3 KL to the reference policy (needs ref_logprobs)
+    temperature: float = 1.0  # log-probs at the rollout temperature
+    loss_agg_mode: str = "token-mean"
+    norm_len: int | None = None  # seq-mean-token-sum-norm; None = the batch's padded width (response_ids.shape[1])
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per epoch; the batch is split by prompt
+    max_tokens: int = 16384  # packed micro-batch budget
+    shared_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"unknown loss_agg_mode {self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+        if self.ppo_epochs < 1 or self.mini_batches < 1 or self.max_tokens < 1:
+            raise ValueError("ppo_epochs, mini_batches and max_tokens must be positive")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+class BPOObjective(nn.Module):
+    """``forward(**micro-batch)``: ``(loss, metrics)`` of the fused BPO loss, or with ``logprobs_only=True``
+    the per-token ``(logprobs[N], entropy[N] | None)`` of the targets (no loss; run it under ``no_grad``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        targets: Tensor,
+        *,
+        loss_mask: Tensor | None = None,
+        advantages: Tensor | None = None,
+        seq_ids: Tensor | None = None,
+        old_logprobs: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_sizes: Tensor | None = None,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        loss_agg_mode: str = "token-mean",
+        norm_len: int | None = None,
+        logprobs_only: bool = False,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Any]:
+        hidden = packed_hidden_states(
+            self.model,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            segment_ids=segment_ids,
+        )
+        weight = self.model.lm_head.weight.to(hidden.dtype)
+        mask = targets >= 0 if loss_mask is None else loss_mask
+        if logprobs_only:
+            safe = targets.masked_fill(~mask, 0)
+            return linear_logprobs(hidden, weight, safe, temperature=temperature, with_entropy=with_entropy)
+        if advantages is None or seq_ids is None:
+            raise ValueError("the BPO loss needs advantages and seq_ids (or pass logprobs_only=True)")
+        return fused_linear_bpo_loss(
+            hidden, weight, targets, advantages, seq_ids=seq_ids, loss_mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
+            temperature=temperature, loss_agg_mode=loss_agg_mode, norm_len=norm_len,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# where to run
+
+
+def _callable_objective(target: Any) -> tuple[nn.Module, torch.device, torch.dtype]:
+    """(what to call, input device, pixel dtype) for an Engine, a (wrapped) BPOObjective or a bare model."""
+    if hasattr(target, "unwrapped_module") and hasattr(target, "backward"):  # an r4b Engine
+        module, device = target.module, target.device
+        inner = target.unwrapped_module
+    else:
+        module = target
+        inner = getattr(target, "module", target)  # DeepSpeed wraps the objective as .module
+        if not isinstance(module, BPOObjective) and not isinstance(inner, BPOObjective):
+            module = inner = BPOObjective(target)
+        device = None
+    param = next((p for p in inner.parameters() if p.is_floating_point()), None)
+    if param is None:
+        raise ValueError("the model has no floating-point parameters")
+    return module, device if device is not None else param.device, param.dtype
+
+
+# ---------------------------------------------------------------------------------------------------
+# log-probs
+
+
+def compute_logprobs(
+    objective_or_model: Any,
+    batch: RolloutBatch,
+    *,
+    max_tokens: int,
+    shared_prefix: bool = True,
+    temperature: float = 1.0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tensor:
+    """Per-token log-probs ``[R, Lmax]`` (fp32, 0 past each length) of the batch's responses; forward only.
+
+    ``objective_or_model``: an r4b Engine (its ``module`` is called, so sharded engines gather their
+    parameters), a :class:`BPOObjective` (possibly wrapped), or a bare model (e.g. the frozen reference).
+    Micro-batches come from :func:`r4b.packing.plan_micro_batches` over chunks, so an entry and all its
+    responses share one micro-batch; an entry over ``max_tokens`` is split into runs of responses, each
+    repeating the prompt. The result is on the device of ``batch.response_ids``.
+
+    With ``world_size > 1`` each rank computes its balanced share (all ranks make the same number of
+    forward calls) and the shares are summed with ``all_reduce`` when a process group is initialized;
+    without one, a rank returns its share only (zeros elsewhere).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    module, device, dtype = _callable_objective(objective_or_model)
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=device)
+    plan = plan_ranks(
+        batch, range(batch.num_responses), max_tokens=max_tokens, shared=shared_prefix, world_size=world_size
+    )
+    mine = plan[rank]
+    with torch.no_grad():
+        for index in range(max(len(p) for p in plan)):
+            padding = index >= len(mine)  # a forward of no use, so that sharded engines' collectives pair up
+            chunks = mine[index] if not padding else _padding_chunks(plan)
+            micro = build_micro_batch(batch, chunks, shared=shared_prefix, device=device, pixel_dtype=dtype)
+            logp, _ = module(**_model_inputs(micro), temperature=temperature, logprobs_only=True)
+            if not padding:
+                values = unpack_responses(micro.packed, logp.float())
+                out[micro.responses.to(device), : values.shape[1]] = values
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(out)
+    return out.to(batch.response_ids.device)
+
+
+def _model_inputs(micro: MicroBatch) -> dict[str, Any]:
+    keys = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "loss_mask", "segment_ids",
+            "pixel_values", "image_sizes")  # fmt: skip
+    return {k: micro.inputs[k] for k in keys if micro.inputs.get(k) is not None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the update
+
+
+def split_mini_batches(batch: RolloutBatch, mini_batches: int) -> list[list[int]]:
+    """Response indices of each mini-batch: the prompts in order, cut into ``mini_batches`` near-equal runs
+    (both modes of a prompt stay together)."""
+    prompts = list(dict.fromkeys(batch.entry_prompts))
+    if mini_batches > len(prompts):
+        raise ValueError(f"mini_batches={mini_batches} is more than the batch's {len(prompts)} prompts")
+    bounds = [round(k * len(prompts) / mini_batches) for k in range(mini_batches + 1)]
+    of_prompt = {p: k for k in range(mini_batches) for p in prompts[bounds[k] : bounds[k + 1]]}
+    entry_mini = [of_prompt[p] for p in batch.entry_prompts]
+    out: list[list[int]] = [[] for _ in range(mini_batches)]
+    for i, e in enumerate(batch.groups.tolist()):
+        out[entry_mini[e]].append(i)
+    return out
+
+
+def plan_ranks(
+    batch: RolloutBatch, responses: Sequence[int], *, max_tokens: int, shared: bool, world_size: int
+) -> list[list[list[Chunk]]]:
+    """Micro-batches (lists of chunks) of each rank for one mini-batch: chunks balanced over ranks by
+    :func:`r4b.packing.balance_partitions` (packed tokens), then packed per rank by ``plan_micro_batches``."""
+    chunks = plan_chunks(batch, responses, max_tokens, shared=shared)
+    costs = [chunk_tokens(batch, c.entry, c.responses, shared=shared) for c in chunks]
+    plans = []
+    for part in balance_partitions(costs, world_size):
+        bins = plan_micro_batches([costs[k] for k in part], max_tokens)
+        plans.append([[chunks[part[k]] for k in sorted(b)] for b in bins])
+    return plans
+
+
+def policy_update(
+    engine: Any,
+    batch: RolloutBatch,
+    config: UpdateConfig,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """``ppo_epochs x mini_batches`` optimizer steps of the BPO loss on ``batch`` (identical on every rank).
+
+    ``engine``: an r4b Engine wrapping a :class:`BPOObjective` (``engine.backward`` per micro-batch,
+    ``engine.step`` per mini-batch). ``old_logprobs`` / ``ref_logprobs``: ``[R, Lmax]`` of the rollout and
+    reference policies. Without ``old_logprobs`` a single step is on-policy (ratio 1); with several steps
+    the old log-probs are first computed with the current weights (what verl does). Each rank takes its
+    balanced share of every mini-batch. Returns metrics: ``loss`` (mean over steps of each mini-batch's
+    loss), ``clip_frac`` / ``kl`` / ``entropy`` (token means over all updates), ``grad_norm`` (mean over
+    steps; ``grad_norms`` each), ``tokens`` (response tokens), ``tokens_<mode>``, ``packed_tokens`` (per
+    epoch, all ranks), ``steps`` and ``micro_batches`` (this rank's forward/backward calls).
+    """
+    if config.beta != 0.0 and ref_logprobs is None:
+        raise ValueError("UpdateConfig.beta != 0 needs ref_logprobs (the reference policy's log-probs)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None and t.shape != batch.response_ids.shape:
+            raise ValueError(f"{name} must have the shape of response_ids {tuple(batch.response_ids.shape)}")
+    steps = config.ppo_epochs * config.mini_batches
+    shared = config.shared_prefix
+    if old_logprobs is None and steps > 1:
+        old_logprobs = compute_logprobs(
+            engine, batch, max_tokens=config.max_tokens, shared_prefix=shared, temperature=config.temperature,
+            rank=rank, world_size=world_size,
+        )  # fmt: skip
+    module, device, dtype = _callable_objective(engine)
+    loss_kwargs = {
+        "clip_eps_low": config.clip_eps_low,
+        "clip_eps_high": config.clip_eps_high,
+        "beta": config.beta,
+        "temperature": config.temperature,
+        "loss_agg_mode": config.loss_agg_mode,
+        "norm_len": config.norm_len if config.norm_len is not None else batch.response_ids.shape[1],
+    }
+    lengths = batch.response_lengths.tolist()
+    minis = split_mini_batches(batch, config.mini_batches)
+    plans = [plan_ranks(batch, m, max_tokens=config.max_tokens, shared=shared, world_size=world_size) for m in minis]
+
+    # sums: per-step weighted losses, then token-weighted clip_frac / kl / entropy and their token count
+    sums = torch.zeros(steps + 4, dtype=torch.float64)
+    grad_norms, calls = [], 0
+    for epoch in range(config.ppo_epochs):
+        for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
+            step = epoch * config.mini_batches + k
+            mine = plan[rank]
+            mini_tokens = sum(lengths[i] for i in mini)
+            denominator = mini_tokens if config.loss_agg_mode == "token-mean" else len(mini)
+            for index in range(max(len(p) for p in plan)):
+                padding = index >= len(mine)
+                chunks = mine[index] if not padding else _padding_chunks(plan)
+                micro = build_micro_batch(
+                    batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
+                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                )  # fmt: skip
+                loss, metrics = module(**micro.inputs, **loss_kwargs)
+                share = 0.0 if padding else (
+                    micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
+                ) / denominator  # fmt: skip
+                engine.backward(loss * (share * world_size))
+                calls += 1
+                if not padding:
+                    sums[step] += share * float(loss.detach())
+                    for j, name in enumerate(("clip_frac", "kl", "entropy")):
+                        sums[steps + j] += float(metrics[name]) * micro.loss_tokens
+                    sums[steps + 3] += micro.loss_tokens
+            grad_norms.append(float(engine.step()))
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    tokens = max(float(sums[steps + 3]), 1.0)
+    out: dict[str, Any] = {
+        "loss": float(sums[:steps].mean()),
+        "clip_frac": float(sums[steps]) / tokens,
+        "kl": float(sums[steps + 1]) / tokens,
+        "entropy": float(sums[steps + 2]) / tokens,
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "grad_norms": grad_norms,
+        "steps": steps,
+        "micro_batches": calls,
+        "responses": batch.num_responses,
+        "tokens": sum(lengths),
+        "packed_tokens": sum(
+            chunk_tokens(batch, c.entry, c.responses, shared=shared) for p in plans for r in p for m in r for c in m
+        ),
+    }
+    for mode in dict.fromkeys(batch.modes):
+        out[f"tokens_{mode}"] = sum(n for n, m in zip(lengths, batch.modes, strict=True) if m == mode)
+    if not all(math.isfinite(v) for v in (out["loss"], out["grad_norm"])):
+        out["nonfinite"] = True
+    return out
+
+
+def _padding_chunks(plan: list[list[list[Chunk]]]) -> list[Chunk]:
+    """The smallest forward a rank without work makes to keep collectives paired: one response of some chunk."""
+    chunk = next(c for rank in plan for micro in rank for c in micro)
+    return [Chunk(chunk.entry, chunk.responses[:1])]

@@ -1,0 +1,28 @@
+"""bench/bpo_step.py --smoke runs on a CPU and writes its JSON (shared vs unshared in the same run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bpo_step_benchmark_smoke(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(ROOT / "bench" / "bpo_step.py"), "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, env=env, cwd=ROOT, timeout=120, capture_output=True)
+    (path,) = tmp_path.glob("bpo_step-*.json")
+    record = json.loads(path.read_text())
+    assert record["suite"] == "bpo_step"
+    assert {"device", "torch", "triton", "date", "command", "rows", "ratios", "environment", "config"} <= set(record)
+    rows = {(r["impl"], r["mode"]): r for r in record["rows"]}
+    assert set(rows) == {(i, m) for i in ("r4b-shared", "unshared") for m in ("update", "logprobs")}
+    for row in rows.values():
+        assert row["ms"] > 0 and row["responses"] == 8 and row["response_tokens"] > 0
+    assert rows["unshared", "update"]["packed_tokens"] > rows["r4b-shared", "update"]["packed_tokens"]
+    (update,) = [r for r in record["ratios"] if r["mode"] == "update"]
+    assert update["vs"] == "unshared" and update["shared_speedup"] > 0 and update["packed_token_ratio"] > 1
