@@ -68,6 +68,15 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bpo(args: argparse.Namespace) -> int:
+    from r4b.config import load_config
+    from r4b.train.bpo import BPOConfig, train_bpo
+
+    run_dir = train_bpo(load_config(BPOConfig, args.config, _stage_overrides(args)))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from r4b.synth import write_synthetic
 
@@ -105,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
     _add_stage(commands, "sft", "bi-mode annealing: packed SFT over thinking and non-thinking samples", _sft)
+    _add_stage(commands, "bpo", "BPO: RL with g thinking + g non-thinking rollouts per prompt (joint advantages)", _bpo)
     from r4b.curate import add_parser as add_curate
 
     add_curate(commands)

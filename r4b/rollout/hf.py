@@ -21,6 +21,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from r4b.data.image import ImageProcessor
 from r4b.models.attention import ATTENTION_NAME
+from r4b.models.tokenizer import IMAGE_TOKEN
 
 from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_mode
 from .prompts import EncodedPrompt, encode_prompt
@@ -78,6 +79,8 @@ class HFRolloutEngine(RolloutEngine):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
         self.stop_token_ids = tuple(dict.fromkeys(t for t in stops if t is not None))
+        # A response cannot hold an image placeholder (there is no image behind it): never sample <image>.
+        self.suppressed_token_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)]
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.stop_token_ids[0])
 
@@ -130,6 +133,7 @@ class HFRolloutEngine(RolloutEngine):
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=stops,
             pad_token_id=self.pad_token_id,
+            suppress_tokens=self.suppressed_token_ids,
             use_cache=True,
             return_dict_in_generate=True,
             output_logits=sampling.logprobs,

@@ -1,0 +1,381 @@
+"""BPO: the dual-rollout RL stage (``r4b bpo``).
+
+Each step takes ``prompts_per_step`` prompts (a per-epoch shuffle, deterministic from the seed and the
+step) and for each generates ``g`` responses with the thinking suffix and ``g`` with the non-thinking
+suffix (``rollout.strategy: bpo``; ``grpo`` generates 2g in auto mode, the baseline the paper compares
+against). Rule-based rewards give advantages normalised over the joint group of 2g; the policy update
+packs each prompt once with all its responses (shared prefix) and trains with the fused BPO loss.
+
+Rollouts run on a plain copy of the policy (weights synced from the engine every step), the way a
+colocated vLLM engine would: no collective runs inside generation, so ranks never wait on each other's
+response lengths. Prompts are generated in fixed chunks whose sampling seed depends only on
+(seed, step, chunk), so 1 and N processes, and a resumed run, see the same rollouts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
+from r4b.rl.update import BPOObjective
+from r4b.rollout import HFRolloutEngine, Prompt, Rollout, SamplingParams
+from r4b.train.checkpoint import save_checkpoint
+from r4b.train.engine import EngineConfig, build_engine
+from r4b.train.logging import RunLogger
+from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.schedule import parameter_groups, warmup_cosine
+from r4b.train.sft import ModelSection, OptimSection
+
+STRATEGIES = ("bpo", "grpo")
+
+
+@dataclass
+class BPODataSection:
+    prompts: list[str] = field(default_factory=list)  # JSONL prompts with an `answer`
+    eval: str | None = None  # held-out prompts for the periodic auto-mode evaluation
+    on_error: str = "raise"
+
+
+@dataclass
+class RolloutSection:
+    strategy: str = "bpo"  # "bpo": g thinking + g non-thinking per prompt; "grpo": 2g in auto mode
+    group_size: int = 8  # g
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    prompts_per_call: int = 8  # prompts generated together (and seeded together)
+    batch_size: int = 64  # rows per generate call
+
+
+@dataclass
+class RewardSection:
+    name: str = "answer"  # a registered reward (r4b.rl.register_reward)
+    pattern: str | None = None  # regex for the final answer when there is no \boxed{}
+
+
+@dataclass
+class AdvantageSection:
+    grouping: str = "joint"  # "joint" (the paper: over all 2g) | "per_mode" (ablation)
+    scale_by_std: bool = True  # False: Dr. GRPO
+    mode_decision_credit: bool = False  # beyond the paper: the token after <think> is trained too
+
+
+@dataclass
+class PolicySection:
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    beta: float = 0.0  # k3 KL to the frozen initial policy
+    loss_agg_mode: str = "token-mean"
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    max_tokens: int = 16384
+    shared_prefix: bool = True
+
+
+@dataclass
+class BPOTrainSection:
+    prompts_per_step: int = 32
+    steps: int = 300  # the schedule's length (the paper's RL ran about 300 steps)
+    max_steps: int | None = None  # stop early (resume later with the same schedule)
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    eval_every: int = 0  # steps between auto-mode evaluations on data.eval (0 = only at the end, if set)
+    eval_max_new_tokens: int = 512
+    tensorboard: bool = True
+    progress: bool = True
+    export: bool = True
+
+
+@dataclass
+class BPOConfig:
+    output_dir: str = "runs/bpo"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: BPODataSection = field(default_factory=BPODataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    advantages: AdvantageSection = field(default_factory=AdvantageSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr_llm=1e-6, lr_vision=0.0, lr_projector=0.0))
+    train: BPOTrainSection = field(default_factory=BPOTrainSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def read_prompts(paths: list[str], on_error: str) -> list[Any]:
+    """Prompt samples (no assistant turn) with a reference ``answer``; problems name the file and line."""
+    from r4b.data import DataError, read_jsonl
+
+    prompts = []
+    for path in paths:
+        samples, _ = read_jsonl(path, on_error=on_error)
+        for sample in samples:
+            if sample.answer is None:
+                error = DataError(
+                    sample.source, "an RL prompt needs a reference answer", field="answer", reason="no_answer"
+                )
+                if on_error == "raise":
+                    raise error
+                continue
+            prompts.append(sample)
+    if not prompts:
+        raise ValueError(f"no RL prompts in {', '.join(paths)}")
+    return prompts
+
+
+def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
+    """The prompts of ``step``: consecutive positions of per-epoch shuffles (deterministic)."""
+    out = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(position, total)
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(order[index]))
+    return out
+
+
+def move_decision_tokens(rollout: Rollout, decision: int) -> Rollout:
+    """Mode-decision credit: the last ``decision`` prompt tokens (the suffix after ``<think>``) become the
+    head of the response, so the loss trains the choice between ``\\n`` and ``\\n\\n``."""
+    if decision == 0:
+        return rollout
+    moved = list(rollout.prompt_ids[-decision:])
+    return Rollout(
+        prompt_ids=list(rollout.prompt_ids[:-decision]),
+        response_ids=moved + list(rollout.response_ids),
+        text=rollout.text,
+        finished=rollout.finished,
+        mode=rollout.mode,
+        logprobs=None,
+    )
+
+
+class BPOTrainer:
+    def __init__(self, config: BPOConfig) -> None:
+        from r4b.models.loading import load_model_and_processor
+
+        self.config = config
+        self.rank, self.world_size, self.run_dir = start_run(config, config.output_dir, config.train.seed)
+        self.main = self.rank == 0
+        if config.rollout.strategy not in STRATEGIES:
+            raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {config.rollout.strategy!r}")
+        if config.reward.name not in REWARDS:
+            raise ValueError(f"unknown reward {config.reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
+        self.prompts = read_prompts(config.data.prompts, config.data.on_error)
+        self.eval_prompts = read_prompts([config.data.eval], "raise") if config.data.eval else []
+        model, self.tokenizer, self.processor = load_model_and_processor(
+            config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
+        )
+        self.model = model
+        self.rollout_model = copy.deepcopy(model).eval()  # synced from the engine every step
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.policy.beta > 0 else None
+        objective = BPOObjective(model.train())
+        lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
+        modules = [m for m in config.model.train if lrs[m] > 0]
+        steps = config.train.steps
+        self.engine = build_engine(
+            objective,
+            parameter_groups(objective, lrs, modules),
+            warmup_cosine(steps, math.ceil(config.optim.warmup_ratio * steps), config.optim.min_lr_ratio),
+            config.engine,
+            betas=tuple(config.optim.betas),
+            weight_decay=config.optim.weight_decay,
+            eps=config.optim.eps,
+        )
+        self.rollout_engine = HFRolloutEngine(
+            self.rollout_model, self.tokenizer, self.processor, batch_size=config.rollout.batch_size
+        )
+        self.update_config = UpdateConfig(
+            clip_eps_low=config.policy.clip_eps_low,
+            clip_eps_high=config.policy.clip_eps_high,
+            beta=config.policy.beta,
+            temperature=config.rollout.temperature or 1.0,
+            loss_agg_mode=config.policy.loss_agg_mode,
+            ppo_epochs=config.policy.ppo_epochs,
+            mini_batches=config.policy.mini_batches,
+            max_tokens=config.policy.max_tokens,
+            shared_prefix=config.policy.shared_prefix,
+        )
+
+    # -- rollouts ------------------------------------------------------------------------------------
+
+    def _sync_rollout_weights(self) -> None:
+        """Copy the engine's current weights into the rollout model on every rank."""
+        state = self.engine.full_state_dict()
+        if self.world_size > 1:
+            holder = [state]
+            dist.broadcast_object_list(holder, src=0)
+            state = holder[0]
+        self.rollout_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+
+    def _modes(self) -> list[tuple[str, int]]:
+        g = self.config.rollout.group_size
+        return [("thinking", g), ("non_thinking", g)] if self.config.rollout.strategy == "bpo" else [("auto", 2 * g)]
+
+    def _sampling(self, step: int, chunk: int, salt: int, *, greedy: bool = False, max_new: int | None = None):
+        r = self.config.rollout
+        seed = (self.config.train.seed * 1_000_003 + step) * 10_007 + chunk * 31 + salt
+        return SamplingParams(
+            temperature=0.0 if greedy else r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=max_new or r.max_new_tokens,
+            seed=seed,
+        )
+
+    def generate(self, samples: list[Any], step: int) -> list[list[Rollout]]:
+        """Rollouts for ``samples`` (thinking columns first in BPO), identical whatever the world size."""
+        per_call = self.config.rollout.prompts_per_call
+        chunks = [samples[i : i + per_call] for i in range(0, len(samples), per_call)]
+        mine = {}
+        for c in range(self.rank, len(chunks), self.world_size):
+            prompts = [Prompt.from_sample(s) for s in chunks[c]]
+            columns = [
+                self.rollout_engine.generate(prompts, n=n, mode=mode, sampling=self._sampling(step, c, salt))
+                for salt, (mode, n) in enumerate(self._modes())
+            ]
+            mine[c] = [[r for col in columns for r in col[p]] for p in range(len(prompts))]
+        if self.world_size > 1:
+            gathered: list[dict] = [None] * self.world_size  # type: ignore[list-item]
+            dist.all_gather_object(gathered, mine)
+            mine = {c: rows for part in gathered for c, rows in part.items()}
+        return [row for c in range(len(chunks)) for row in mine[c]]
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, Any]:
+        config = self.config
+        timings: dict[str, float] = {}
+        started = clock = time.perf_counter()
+        indices = prompt_indices(step, config.train.prompts_per_step, len(self.prompts), config.train.seed)
+        samples = [self.prompts[i] for i in indices]
+        self._sync_rollout_weights()
+        rollouts = self.generate(samples, step)
+        timings["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        reward_fn = REWARDS[config.reward.name]
+        kwargs = {"pattern": config.reward.pattern} if config.reward.pattern else {}
+        rewards = torch.tensor(
+            [
+                [reward_fn(r.full_text, s.answer, **kwargs) for r in row]
+                for row, s in zip(rollouts, samples, strict=True)
+            ]
+        )
+        num_thinking = config.rollout.group_size if config.rollout.strategy == "bpo" else None
+        advantages = compute_advantages(
+            rewards, config.advantages.grouping, num_thinking=num_thinking, scale_by_std=config.advantages.scale_by_std
+        )
+        timings["reward"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        trained = rollouts
+        if config.advantages.mode_decision_credit:
+            decision = {"thinking": 1, "non_thinking": 2, "auto": 0}  # tokens after <think> in each suffix
+            trained = [[move_decision_tokens(r, decision[r.mode]) for r in row] for row in rollouts]
+        batch = RolloutBatch.from_rollouts(
+            trained,
+            advantages,
+            images=[s.images for s in samples],
+            processor=self.processor,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
+        ref = None
+        if self.reference is not None:
+            ref = compute_logprobs(
+                self.reference,
+                batch,
+                max_tokens=config.policy.max_tokens,
+                shared_prefix=config.policy.shared_prefix,
+                temperature=self.update_config.temperature,
+            )
+        timings["logprobs"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        update = policy_update(
+            self.engine, batch, self.update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
+        )
+        timings["update"] = time.perf_counter() - clock
+        elapsed = time.perf_counter() - started
+        metrics = {"step": step + 1, **_rollout_metrics(rollouts, rewards), **_scalars(update)}
+        metrics["time"] = timings
+        metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
+        metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
+        return metrics
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    def evaluate_auto(self, step: int) -> dict[str, Any]:
+        """Greedy auto-mode answers on the held-out prompts: accuracy and thinking trigger rate."""
+        from r4b.eval.metrics import is_thinking
+
+        self._sync_rollout_weights()
+        prompts = [Prompt.from_sample(s) for s in self.eval_prompts]
+        sampling = self._sampling(step, 0, 99, greedy=True, max_new=self.config.train.eval_max_new_tokens)
+        rows = self.rollout_engine.generate(prompts, n=1, mode="auto", sampling=sampling)
+        reward_fn = REWARDS[self.config.reward.name]
+        correct = [reward_fn(row[0].full_text, s.answer) for row, s in zip(rows, self.eval_prompts, strict=True)]
+        thinking = [is_thinking(row[0].full_text) for row in rows]
+        return {"accuracy": sum(correct) / len(rows), "trigger_rate": sum(thinking) / len(rows)}
+
+    def train(self) -> Path:
+        config = self.config
+        start = resume(config.train.resume, self.run_dir, self.engine)
+        last = min(config.train.steps, config.train.max_steps or config.train.steps)
+        logger = RunLogger(
+            self.run_dir,
+            last,
+            start_step=start,
+            enabled=self.main,
+            tensorboard=config.train.tensorboard,
+            progress=config.train.progress,
+            description=config.rollout.strategy,
+        )
+        try:
+            for step in range(start, last):
+                metrics = self.step(step)
+                done = step + 1
+                if self.eval_prompts and (
+                    done == last or (config.train.eval_every and done % config.train.eval_every == 0)
+                ):
+                    metrics["eval_auto"] = self.evaluate_auto(step)
+                logger.log(metrics)
+                if (config.train.save_every and done % config.train.save_every == 0) or done == last:
+                    save_checkpoint(self.run_dir, done, self.engine, {}, keep=config.train.keep_checkpoints)
+        finally:
+            logger.close()
+        if config.train.export:
+            export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)
+        return self.run_dir
+
+
+def train_bpo(config: BPOConfig) -> Path:
+    """Run BPO (or the plain-GRPO baseline); returns the run directory."""
+    return BPOTrainer(config).train()
+
+
+def _rollout_metrics(rollouts: list[list[Rollout]], rewards: torch.Tensor) -> dict[str, Any]:
+    """Reward, accuracy and response length per mode; the share of prompts whose 2g rewards are all equal
+    (zero advantage: no learning signal)."""
+    out: dict[str, Any] = {"reward": float(rewards.mean())}
+    by_mode: dict[str, list[tuple[float, int]]] = {}
+    for row, values in zip(rollouts, rewards.tolist(), strict=True):
+        for rollout, value in zip(row, values, strict=True):
+            by_mode.setdefault(rollout.mode, []).append((value, len(rollout.response_ids)))
+    for mode, pairs in by_mode.items():
+        out[mode] = {
+            "reward": sum(v for v, _ in pairs) / len(pairs),
+            "accuracy": sum(v >= 1.0 for v, _ in pairs) / len(pairs),
+            "response_len": sum(n for _, n in pairs) / len(pairs),
+        }
+    out["zero_adv_groups"] = float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
+    return out
+
+
+def _scalars(update: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in update.items() if isinstance(v, int | float) and not isinstance(v, bool)}
