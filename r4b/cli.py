@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from r4b.curate import add_parser as add_curate
 
     add_curate(commands)
+    from r4b.eval.cli import add_parser as add_eval
+
+    add_eval(commands)
     return parser
 
 

@@ -1,0 +1,76 @@
+"""``r4b eval``: accuracy, thinking trigger rate and output tokens of one or several models in each mode."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# Heavy imports (torch, transformers) happen inside the handler: `r4b --help` stays fast.
+
+__all__ = ["add_parser"]
+
+DEFAULT_OUT = "eval_results"
+
+
+def _modes(text: str) -> list[str]:
+    return [mode.strip() for mode in text.split(",") if mode.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from r4b.eval.errors import EvalError
+    from r4b.eval.runner import evaluate, model_name
+
+    names = args.name or []
+    if names and len(names) != len(args.model):
+        raise EvalError(f"{len(names)} --name for {len(args.model)} --model; give one --name per --model or none")
+    names = names or [model_name(spec) for spec in args.model]
+    if len(set(names)) != len(names):
+        raise EvalError(f"model names {names} clash; tell them apart with --name (one per --model)")
+    report = evaluate(
+        dict(zip(names, args.model, strict=True)), args.data, args.out, modes=_modes(args.modes),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        batch_size=args.batch_size, seed=args.seed, limit=args.limit, benchmark=args.benchmark,
+        device=args.device, dtype=args.dtype, progress=not args.no_progress, plots=not args.no_plots,
+    )  # fmt: skip
+    for name, per_mode in report["models"].items():
+        for mode, m in per_mode.items():
+            print(
+                f"{report['benchmark']} {name} {mode}: accuracy {100 * m['accuracy']:.1f}%, "
+                f"trigger rate {100 * m['trigger_rate']:.1f}%, tokens mean {m['mean_tokens']:.1f} "
+                f"median {m['median_tokens']:.1f} (n={m['n']})"
+            )
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``r4b eval`` on an ``argparse`` subparsers object (the handler is ``args.run``)."""
+    help = "evaluate models in auto / thinking / non-thinking mode: accuracy, trigger rate, output tokens"
+    parser = subparsers.add_parser("eval", help=help, description=help)
+    parser.add_argument(
+        "--model", action="append", required=True, metavar="DIR|tiny",
+        help="model directory, or 'tiny' for the untrained tiny R-4B; repeat to compare models in one report",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", action="append", metavar="NAME",
+        help="report name of each --model, in order (default: the directory's name)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", required=True, help="JSONL of prompts with 'answer' (e.g. eval.jsonl of r4b data synth) or a "
+        "VLMEvalKit .tsv",
+    )  # fmt: skip
+    parser.add_argument("--modes", default="auto,thinking,non_thinking", help="comma-separated (default: all three)")
+    parser.add_argument("--max-new-tokens", type=int, default=8192, help="default 8192 (the paper)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, the paper)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the tiny model's init seed")
+    parser.add_argument("--benchmark", default=None, help="benchmark name in the report (default: the file's stem)")
+    parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16, float32, auto (default: as loaded)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    parser.set_defaults(run=_run)
+    return parser
