@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from r4b.eval.cli import add_parser as add_eval
 
     add_eval(commands)
+    from r4b.demo import add_parser as add_demo
+
+    add_demo(commands)
     return parser
 
 
