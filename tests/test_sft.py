@@ -140,3 +140,14 @@ def test_skipped_and_over_long_samples_are_counted_not_lost(data, tmp_path):
     strict.write_text("".join(line + "\n" for line in lines if line != "{not json"))
     with pytest.raises(DataError, match=r"strict.jsonl:\d+: sample has \d+ tokens, over the packing budget of 60"):
         train_sft(load_config(SFTConfig, DEMO, overrides(strict, tmp_path / "strict", lengths_budget)))
+
+
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+    common = ("train.max_steps=2", "train.export=false")
+    plain = train_sft(load_config(SFTConfig, DEMO, overrides(data, tmp_path / "plain", *common)))
+    recompute = overrides(data, tmp_path / "ckpt", *common, "engine.activation_checkpointing=true")
+    checkpointed = train_sft(load_config(SFTConfig, DEMO, recompute))
+    for a, b in zip(metrics(plain), metrics(checkpointed), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-5
+        )

@@ -89,7 +89,12 @@ def render_segments(sample: Sample, tokenizer: Any) -> list[Segment]:
 
 
 def encode_sample(
-    sample: Sample, tokenizer: Any, image_token_counts: Sequence[int], *, mask_empty_think: bool = False
+    sample: Sample,
+    tokenizer: Any,
+    image_token_counts: Sequence[int],
+    *,
+    mask_empty_think: bool = False,
+    image_token: str = IMAGE_TOKEN,
 ) -> EncodedSample:
     """Tokenize ``sample`` for supervised training.
 
@@ -98,6 +103,8 @@ def encode_sample(
         tokenizer: a Hugging Face tokenizer with the R-4B chat template (``thinking_mode`` switch).
         image_token_counts: tokens per image, in order (from ``ImageProcessor.num_image_tokens``).
         mask_empty_think: no loss on ``<think>\\n\\n</think>\\n\\n`` of non-thinking turns.
+        image_token: the placeholder token the chat template renders once per image and that is expanded to
+            the image's count (R-4B: ``<image>``; Qwen-VL: ``<|image_pad|>``, the processor's ``image_token``).
     """
     counts = [int(count) for count in image_token_counts]
     if len(counts) != len(sample.images) or any(count <= 0 for count in counts):
@@ -109,7 +116,7 @@ def encode_sample(
         )
     segments = render_segments(sample, tokenizer)
     pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
     mask_think = mask_empty_think and sample.mode == "non_thinking"
     input_ids: list[int] = []
     labels: list[int] = []
@@ -132,7 +139,7 @@ def encode_sample(
     if images_seen != len(counts):
         raise DataError(
             sample.source,
-            f"the rendered text has {images_seen} {IMAGE_TOKEN} token(s) for {len(counts)} image(s)",
+            f"the rendered text has {images_seen} {image_token} token(s) for {len(counts)} image(s)",
             field="images",
             reason="image_count_mismatch",
         )
@@ -150,16 +157,20 @@ def encode_samples(
     """Encode many samples, reading each image's size to count its tokens with ``processor``.
 
     With ``on_error="skip"`` a sample that fails (unreadable image, no assistant turn, ...) is counted in
-    the report by reason instead of raising.
+    the report by reason instead of raising. The placeholder token is ``processor.image_token`` when the
+    processor has one, else ``<image>``.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     encoded: list[EncodedSample] = []
     report = DataReport()
+    image_token = getattr(processor, "image_token", IMAGE_TOKEN)
     for sample in samples:
         try:
             counts = image_token_counts(sample.images, processor, where=sample.source)
-            encoded.append(encode_sample(sample, tokenizer, counts, mask_empty_think=mask_empty_think))
+            encoded.append(
+                encode_sample(sample, tokenizer, counts, mask_empty_think=mask_empty_think, image_token=image_token)
+            )
         except DataError as error:
             if on_error == "raise":
                 raise

@@ -1,4 +1,8 @@
-"""One call to get (model, tokenizer, image processor) for training, and the matching export."""
+"""One call to get (model, tokenizer, image processor) for training, and the matching export.
+
+Model families, by the directory's config.json ``model_type``: R-4B (``rvl``, and the embedded tiny default when
+there is no directory) and Qwen2.5-VL / Qwen3-VL (``qwen2_5_vl`` / ``qwen3_vl``, see :mod:`r4b.models.qwen_vl`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from pathlib import Path
 
 from .checkpoint import load_r4b, save_pretrained_r4b
 from .image_processing import RImageProcessor
+from .qwen_vl import QWEN_VL_MODEL_TYPES, QwenVLImageProcessor, is_qwen_vl, load_qwen_vl, model_type_of, save_qwen_vl
 from .r4b_model import RForConditionalGeneration
 from .tiny import build_tiny_r4b
 from .tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -15,13 +20,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def load_model_and_processor(
     path: str | Path | None = None, tokenizer: str | Path | None = None, seed: int = 0, **kwargs
-) -> tuple[RForConditionalGeneration, object, RImageProcessor]:
-    """``path=None``: the tiny R-4B initialised from ``seed``; else an R-4B directory through :func:`load_r4b`
-    (``kwargs`` pass to ``from_pretrained``). The tokenizer comes from ``tokenizer``, else the model directory
-    when it has one, else the shipped tiny tokenizer; the processor from the config (and preprocessor_config.json)."""
+) -> tuple[RForConditionalGeneration, object, RImageProcessor | QwenVLImageProcessor]:
+    """``path=None``: the tiny R-4B initialised from ``seed``; a Qwen2.5-VL / Qwen3-VL directory: the stock
+    transformers model with r4b's prompt template on its tokenizer (:func:`~r4b.models.qwen_vl.load_qwen_vl`);
+    else an R-4B directory through :func:`load_r4b` (``kwargs`` pass to ``from_pretrained``). The tokenizer comes
+    from ``tokenizer``, else the model directory when it has one, else the shipped tiny tokenizer; the processor
+    from the config (and preprocessor_config.json)."""
     if tokenizer is None and path is not None and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         tokenizer = path
     tok = load_tokenizer(tokenizer)
+    if model_type_of(path) in QWEN_VL_MODEL_TYPES:
+        return load_qwen_vl(path, tok, **kwargs)
     if path is None:
         model = build_tiny_r4b(seed, tok)
         processor = RImageProcessor.from_config(model.config)
@@ -40,9 +49,10 @@ def load_model_and_processor(
     return model, tok, processor
 
 
-def save_model(
-    model: RForConditionalGeneration, out: str | Path, tokenizer=None, processor: RImageProcessor | None = None
-) -> Path:
-    """Export a self-contained R-4B directory (weights in R-4B's layout, config, tokenizer, preprocessor config)."""
+def save_model(model, out: str | Path, tokenizer=None, processor=None) -> Path:
+    """Export a self-contained directory: R-4B in R-4B's layout (weights, config, tokenizer, preprocessor config);
+    Qwen2.5-VL / Qwen3-VL with their own ``save_pretrained`` (:func:`~r4b.models.qwen_vl.save_qwen_vl`)."""
+    if is_qwen_vl(model):
+        return save_qwen_vl(model, out, tokenizer, processor)
     processor = processor if processor is not None else RImageProcessor.from_config(model.config)
     return save_pretrained_r4b(model, out, tokenizer, processor=processor)

@@ -23,22 +23,30 @@ TEMPLATE_MODE = {"auto": "auto", "thinking": "long", "non_thinking": "short"}
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if thinking_mode is defined and thinking_mode == 'long' -%}{{ '<think>\\n' }}"
-    "{%- elif thinking_mode is defined and thinking_mode == 'short' -%}{{ '<think>\\n\\n</think>' }}"
-    "{%- else -%}{{ '<think>' }}{%- endif -%}"
-    "{%- endif -%}"
-)
+
+def chat_template(image: str = "<image>\\n", text_filter: str = "") -> str:
+    """R-4B's chat template (ChatML, ``thinking_mode`` = auto | long | short picks the suffix after
+    ``<|im_start|>assistant\\n``), an image part rendered as ``image`` (a Jinja string literal's body) and
+    text passed through the Jinja ``text_filter`` (e.g. ``" | replace('<image>', ...)"``)."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content']" + text_filter + " }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text']" + text_filter + " }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+        "{%- if thinking_mode is defined and thinking_mode == 'long' -%}{{ '<think>\\n' }}"
+        "{%- elif thinking_mode is defined and thinking_mode == 'short' -%}{{ '<think>\\n\\n</think>' }}"
+        "{%- else -%}{{ '<think>' }}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
 
 
 def format_response(answer: str, reasoning: str | None) -> str:

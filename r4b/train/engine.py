@@ -160,7 +160,8 @@ def _make_optimizer(
     model: nn.Module, groups: list[_Group], lr_lambda: Callable[[int], float], betas, weight_decay: float, eps: float
 ) -> tuple[torch.optim.AdamW, LambdaLR, list[_Group]]:
     """AdamW over the non-empty groups (looked up by name in `model`, after any wrapping) and its LambdaLR."""
-    named = dict(model.named_parameters())
+    # names as resolved before wrapping: torch's checkpoint wrapper inserts a level into them
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
     used = [g for g in groups if g.names]
     if not used:
         raise ValueError("no trainable parameters")
@@ -186,13 +187,15 @@ def _enable_activation_checkpointing(model: nn.Module, layer_classes: tuple[type
 
     Must run before FSDP2 sharding / DeepSpeed wrapping.
     """
-    if getattr(model, "supports_gradient_checkpointing", False):
+    # The trainer hands a wrapper (the loss objective) around the transformers model: find the model inside.
+    inner = next((m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)), None)
+    if inner is not None:
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             return
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(inner, "gradient_checkpointing_enable"):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             return
     if not layer_classes:
         raise ValueError("activation_checkpointing: the model has no gradient_checkpointing_enable() and no layers")

@@ -29,7 +29,7 @@ from r4b.train.sft_data import SFTDataset
 
 @dataclass
 class ModelSection:
-    path: str | None = None  # a Hugging Face directory in R-4B's layout; None = the embedded tiny model
+    path: str | None = None  # a Hugging Face directory (R-4B, Qwen2.5-VL, Qwen3-VL); None = the embedded tiny model
     tokenizer: str | None = None  # default: the model directory's, or the tiny tokenizer
     seed: int = 0  # initialises the tiny model
     train: list[str] = field(default_factory=lambda: list(MODULES))  # which of vision, projector, llm train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -66,17 +67,34 @@ class SFTDataset:
         return [sum(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in self.samples]
 
     def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
-        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples."""
-        packed = collate_packed([self.samples[i] for i in indices], indices)
+        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples.
+
+        R-4B: ``position_ids`` [N] and, with images, ``pixel_values`` / ``image_sizes``. A processor with
+        ``packed_position_ids`` (Qwen2.5-VL / Qwen3-VL: :class:`~r4b.models.qwen_vl.QwenVLImageProcessor`) gives
+        the ``[3, N]`` mRoPE positions of the row, each sample's own, and ``pixel_values`` / ``image_grid_thw``.
+        """
+        samples = [self.samples[i] for i in indices]
+        packed = collate_packed(samples, indices)
         batch: dict[str, Any] = {
             "input_ids": packed.input_ids.to(device),
-            "position_ids": packed.position_ids.to(device),
+            "position_ids": packed.position_ids,
             "targets": packed.labels.to(device),
             "cu_seqlens": packed.cu_seqlens.to(device),
             "max_seqlen": packed.max_seqlen,
         }
+        vision: dict[str, torch.Tensor] = {}
         if packed.images:
             vision = self.processor.preprocess(load_images(packed.images, where=", ".join(packed.sources)))
-            batch["pixel_values"] = vision["pixel_values"].to(device)
-            batch["image_sizes"] = vision["image_sizes"].to(device)
+            for key in ("pixel_values", "image_sizes", "image_grid_thw"):
+                if key in vision:
+                    batch[key] = vision[key].to(device)
+        if hasattr(self.processor, "packed_position_ids"):
+            grids = vision.get("image_grid_thw")
+            starts = [0]
+            for sample in samples:
+                starts.append(starts[-1] + len(sample.images))
+            per_sample = [None if a == b else grids[a:b] for a, b in pairwise(starts)]
+            ids = [packed.input_ids[a:b] for a, b in pairwise(packed.cu_seqlens.tolist())]
+            batch["position_ids"] = self.processor.packed_position_ids(ids, per_sample)
+        batch["position_ids"] = batch["position_ids"].to(device)
         return batch
