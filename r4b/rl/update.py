@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
-from r4b.models.packed import packed_hidden_states
+from r4b.models.forward import packed_final_hidden
 from r4b.packing import balance_partitions, plan_micro_batches
 from r4b.shared_prefix import unpack_responses
 
@@ -91,7 +91,7 @@ class BPOObjective(nn.Module):
         logprobs_only: bool = False,
         with_entropy: bool = False,
     ) -> tuple[Tensor, Any]:
-        hidden = packed_hidden_states(
+        hidden = packed_final_hidden(
             self.model,
             input_ids=input_ids,
             position_ids=position_ids,
