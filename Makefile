@@ -43,14 +43,12 @@ $(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(COMPAT_VENV),"triton==$(TRITON_COMPAT)" "numpy<2.3")
 
-# The end-to-end demo on the embedded tiny model (so far: synthetic data, then bi-mode annealing).
+# The end-to-end demo on the embedded tiny model: synthetic data, annealing, BPO and GRPO, evaluation.
 # On a CPU it runs the kernels' torch references (fast); the Triton interpreter is for the tests.
 DEMO_DIR ?= runs/demo
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(BIN)/r4b data synth --out $(DEMO_DIR)/data
-	$(BIN)/r4b sft --config configs/demo/sft.yaml output_dir=$(DEMO_DIR)/sft data.train=[$(DEMO_DIR)/data/sft.jsonl]
-	@echo "demo: metrics in $(DEMO_DIR)/sft/metrics.jsonl, the annealed model in $(DEMO_DIR)/sft/model"
+	TRITON_INTERPRET=0 $(BIN)/r4b demo --out $(DEMO_DIR)
 
 test: install
 	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
