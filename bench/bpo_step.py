@@ -3,6 +3,9 @@
     python bench/bpo_step.py              # GPU: 8 prompts of ~1000 tokens (image + text), 2g = 16 responses each
     python bench/bpo_step.py --smoke      # tiny sizes on a CPU: a check that it runs
 
+Also times whole ``r4b bpo`` steps (rollout, reward, log-probs, update: ``--full-step-steps``) of the embedded
+tiny model on the synthetic task, shared vs unshared, with the time split.
+
 A BPO batch: every prompt has g thinking and g non-thinking responses (lengths uniform in
 [resp-min, resp-max]); the two modes have different prompt suffixes, so a prompt is two shared-prefix
 entries. ``r4b-shared`` packs each entry once with its responses (segment ids, the vision tower once per
@@ -35,6 +38,7 @@ from r4b.rl import BPOObjective, RolloutBatch, UpdateConfig, compute_logprobs, p
 from r4b.rl.batch import chunk_tokens
 from r4b.train.engine import EngineConfig, build_engine
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 IMAGE_TOKEN_ID = 3  # <image> in the bench vocabulary
 SUFFIX = {"thinking": [11, 12, 13], "non_thinking": [11, 12, 12, 14]}  # stand-ins for the two mode suffixes
 
@@ -131,7 +135,41 @@ def run(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
+    if args.full_step_steps:
+        rows += full_step_rows(args)
     return {"rows": rows, "ratios": ratios(rows)}
+
+
+def full_step_rows(args: argparse.Namespace) -> list[dict]:
+    """Whole ``r4b bpo`` steps (rollout, reward, log-probs, update) of the embedded tiny model on the synthetic
+    task, shared vs unshared; the rollouts are the same for both (seeded by the step), so only the update differs."""
+    import tempfile
+
+    from r4b.config import load_config
+    from r4b.synth import write_synthetic
+    from r4b.train.bpo import BPOConfig, BPOTrainer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic(data, n_sft=1, n_rl=args.prompts * (args.full_step_steps + 1), n_eval=1)
+        for shared in (True, False):
+            overrides = [
+                f"output_dir={Path(tmp) / str(shared)}", "model.path=null", f"data.prompts=[{data / 'rl.jsonl'}]",
+                "data.eval=null", f"rollout.group_size={args.g}", f"rollout.max_new_tokens={args.full_step_tokens}",
+                f"train.prompts_per_step={args.prompts}", f"policy.shared_prefix={str(shared).lower()}",
+                "train.tensorboard=false", "train.progress=false",
+            ]  # fmt: skip
+            trainer = BPOTrainer(load_config(BPOConfig, CONFIGS / "bpo.yaml", overrides))
+            steps = [trainer.step(step) for step in range(args.full_step_steps + 1)][1:]  # step 0 warms up
+            split = {k: sum(s["time"][k] for s in steps) / len(steps) * 1e3 for k in steps[0]["time"]}
+            rows.append({
+                "impl": "r4b-shared" if shared else "unshared", "mode": "full-step (tiny model)",
+                "prompts": args.prompts, "responses": steps[0]["responses"], "packed_tokens": steps[0]["packed_tokens"],
+                "ms": sum(split.values()), **{f"{k}_ms": v for k, v in split.items()},
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -168,6 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16384, help="micro-batch token budget")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full-step-steps", type=int, default=2, help="whole BPO steps to time (0 = skip)")
+    parser.add_argument("--full-step-tokens", type=int, default=64, help="max new tokens per rollout, full steps")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -175,6 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden, args.layers, args.heads, args.vocab = 32, 1, 2, 256
         args.image_size, args.vision_hidden, args.vision_layers = 28, 32, 1
         args.max_tokens, args.warmup, args.repeats = 256, 0, 1
+        args.full_step_steps, args.full_step_tokens = 1, 8
     return args
 
 
@@ -192,6 +233,8 @@ def main(argv=None) -> int:
         "ms",
         "peak_gib",
         "response_tokens_per_s",
+        "rollout_ms",
+        "update_ms",
         "error",
     ]
     print_table(f"BPO policy update, {payload['environment']['device']}", payload["rows"], columns)
