@@ -53,7 +53,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]
     from r4b.train.sft import SFTConfig, train_sft
 
     data = out / "data"
-    sizes = {"n_sft": 128, "n_rl": 64, "n_eval": 32} if quick else {}
+    sizes = {"n_sft": 128, "n_rl": 64, "n_eval": 32} if quick else {"n_sft": 1024}
     write_synthetic(data, seed=seed, **sizes)
     short = ["train.epochs=1"] if quick else []
     sft = train_sft(

@@ -1,6 +1,6 @@
 """Rendered-image questions at two difficulties, deterministic from a seed.
 
-Each picture shows a few shapes of one kind and a number written in the corner.
+Each picture shows a number written large on the left and a few shapes of one kind stacked on the right.
 - easy: "How many circles are there?" - answerable at a glance: a direct (non-thinking) answer.
 - hard: "Multiply the number in the picture by the number of circles, then add 7." - needs several
   steps: a thinking sample whose trace reads both quantities and does the arithmetic.
@@ -15,13 +15,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from r4b.models.tokenizer import format_response
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "blue", "green")
 IMAGE_SIZE = 56
+NUMBERS = (1, 5)  # the written number's range: few distinct values, drawn large, so the tiny vision tower reads it
+FONT_SIZE = 40  # a digit ~23 x 29 pixels over the left half of the image
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def make_items(n: int, seed: int, *, hard_fraction: float = 1 / 3, prefix: str =
     rng = random.Random(seed)
     items = []
     for index in range(n):
-        shape, count, number, offset = rng.choice(SHAPES), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 9)
+        shape, count, number, offset = rng.choice(SHAPES), rng.randint(1, 4), rng.randint(*NUMBERS), rng.randint(1, 9)
         if rng.random() < hard_fraction:
             question = f"Multiply the number in the picture by the number of {shape}s, then add {offset}."
             product = number * count
@@ -64,20 +66,24 @@ def make_items(n: int, seed: int, *, hard_fraction: float = 1 / 3, prefix: str =
 
 
 def render(item: SynthItem) -> Image.Image:
-    """The picture: ``count`` shapes in a row-major grid and ``number`` written top-left."""
+    """The picture: ``number`` written large over the left half (so it spans many vision patches and the tiny
+    vision tower can read it) and ``count`` shapes stacked in the right column."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    left, top, right, bottom = font.getbbox(str(item.number))
+    x, y = (30 - (right - left)) // 2 - left, (IMAGE_SIZE - (bottom - top)) // 2 - top
+    draw.text((x, y), str(item.number), fill="black", font=font)
     color = COLORS[SHAPES.index(item.shape)]
     for k in range(item.count):
-        x, y = 8 + (k % 2) * 24, 20 + (k // 2) * 18
-        box = (x, y, x + 14, y + 14)
+        x, y = 38, 2 + k * 14
+        box = (x, y, x + 11, y + 11)
         if item.shape == "circle":
             draw.ellipse(box, fill=color)
         elif item.shape == "square":
             draw.rectangle(box, fill=color)
         else:
-            draw.polygon([(x + 7, y), (x, y + 14), (x + 14, y + 14)], fill=color)
-    draw.text((2, 2), str(item.number), fill="black")
+            draw.polygon([(x + 5, y), (x, y + 11), (x + 11, y + 11)], fill=color)
     return image
 
 
