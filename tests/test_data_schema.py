@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from r4b.data import DataError, DataReport, read_jsonl
+from r4b.data import DataError, DataReport, read_jsonl, read_prompts
 from r4b.models.tokenizer import format_response
 
 THINKING = format_response("12", "5 + 7 = 12.")
@@ -215,3 +215,15 @@ def test_a_prompt_needs_no_mode_but_a_response_does(data_dir):
     samples, report = read_jsonl(path, on_error="skip")
     assert [s.mode for s in samples] == [None] and not samples[0].has_response and samples[0].meta == {"id": 1}
     assert report.skipped == {"missing_field": 1} and "rl.jsonl:2: field 'mode'" in report.examples["missing_field"][0]
+
+
+def test_read_prompts_counts_what_is_not_a_prompt(data_dir):
+    prompt = {"messages": [user(IMAGE, text("How many?"))], "images": ["imgs/a.png"], "answer": "3"}
+    path = write_jsonl(data_dir / "rl.jsonl", [prompt, {**prompt, "answer": " "}, good(), {**prompt, "mode": "x"}])
+    prompts, report = read_prompts(path, on_error="skip")
+    assert [p.source for p in prompts] == [f"{path}:1"]
+    assert report.loaded == 1 and report.skipped == {"missing_field": 1, "bad_role": 1, "unknown_mode": 1}
+    assert "rl.jsonl:3: field 'messages[1]': a prompt must not hold an assistant turn" in report.examples["bad_role"][0]
+    strict = write_jsonl(data_dir / "strict.jsonl", [prompt, {**prompt, "answer": " "}])
+    with pytest.raises(DataError, match=r"strict\.jsonl:2: field 'answer': missing reference answer"):
+        read_prompts(strict)

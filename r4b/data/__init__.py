@@ -12,7 +12,7 @@ from r4b.data.errors import DataError
 from r4b.data.image import ImageProcessor, image_sizes, image_token_counts, load_images
 from r4b.data.pack import PackedBatch, collate_packed, pack
 from r4b.data.report import DataReport
-from r4b.data.schema import SAMPLE_MODES, Sample, parse_sample, read_jsonl
+from r4b.data.schema import SAMPLE_MODES, Sample, check_prompt, parse_sample, read_jsonl, read_prompts
 from r4b.data.tsv import EvalSample, read_vlmeval_tsv
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ImageProcessor",
     "PackedBatch",
     "Sample",
+    "check_prompt",
     "collate_packed",
     "encode_sample",
     "encode_samples",
@@ -34,6 +35,7 @@ __all__ = [
     "pack",
     "parse_sample",
     "read_jsonl",
+    "read_prompts",
     "read_vlmeval_tsv",
     "render_segments",
 ]

@@ -36,7 +36,7 @@ from r4b.data.errors import DataError
 from r4b.data.report import DataReport
 from r4b.models.tokenizer import IMAGE_TOKEN, THINK_CLOSE, THINK_OPEN, format_response
 
-__all__ = ["SAMPLE_MODES", "Sample", "parse_sample", "read_jsonl"]
+__all__ = ["SAMPLE_MODES", "Sample", "check_prompt", "parse_sample", "read_jsonl", "read_prompts"]
 
 SAMPLE_MODES = ("thinking", "non_thinking")
 ROLES = ("system", "user", "assistant")
@@ -104,6 +104,40 @@ def read_jsonl(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise"
                 report.skip(error)
     report.loaded = len(samples)
     return samples, report
+
+
+def check_prompt(sample: Sample, what: str = "a prompt") -> None:
+    """A prompt for RL or evaluation: no assistant turn (the model writes the answer) and a reference answer.
+    ``what`` names it in the error (e.g. "an evaluation prompt")."""
+    if sample.has_response:
+        roles = [message["role"] for message in sample.messages]
+        raise DataError(
+            sample.source,
+            f"{what} must not hold an assistant turn (the model writes the answers)",
+            field=f"messages[{roles.index('assistant')}]",
+            reason="bad_role",
+        )
+    if sample.answer is None or not sample.answer.strip():
+        raise DataError(sample.source, "missing reference answer", field="answer", reason="missing_field")
+
+
+def read_prompts(
+    path: str | Path, *, on_error: Literal["raise", "skip"] = "raise", what: str = "a prompt"
+) -> tuple[list[Sample], DataReport]:
+    """Read a JSONL of prompts (see :func:`check_prompt`): every problem raises or, with ``"skip"``, is counted."""
+    samples, report = read_jsonl(path, on_error=on_error)
+    prompts = []
+    for sample in samples:
+        try:
+            check_prompt(sample, what)
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            report.skip(error)
+            continue
+        prompts.append(sample)
+    report.loaded = len(prompts)
+    return prompts, report
 
 
 def _decode(raw: bytes, where: str) -> str:

@@ -65,22 +65,12 @@ def _question_text(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def _read_jsonl(path: Path, group_by: Sequence[str]) -> list[EvalItem]:
     from r4b.data.errors import DataError
-    from r4b.data.schema import read_jsonl
+    from r4b.data.schema import read_prompts
     from r4b.rollout.base import Prompt
 
-    samples, _ = read_jsonl(path)
+    samples, _ = read_prompts(path, what="an evaluation prompt")
     items = []
     for sample in samples:
-        if sample.has_response:
-            roles = [message["role"] for message in sample.messages]
-            raise DataError(
-                sample.source,
-                "an evaluation prompt must not hold an assistant turn (the model writes the answers)",
-                field=f"messages[{roles.index('assistant')}]",
-                reason="bad_role",
-            )
-        if sample.answer is None or not sample.answer.strip():
-            raise DataError(sample.source, "missing reference answer", field="answer", reason="missing_field")
         options = sample.meta.get("options", {})
         if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
             raise DataError(

@@ -111,25 +111,18 @@ class BPOConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def read_prompts(paths: list[str], on_error: str) -> list[Any]:
-    """Prompt samples (no assistant turn) with a reference ``answer``; problems name the file and line."""
-    from r4b.data import DataError, read_jsonl
+def read_prompt_files(paths: list[str], on_error: str) -> tuple[list[Any], Any]:
+    """RL prompts (no assistant turn, a reference ``answer``) of every file, and the report of what was skipped."""
+    from r4b.data import DataReport, read_prompts
 
-    prompts = []
+    prompts, report = [], DataReport()
     for path in paths:
-        samples, _ = read_jsonl(path, on_error=on_error)
-        for sample in samples:
-            if sample.answer is None:
-                error = DataError(
-                    sample.source, "an RL prompt needs a reference answer", field="answer", reason="no_answer"
-                )
-                if on_error == "raise":
-                    raise error
-                continue
-            prompts.append(sample)
+        samples, read_report = read_prompts(path, on_error=on_error, what="an RL prompt")
+        prompts += samples
+        report = report.merge(read_report)
     if not prompts:
-        raise ValueError(f"no RL prompts in {', '.join(paths)}")
-    return prompts
+        raise ValueError(f"no RL prompts in {', '.join(paths)}:\n{report}")
+    return prompts, report
 
 
 def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
@@ -169,8 +162,11 @@ class BPOTrainer:
             raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {config.rollout.strategy!r}")
         if config.reward.name not in REWARDS:
             raise ValueError(f"unknown reward {config.reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
-        self.prompts = read_prompts(config.data.prompts, config.data.on_error)
-        self.eval_prompts = read_prompts([config.data.eval], "raise") if config.data.eval else []
+        self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
+        self.eval_prompts = read_prompt_files([config.data.eval], "raise")[0] if config.data.eval else []
+        if self.main:
+            (self.run_dir / "data_report.json").write_text(report.to_json())
+            print(f"data: {report}")
         model, self.tokenizer, self.processor = load_model_and_processor(
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
