@@ -6,9 +6,9 @@ suffix (``rollout.strategy: bpo``; ``grpo`` generates 2g in auto mode, the basel
 against). Rule-based rewards give advantages normalised over the joint group of 2g; the policy update
 packs each prompt once with all its responses (shared prefix) and trains with the fused BPO loss.
 
-Rollouts run on a plain copy of the policy (weights synced from the engine every step), the way a
-colocated vLLM engine would: no collective runs inside generation, so ranks never wait on each other's
-response lengths. Prompts are generated in fixed chunks whose sampling seed depends only on
+Rollouts run on the policy itself in one plain process, and otherwise on a plain copy of it (weights
+synced from the engine after each update), the way a colocated vLLM engine would: no collective runs
+inside generation, so ranks never wait on each other's response lengths. Prompts are generated in fixed chunks whose sampling seed depends only on
 (seed, step, chunk), so 1 and N processes, and a resumed run, see the same rollouts.
 """
 
@@ -171,7 +171,11 @@ class BPOTrainer:
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
         self.model = model
-        self.rollout_model = copy.deepcopy(model).eval()  # synced from the engine every step
+        # One process on the plain engine generates with the policy itself; sharded engines keep a full copy,
+        # synced from the engine whenever the policy has changed (as a colocated vLLM engine would be).
+        self.shares_policy = self.world_size == 1 and config.engine.kind == "single"
+        self.rollout_model = model if self.shares_policy else copy.deepcopy(model).eval()
+        self.rollout_stale = not self.shares_policy  # a resumed engine holds other weights than the copy
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.policy.beta > 0 else None
         objective = BPOObjective(model.train())
         lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
@@ -186,6 +190,9 @@ class BPOTrainer:
             weight_decay=config.optim.weight_decay,
             eps=config.optim.eps,
         )
+        for frozen in (self.rollout_model, self.reference):
+            if frozen is not None:
+                frozen.to(self.engine.device)
         self.rollout_engine = HFRolloutEngine(
             self.rollout_model, self.tokenizer, self.processor, batch_size=config.rollout.batch_size
         )
@@ -204,7 +211,10 @@ class BPOTrainer:
     # -- rollouts ------------------------------------------------------------------------------------
 
     def _sync_rollout_weights(self) -> None:
-        """Copy the engine's current weights into the rollout model on every rank."""
+        """Copy the engine's current weights into the rollout model on every rank, if they changed."""
+        if not self.rollout_stale:
+            return
+        self.rollout_stale = False
         state = self.engine.full_state_dict()
         if self.world_size > 1:
             holder = [state]
@@ -293,6 +303,7 @@ class BPOTrainer:
             )
         timings["logprobs"], clock = time.perf_counter() - clock, time.perf_counter()
 
+        self.rollout_stale = not self.shares_policy
         update = policy_update(
             self.engine, batch, self.update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
         )
