@@ -8,8 +8,9 @@ packs each prompt once with all its responses (shared prefix) and trains with th
 
 Rollouts run on the policy itself in one plain process, and otherwise on a plain copy of it (weights
 synced from the engine after each update), the way a colocated vLLM engine would: no collective runs
-inside generation, so ranks never wait on each other's response lengths. Prompts are generated in fixed chunks whose sampling seed depends only on
-(seed, step, chunk), so 1 and N processes, and a resumed run, see the same rollouts.
+inside generation, so ranks never wait on each other's response lengths. Prompts are generated in
+fixed chunks whose sampling seed depends only on (seed, step, chunk), so 1 and N processes, and a
+resumed run, see the same rollouts.
 """
 
 from __future__ import annotations
