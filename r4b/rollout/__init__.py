@@ -1,12 +1,14 @@
 """r4b.rollout: generate responses in a forced mode (auto / thinking / non-thinking) for RL and curation.
 
 :class:`RolloutEngine` is the interface (``generate(prompts, n=, mode=, sampling=)``);
-:class:`HFRolloutEngine` implements it with transformers' ``generate`` (the reference, CPU-friendly engine).
+:class:`HFRolloutEngine` implements it with transformers' ``generate`` (the reference, CPU-friendly engine),
+:class:`VLLMRolloutEngine` with a colocated vLLM (GPU; ``pip install r4b[vllm]``, imported only when built).
 """
 
 from r4b.rollout.base import Prompt, Rollout, RolloutEngine, SamplingParams, check_mode
 from r4b.rollout.hf import HFRolloutEngine, generation_attention
 from r4b.rollout.prompts import EncodedPrompt, encode_prompt, render_prompt
+from r4b.rollout.vllm import VLLMRolloutEngine
 
 __all__ = [
     "EncodedPrompt",
@@ -15,6 +17,7 @@ __all__ = [
     "Rollout",
     "RolloutEngine",
     "SamplingParams",
+    "VLLMRolloutEngine",
     "check_mode",
     "encode_prompt",
     "generation_attention",

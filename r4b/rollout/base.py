@@ -10,11 +10,12 @@ is what answer rewards should read (an unfinished ``<think>`` then has no answer
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from r4b.models.tokenizer import MODE_SUFFIX, MODES
@@ -132,3 +133,7 @@ class RolloutEngine(abc.ABC):
         self, prompts: Sequence[Prompt], *, n: int, mode: str, sampling: SamplingParams
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` sampled with ``sampling``."""
+
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take the policy's new weights: its full Hugging Face state dict (``model.language_model.*``, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take new weights")

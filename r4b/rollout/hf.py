@@ -13,7 +13,7 @@ depends on the seed, the prompts, ``n`` and ``batch_size``, and the caller's glo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,6 +102,10 @@ class HFRolloutEngine(RolloutEngine):
                 ):
                     results[i].append(rollout)
         return results
+
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the model (strict: every key must match)."""
+        self.model.load_state_dict(state)
 
     @contextlib.contextmanager
     def _generation_state(self, sampling: SamplingParams) -> Iterator[None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,13 @@ __all__ = ["EncodedPrompt", "encode_prompt", "render_prompt"]
 
 @dataclass
 class EncodedPrompt:
-    """A prompt ready for the model: ``ids`` with image tokens expanded and the decoded RGB ``images``."""
+    """A prompt ready for the model: ``ids`` with image tokens expanded, the decoded RGB ``images``, and
+    ``template_ids``, the same prompt with one ``<image>`` per image (what engines that expand images
+    themselves, such as vLLM, take)."""
 
     ids: list[int]
     images: list[Image.Image]
+    template_ids: list[int] = field(default_factory=list)
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str) -> str:
@@ -60,7 +63,8 @@ def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mod
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids: list[int] = []
     seen = 0
-    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+    template_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for token in template_ids:
         if token != image_id:
             ids.append(token)
             continue
@@ -70,4 +74,4 @@ def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mod
         seen += 1
     if seen != len(images):
         raise ValueError(f"the prompt has {seen} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
-    return EncodedPrompt(ids, images)
+    return EncodedPrompt(ids, images, list(template_ids))

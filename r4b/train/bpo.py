@@ -6,9 +6,10 @@ suffix (``rollout.strategy: bpo``; ``grpo`` generates 2g in auto mode, the basel
 against). Rule-based rewards give advantages normalised over the joint group of 2g; the policy update
 packs each prompt once with all its responses (shared prefix) and trains with the fused BPO loss.
 
-Rollouts run on the policy itself in one plain process, and otherwise on a plain copy of it (weights
-synced from the engine after each update), the way a colocated vLLM engine would: no collective runs
-inside generation, so ranks never wait on each other's response lengths. Prompts are generated in
+Rollouts (``rollout.engine: hf``) run on the policy itself in one plain process, and otherwise on a plain
+copy of it; ``rollout.engine: vllm`` runs a colocated vLLM per rank. Either way the rollout weights are
+synced from the engine after each update, and no collective runs inside generation, so ranks never wait
+on each other's response lengths. Prompts are generated in
 fixed chunks whose sampling seed depends only on (seed, step, chunk), so 1 and N processes, and a
 resumed run, see the same rollouts.
 """
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.update import BPOObjective
-from r4b.rollout import HFRolloutEngine, Prompt, Rollout, SamplingParams
+from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import EngineConfig, build_engine
 from r4b.train.logging import RunLogger
@@ -36,6 +37,7 @@ from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft import ModelSection, OptimSection
 
 STRATEGIES = ("bpo", "grpo")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -54,7 +56,10 @@ class RolloutSection:
     top_k: int = 0
     max_new_tokens: int = 1024
     prompts_per_call: int = 8  # prompts generated together (and seeded together)
-    batch_size: int = 64  # rows per generate call
+    batch_size: int = 64  # rows per generate call (engine: hf)
+    engine: str = "hf"  # "hf": transformers generate, runs anywhere; "vllm": colocated vLLM (GPU, r4b[vllm])
+    vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments (engine: vllm)
+    vllm_sleep_level: int | None = None  # 1 or 2: vLLM sleeps between rollouts, freeing GPU memory
 
 
 @dataclass
@@ -172,11 +177,13 @@ class BPOTrainer:
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
         self.model = model
-        # One process on the plain engine generates with the policy itself; sharded engines keep a full copy,
-        # synced from the engine whenever the policy has changed (as a colocated vLLM engine would be).
-        self.shares_policy = self.world_size == 1 and config.engine.kind == "single"
-        self.rollout_model = model if self.shares_policy else copy.deepcopy(model).eval()
+        if config.rollout.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {config.rollout.engine!r}")
+        # One process on the plain engine generates with the policy itself; sharded engines and vLLM keep a
+        # full copy, synced from the engine whenever the policy has changed.
+        self.shares_policy = self.world_size == 1 and config.engine.kind == "single" and config.rollout.engine == "hf"
         self.rollout_stale = not self.shares_policy  # a resumed engine holds other weights than the copy
+        rollout_source = self._rollout_source(model)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.policy.beta > 0 else None
         objective = BPOObjective(model.train())
         lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
@@ -191,12 +198,9 @@ class BPOTrainer:
             weight_decay=config.optim.weight_decay,
             eps=config.optim.eps,
         )
-        for frozen in (self.rollout_model, self.reference):
-            if frozen is not None:
-                frozen.to(self.engine.device)
-        self.rollout_engine = HFRolloutEngine(
-            self.rollout_model, self.tokenizer, self.processor, batch_size=config.rollout.batch_size
-        )
+        if self.reference is not None:
+            self.reference.to(self.engine.device)
+        self.rollout_engine = self._rollout_engine(rollout_source)
         self.update_config = UpdateConfig(
             clip_eps_low=config.policy.clip_eps_low,
             clip_eps_high=config.policy.clip_eps_high,
@@ -221,7 +225,37 @@ class BPOTrainer:
             holder = [state]
             dist.broadcast_object_list(holder, src=0)
             state = holder[0]
-        self.rollout_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        self.rollout_engine.load_weights({k.removeprefix("model."): v for k, v in state.items()})
+
+    def _rollout_source(self, model: torch.nn.Module) -> torch.nn.Module | str:
+        """What the rollout engine generates from, taken before the training engine shards ``model``: the
+        policy itself, a copy of it, or (vLLM) a checkpoint directory."""
+        if self.config.rollout.engine == "hf":
+            return model if self.shares_policy else copy.deepcopy(model).eval()
+        if self.config.model.path is not None:
+            return self.config.model.path
+        from r4b.models.loading import save_model
+
+        path = str(self.run_dir / "rollout-init")  # the embedded tiny model: vLLM loads checkpoints only
+        if self.main:
+            save_model(model, path, self.tokenizer, self.processor)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def _rollout_engine(self, source: torch.nn.Module | str) -> RolloutEngine:
+        rollout = self.config.rollout
+        if isinstance(source, torch.nn.Module):
+            source.to(self.engine.device)
+            return HFRolloutEngine(source, self.tokenizer, self.processor, batch_size=rollout.batch_size)
+        from r4b.rollout.vllm import VLLMRolloutEngine
+
+        defaults: dict[str, Any] = {"seed": self.config.train.seed}
+        if self.world_size > 1:  # one vLLM per rank inside the torchrun job, as TRL's colocate mode runs it
+            defaults["distributed_executor_backend"] = "external_launcher"
+        return VLLMRolloutEngine.from_pretrained(
+            source, self.tokenizer, self.processor, sleep_level=rollout.vllm_sleep_level, **(defaults | rollout.vllm)
+        )
 
     def _modes(self) -> list[tuple[str, int]]:
         g = self.config.rollout.group_size

@@ -1,0 +1,271 @@
+"""The vLLM rollout engine.
+
+On machines without vLLM (CI), a stand-in ``vllm`` module checks r4b's side of the contract: the request
+(template ids with one ``<image>`` per image, the images, per-prompt seeds, stop ids, the ``<image>`` bias),
+the translation of vLLM's outputs into Rollouts (completion order, stop token kept, finished flag,
+log-probs), the refusal of a prompt vLLM expanded differently, weight loading, sleep mode, and
+``r4b bpo`` wiring with ``rollout.engine=vllm``. Where vLLM and a GPU exist, the real engine must
+reproduce the transformers engine's greedy rollouts before and after a weight sync.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from r4b.models.image_processing import RImageProcessor
+from r4b.models.tiny import build_tiny_r4b
+from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, load_tokenizer
+from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams, encode_prompt
+
+IM_END = "<|im_end|>"
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[dict[int, Any]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+
+@dataclass
+class FakeLLM:
+    """Expands ``<image>`` as vLLM does (``image_extra`` tokens off, to test the refusal) and answers
+    completion k of every request with ``[100 + k, 101, <|im_end|>]`` (even k, stopped) or
+    ``[100 + k, 101, 102]`` (odd k, cut at max_tokens)."""
+
+    processor: Any
+    image_id: int
+    im_end: int
+    image_extra: int = 0
+    calls: list[tuple[list[dict], list[Any]]] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    loaded: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+    def generate(self, requests, params, use_tqdm=True):
+        self.calls.append((requests, params))
+        self.events.append("generate")
+        return [self._answer(request, param) for request, param in zip(requests, params, strict=True)]
+
+    def _answer(self, request, param) -> RequestOutput:
+        images = iter(request.get("multi_modal_data", {}).get("image", []))
+        ids = []
+        for token in request["prompt_token_ids"]:
+            if token == self.image_id:
+                image = next(images)
+                ids += [token] * (self.processor.num_image_tokens(image.height, image.width) + self.image_extra)
+            else:
+                ids.append(token)
+        completions = []
+        for k in reversed(range(param.n)):  # vLLM does not promise index order
+            tokens = [100 + k, 101, self.im_end if k % 2 == 0 else 102]
+            logprobs = [{t: types.SimpleNamespace(logprob=-0.25 * (j + 1))} for j, t in enumerate(tokens)]
+            reason = "stop" if k % 2 == 0 else "length"
+            completions.append(Completion(k, tokens, reason, logprobs if param.logprobs is not None else None))
+        return RequestOutput(ids, completions)
+
+    def apply_model(self, func):
+        model = types.SimpleNamespace(load_weights=lambda weights: self.loaded.extend(weights))
+        return [func(model)]
+
+    def reset_prefix_cache(self):
+        self.events.append("reset_prefix_cache")
+
+    def sleep(self, level):
+        self.events.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.events.append("wake_up")
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """A ``vllm`` module whose LLM is a FakeLLM; ``module.built`` lists the LLMs made with their kwargs."""
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    module.built = []
+    tokenizer = load_tokenizer()
+
+    def make_llm(model, **kwargs):
+        processor = RImageProcessor.from_config(build_tiny_r4b(seed=0).config)  # what r4b bpo runs here
+        llm = FakeLLM(processor, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(IM_END))
+        module.built.append((model, kwargs, llm))
+        return llm
+
+    module.LLM = make_llm
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return RImageProcessor.from_config(build_tiny_r4b(seed=0).config)
+
+
+def _prompts() -> list[Prompt]:
+    image = Image.new("RGB", (56, 28), "red")
+    return [
+        Prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}], [image]),
+        Prompt([{"role": "user", "content": "Seven plus five?"}]),
+    ]
+
+
+def _engine(fake_vllm, tokenizer, processor, **kwargs):
+    from r4b.rollout.vllm import VLLMRolloutEngine
+
+    llm = FakeLLM(processor, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(IM_END))
+    return VLLMRolloutEngine(llm, tokenizer, processor, **kwargs), llm
+
+
+@pytest.mark.parametrize("mode", ["thinking", "non_thinking", "auto"])
+def test_requests_and_rollouts(fake_vllm, tokenizer, processor, mode):
+    engine, llm = _engine(fake_vllm, tokenizer, processor)
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=3, seed=11, logprobs=True)
+    rows = engine.generate(_prompts(), n=3, mode=mode, sampling=sampling)
+
+    (requests, params), image_id = llm.calls[0], tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for prompt, request, param, index in zip(_prompts(), requests, params, range(2), strict=True):
+        encoded = encode_prompt(tokenizer, processor, prompt, mode)
+        assert request["prompt_token_ids"] == encoded.template_ids
+        assert request["prompt_token_ids"].count(image_id) == len(prompt.images)
+        assert len(request.get("multi_modal_data", {}).get("image", [])) == len(prompt.images)
+        assert (param.n, param.temperature, param.top_p, param.top_k, param.max_tokens) == (3, 0.7, 0.9, 5, 3)
+        assert param.seed == 11 + index and param.logprobs == 0 and param.logit_bias == {image_id: -100.0}
+        assert tokenizer.convert_tokens_to_ids(IM_END) in param.stop_token_ids
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    suffix = tokenizer(MODE_SUFFIX[mode], add_special_tokens=False)["input_ids"]
+    for prompt, row in zip(_prompts(), rows, strict=True):
+        assert len(row) == 3
+        for k, rollout in enumerate(row):  # in completion-index order
+            assert rollout.prompt_ids == encode_prompt(tokenizer, processor, prompt, mode).ids
+            assert rollout.prompt_ids[-len(suffix) :] == suffix and rollout.mode == mode
+            stopped = k % 2 == 0
+            assert rollout.response_ids == [100 + k, 101, im_end if stopped else 102]
+            assert rollout.finished is stopped
+            assert rollout.text == tokenizer.decode([100 + k, 101] if stopped else [100 + k, 101, 102])
+            assert rollout.logprobs == [-0.25, -0.5, -0.75]
+
+
+def test_without_logprobs_and_greedy(fake_vllm, tokenizer, processor):
+    engine, llm = _engine(fake_vllm, tokenizer, processor)
+    rows = engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams(temperature=0.0))
+    assert rows[0][0].logprobs is None and llm.calls[0][1][0].temperature == 0.0
+    assert llm.calls[0][1][0].logprobs is None
+
+
+def test_a_prompt_expanded_differently_is_refused(fake_vllm, tokenizer, processor):
+    engine, llm = _engine(fake_vllm, tokenizer, processor)
+    llm.image_extra = 1
+    with pytest.raises(ValueError, match="image processors disagree"):
+        engine.generate(_prompts()[:1], n=1, mode="thinking", sampling=SamplingParams())
+
+
+def test_weights_load_by_name_and_drop_the_prefix_cache_and_sleep_mode_wraps_generation(
+    fake_vllm, tokenizer, processor
+):
+    engine, llm = _engine(fake_vllm, tokenizer, processor, sleep_level=1)
+    state = {"model.language_model.embed_tokens.weight": torch.ones(2), "lm_head.weight": torch.zeros(2)}
+    engine.load_weights(state)
+    assert [name for name, _ in llm.loaded] == list(state) and llm.events == ["reset_prefix_cache"]
+    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams())
+    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams())
+    engine.load_weights(state)
+    assert llm.events == [
+        "reset_prefix_cache", "generate", "sleep1", "wake_up", "generate", "sleep1", "wake_up", "reset_prefix_cache",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="sleep_level"):
+        _engine(fake_vllm, tokenizer, processor, sleep_level=3)
+
+
+def test_missing_vllm_says_how_to_install(monkeypatch):
+    from r4b.rollout.vllm import import_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match=r"r4b\[vllm\]"):
+        import_vllm()
+
+
+def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
+    """``rollout.engine=vllm``: the initial policy is written for vLLM to load, every step starts by syncing
+    the trainer's weights under their Hugging Face names, and the step trains on vLLM's rollouts."""
+    from r4b.config import load_config
+    from r4b.synth import write_synthetic
+    from r4b.train.bpo import BPOConfig, BPOTrainer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    write_synthetic(tmp_path / "data", n_sft=2, n_rl=4, n_eval=2, seed=0)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "model.path=null",
+        f"data.prompts=[{tmp_path / 'data' / 'rl.jsonl'}]",
+        "rollout.engine=vllm",
+        "rollout.vllm={enforce_eager: true}",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=3",
+        "train.prompts_per_step=2",
+        "train.steps=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+    trainer = BPOTrainer(load_config(BPOConfig, "configs/demo/bpo.yaml", overrides))
+    ((path, kwargs, llm),) = fake_vllm.built
+    init = tmp_path / "run" / "rollout-init"
+    assert path == str(init) and (init / "config.json").exists()
+    assert kwargs["enforce_eager"] is True and kwargs["seed"] == 0 and kwargs["logprobs_mode"] == "processed_logprobs"
+    row = trainer.step(0)
+    names = {name for name, _ in llm.loaded}
+    assert names == set(trainer.model.state_dict()) and "lm_head.weight" in names
+    assert llm.events[:2] == ["reset_prefix_cache", "generate"]
+    assert row["thinking"]["response_len"] == 3 and row["tokens"] > 0
+    trainer.step(1)  # weights changed by the update: synced again before generating
+    assert llm.events.count("reset_prefix_cache") == 2
+
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(), reason="needs vLLM and a CUDA device"
+)
+
+
+@pytest.mark.gpu
+@needs_vllm
+def test_real_vllm_reproduces_the_transformers_engine(tmp_path, tokenizer):
+    from r4b.models.loading import save_model
+    from r4b.rollout.vllm import VLLMRolloutEngine
+
+    model = build_tiny_r4b(seed=1, tokenizer=tokenizer)
+    with torch.no_grad():  # sharper logits: greedy choices with clear margins
+        model.lm_head.weight.mul_(30.0)
+    save_model(model, tmp_path / "tiny", tokenizer)
+    processor = RImageProcessor.from_config(model.config)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    engine = VLLMRolloutEngine.from_pretrained(tmp_path / "tiny", tokenizer, processor, dtype="float32", seed=0)
+    reference = HFRolloutEngine(model.cuda(), tokenizer, processor)
+
+    def responses(which):
+        return [[r.response_ids for r in row] for row in which.generate(_prompts(), n=1, mode="auto", sampling=greedy)]
+
+    assert responses(engine) == responses(reference)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 30)
+    engine.load_weights(model.state_dict())
+    assert responses(engine) == responses(reference)
