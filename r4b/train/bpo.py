@@ -35,6 +35,7 @@ from r4b.train.logging import RunLogger
 from r4b.train.runtime import export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft import ModelSection, OptimSection
+from r4b.train.weight_sync import broadcast_state_dict
 
 STRATEGIES = ("bpo", "grpo")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -222,9 +223,7 @@ class BPOTrainer:
         self.rollout_stale = False
         state = self.engine.full_state_dict()
         if self.world_size > 1:
-            holder = [state]
-            dist.broadcast_object_list(holder, src=0)
-            state = holder[0]
+            state = broadcast_state_dict(state, self.engine.device)
         self.rollout_engine.load_weights({k.removeprefix("model."): v for k, v in state.items()})
 
     def _rollout_source(self, model: torch.nn.Module) -> torch.nn.Module | str:
