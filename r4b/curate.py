@@ -6,10 +6,12 @@ direct-answer (non-thinking) sample. :func:`curate` does this with any :class:`~
 (by default transformers' ``generate``) and a rule-based reward.
 
 Input: a JSONL of questions, one object a line, with ``messages`` (no assistant turn), optional ``images``
-(relative to the file's directory) and a reference ``answer``; other fields are carried along. Output under
+(relative to the file's directory) and a reference ``answer``, read by r4b's prompt reader
+(:func:`r4b.data.read_prompts`); fields it does not know are carried along unchecked. Output under
 ``out_dir``: ``thinking.jsonl`` and ``non_thinking.jsonl`` (each record as read, plus ``"mode"`` and
 ``"curate": {"correct": k, "n": n}``, image paths rewritten relative to ``out_dir``), and
-``curate_report.json`` with the counts.
+``curate_report.json`` with the counts (and, under ``"data_report"``, the bad lines skipped with
+``on_error="skip"``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 # Heavy imports (torch, transformers, r4b.data) happen inside the functions: `r4b --help` stays fast.
 if TYPE_CHECKING:
+    from r4b.data.report import DataReport
+    from r4b.data.schema import Sample
     from r4b.rollout.base import Prompt, RolloutEngine, SamplingParams
 
 __all__ = ["Question", "add_parser", "curate", "load_model", "read_questions", "split_mode"]
@@ -33,65 +37,32 @@ __all__ = ["Question", "add_parser", "curate", "load_model", "read_questions", "
 
 @dataclass
 class Question:
-    """One question: the record as read, its prompt, reference answer and ``file:line``."""
+    """One validated question: its sample (fields r4b.data does not know ride along in ``sample.extra``) and the
+    prompt handed to the rollout engine."""
 
-    record: dict[str, Any]
+    sample: Sample
     prompt: Prompt
-    answer: str
-    source: str
+
+    @property
+    def answer(self) -> str:
+        return self.sample.answer  # check_prompt guarantees a non-empty answer
+
+    @property
+    def source(self) -> str:
+        return self.sample.source
 
 
-def read_questions(path: str | Path) -> list[Question]:
-    """Read a JSONL of questions; a bad line raises :class:`DataError` naming ``file:line`` and the field.
-
-    ``messages``, ``images``, ``answer`` and ``meta`` are validated by :func:`r4b.data.parse_sample`; other
-    fields are not checked, only carried along.
-    """
-    from r4b.data.errors import DataError
-    from r4b.data.schema import parse_sample
+def read_questions(
+    path: str | Path, *, on_error: Literal["raise", "skip"] = "raise"
+) -> tuple[list[Question], DataReport]:
+    """Read a JSONL of questions with :func:`r4b.data.read_prompts`: a bad line raises a :class:`DataError`
+    naming ``file:line`` and the field, or with ``on_error="skip"`` is counted in the returned report."""
+    from r4b.data.schema import read_prompts
     from r4b.rollout.base import Prompt
 
-    path = Path(path)
-    questions = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            record = _json_object(raw, where)
-            for name in ("messages", "answer"):
-                if name not in record:
-                    raise DataError(where, "missing required field", field=name, reason="missing_field")
-            if not isinstance(record["answer"], str) or not record["answer"].strip():
-                raise DataError(where, "must be a non-empty string", field="answer", reason="bad_type")
-            core = {key: record[key] for key in ("messages", "images", "answer", "meta") if key in record}
-            sample = parse_sample({**core, "mode": "non_thinking"}, where=where, root=path.parent)
-            if sample.has_response:
-                roles = [message["role"] for message in sample.messages]
-                raise DataError(
-                    where,
-                    "a question must not hold an assistant turn (the model writes the answers)",
-                    field=f"messages[{roles.index('assistant')}]",
-                    reason="bad_role",
-                )
-            questions.append(Question(record, Prompt(sample.messages, list(sample.images)), sample.answer, where))
-    return questions
-
-
-def _json_object(raw: bytes, where: str) -> dict[str, Any]:
-    from r4b.data.errors import DataError
-
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise DataError(where, f"not UTF-8 (byte {error.start})", reason="malformed_json") from None
-    except json.JSONDecodeError as error:
-        raise DataError(
-            where, f"malformed JSON: {error.msg} at column {error.colno}", reason="malformed_json"
-        ) from None
-    if not isinstance(record, dict):
-        raise DataError(where, "a question must be a JSON object", reason="malformed_json")
-    return record
+    # keep_unknown: curate documents that a question's own fields are carried into its output.
+    samples, report = read_prompts(path, on_error=on_error, what="a question", keep_unknown=True)
+    return [Question(sample, Prompt(sample.messages, list(sample.images))) for sample in samples], report
 
 
 def split_mode(correct: int) -> str:
@@ -133,9 +104,14 @@ def _chunks(items: list[Question], size: int) -> Iterator[list[Question]]:
 
 
 def _output_record(question: Question, mode: str, correct: int, n: int, out_dir: Path) -> dict[str, Any]:
-    record = dict(question.record)
-    if question.prompt.images:  # keep image paths valid next to the output files
-        record["images"] = [os.path.relpath(Path(p).resolve(), out_dir.resolve()) for p in question.prompt.images]
+    sample = question.sample
+    record: dict[str, Any] = {"messages": sample.messages}
+    if sample.images:  # keep image paths valid next to the output files
+        record["images"] = [os.path.relpath(Path(p).resolve(), out_dir.resolve()) for p in sample.images]
+    record["answer"] = sample.answer
+    if sample.meta:
+        record["meta"] = sample.meta
+    record.update(sample.extra)
     record["mode"] = mode
     record["curate"] = {"correct": correct, "n": n}
     return record
@@ -154,6 +130,7 @@ def curate(
     batch_size: int = 32,
     chunk_size: int = 64,
     device: str | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> dict[str, Any]:
     """Split the questions of ``data_path`` by how often ``model`` answers them correctly (see the module docstring).
 
@@ -168,6 +145,8 @@ def curate(
         batch_size: rows (question x answer) per ``generate`` batch of the default engine.
         chunk_size: questions handed to the engine per ``generate`` call (its seed is ``sampling.seed`` + chunk index).
         device: where a model loaded by name goes (default: where it loads).
+        on_error: ``"raise"`` on the first bad question, or ``"skip"`` bad lines, counting them by reason in the
+            report's ``data_report``.
 
     Returns:
         The report written to ``curate_report.json``: counts per mode and the histogram of correct answers.
@@ -180,7 +159,7 @@ def curate(
     reward = reward if reward is not None else answer_reward
     if n < 1 or chunk_size < 1:
         raise ValueError(f"n and chunk_size must be >= 1, got n={n}, chunk_size={chunk_size}")
-    questions = read_questions(data_path)  # bad data fails before a model loads
+    questions, data_report = read_questions(data_path, on_error=on_error)  # bad data fails before a model loads
     engine = _engine(model, tokenizer, batch_size, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +190,7 @@ def curate(
         "correct_histogram": {str(k): histogram[k] for k in sorted(histogram)},
         "unfinished_answers": unfinished,
         "sampling": dataclasses.asdict(sampling),
+        "data_report": data_report.to_dict(),
     }
     (out / "curate_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -230,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         report = curate(
             args.model, args.data, args.out, n=args.n, mode=args.mode, sampling=sampling,
-            batch_size=args.batch_size, device=args.device,
+            batch_size=args.batch_size, device=args.device, on_error=args.on_error,
         )  # fmt: skip
     except (DataError, FileNotFoundError) as error:
         if isinstance(error, InputError):
@@ -240,6 +220,9 @@ def _run(args: argparse.Namespace) -> int:
         f"curated {report['questions']} questions: {report['thinking']} thinking, "
         f"{report['non_thinking']} non-thinking (correct of {report['n']}: {report['correct_histogram']}) -> {args.out}"
     )
+    skipped = report["data_report"]["skipped"]
+    if skipped:
+        print(f"skipped {sum(skipped.values())} bad lines ({skipped}); see curate_report.json")
     return 0
 
 
@@ -260,5 +243,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="rows (question x answer) per generate call")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--on-error", default="raise", choices=("raise", "skip"), help="a bad question line stops the run or is counted"
+    )
     parser.set_defaults(run=_run)
     return parser

@@ -118,7 +118,12 @@ def test_bad_questions_are_located(tmp_path):
     cases = [
         ({"messages": [{"role": "user", "content": "1+1?"}]}, "field 'answer'"),
         ({**good, "answer": 2}, "field 'answer'"),
-        ({**good, "messages": [*good["messages"], {"role": "assistant", "content": "2"}]}, "field 'messages[1]'"),
+        (
+            {**good, "mode": "non_thinking", "messages": [*good["messages"], {"role": "assistant", "content": "2"}]},
+            "field 'messages[1]'",
+        ),
+        # the shared reader wants a mode with an assistant turn before check_prompt refuses the turn
+        ({**good, "messages": [*good["messages"], {"role": "assistant", "content": "2"}]}, "field 'mode'"),
         (
             {**good, "images": ["missing.png"], "messages": [{"role": "user", "content": "<image>\nx"}]},
             "field 'images[0]'",
@@ -133,6 +138,31 @@ def test_bad_questions_are_located(tmp_path):
     path.write_text(json.dumps(good) + "\n\n" + "{not json\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:3: malformed JSON")):
         read_questions(path)
+
+
+def test_bad_questions_are_skipped_and_counted(tmp_path):
+    """on_error="skip": the shared prompt reader counts each bad line by reason, with its file:line:field."""
+    good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+    path = tmp_path / "q.jsonl"
+    lines = [good, {**good, "answer": " "}, "{not json", {**good, "messages": [{"role": "robot", "content": "x"}]}]
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in [*lines, good]))
+    questions, report = read_questions(path, on_error="skip")
+    assert [q.source for q in questions] == [f"{path}:1", f"{path}:5"] and questions[0].answer == "2"
+    assert report.loaded == 2 and report.skipped == {"missing_field": 1, "malformed_json": 1, "bad_role": 1}
+    assert report.examples["missing_field"] == [f"{path}:2: field 'answer': missing reference answer"]
+    assert report.examples["bad_role"][0].startswith(f"{path}:4: field 'messages[0].role': ")
+    out = curate(StubEngine(), path, tmp_path / "out", n=2, reward=right_reward, on_error="skip")
+    assert out["questions"] == 2 and out["data_report"]["skipped"] == report.skipped
+
+
+def test_unknown_fields_are_carried_along(tmp_path):
+    """Fields r4b.data does not know are a question's own: not refused, written back unchanged."""
+    question = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2", "id": 7, "source": {"set": "x"}}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(question) + "\n")
+    curate(StubEngine(), path, tmp_path / "out", n=2, reward=lambda response, answer: 0.0)
+    (record,) = _read(tmp_path / "out" / "thinking.jsonl")
+    assert record == {**question, "mode": "thinking", "curate": {"correct": 0, "n": 2}}
 
 
 def test_cli_real_run_with_tiny_model(synth, tmp_path, capsys):

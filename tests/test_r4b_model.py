@@ -1,6 +1,9 @@
 """R-4B in transformers' LLaVA-OneVision family: architecture, checkpoint layout, packed training forward."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -250,3 +253,16 @@ def test_load_model_and_processor_and_save_model(tmp_path):
     )
     state = again.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_loading_a_checkpoint_in_a_fresh_process_warns_nothing(tmp_path):
+    """transformers' AutoTokenizer reads the directory's config.json; were ``rvl`` unknown to AutoConfig there, it
+    would fall back to the base config class and log "You are using a model of type `rvl` to instantiate a model
+    of type ``". A fresh interpreter, because this test session has long registered ``rvl``."""
+    model, tokenizer, _ = load_model_and_processor(None)
+    save_model(model, tmp_path, tokenizer)
+    code = f"from r4b.models import load_model_and_processor; load_model_and_processor({str(tmp_path)!r})"
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}  # the warning goes to stderr through this logger
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "to instantiate a model of type" not in done.stderr, done.stderr

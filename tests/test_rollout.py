@@ -11,7 +11,7 @@ from PIL import Image
 
 from r4b.models.attention import ATTENTION_NAME
 from r4b.models.image_processing import RImageProcessor
-from r4b.models.packed import use_varlen_attention
+from r4b.models.packed import use_varlen_language_model
 from r4b.models.tiny import build_tiny_r4b
 from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, MODES, load_tokenizer
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, encode_prompt
@@ -162,7 +162,7 @@ def test_extra_stop_tokens(model, tokenizer):
 
 def test_varlen_attention_is_swapped_for_generation_and_restored(model, tokenizer):
     reference = HFRolloutEngine(model, tokenizer).generate(_prompts(), n=1, mode="auto", sampling=GREEDY)
-    use_varlen_attention(model)
+    use_varlen_language_model(model)
     model.train()
     result = HFRolloutEngine(model, tokenizer, batch_size=4).generate(_prompts(), n=1, mode="auto", sampling=GREEDY)
     assert [r[0].response_ids for r in result] == [r[0].response_ids for r in reference]

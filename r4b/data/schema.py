@@ -17,6 +17,9 @@ A line is a JSON object::
 - ``answer``: optional reference answer (a string) for RL rewards and evaluation.
 - ``meta``: optional free-form object (provenance), carried along untouched.
 
+Any other top-level field is an error, unless the reader is asked to ``keep_unknown`` (then such fields land,
+unchecked, in :attr:`Sample.extra`: e.g. ``r4b curate`` carries a question's own fields into its output).
+
 Assistant content is either in R-4B's format already (thinking ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``,
 non-thinking ``<think>\\n\\n</think>\\n\\n{answer}``), which must agree with ``mode``, or, for a non-thinking
 sample only, a plain answer that is wrapped with :func:`~r4b.models.tokenizer.format_response`. A thinking
@@ -60,6 +63,7 @@ class Sample:
         answer: the reference answer, if any.
         source: ``"file:line"`` where the sample came from.
         meta: the optional free-form ``meta`` object.
+        extra: unknown top-level fields, kept only when read with ``keep_unknown=True`` (else refused).
     """
 
     messages: list[dict[str, Any]]
@@ -68,19 +72,23 @@ class Sample:
     answer: str | None = None
     source: str = "<memory>"
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_response(self) -> bool:
         return any(message["role"] == "assistant" for message in self.messages)
 
 
-def read_jsonl(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[Sample], DataReport]:
+def read_jsonl(
+    path: str | Path, *, on_error: Literal["raise", "skip"] = "raise", keep_unknown: bool = False
+) -> tuple[list[Sample], DataReport]:
     """Read and validate a JSONL file of samples.
 
     Args:
         path: the file; image paths in it are relative to its directory.
         on_error: ``"raise"`` the first :class:`DataError`, or ``"skip"`` bad lines, counting each in the
             report by reason (with the first few ``file:line`` messages). Blank lines are not samples.
+        keep_unknown: keep unknown top-level fields in :attr:`Sample.extra` instead of refusing them.
 
     Returns:
         The samples in file order and a :class:`DataReport`.
@@ -97,7 +105,7 @@ def read_jsonl(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise"
             where = f"{path}:{number}"
             try:
                 record = _load_json(_decode(raw, where), where)
-                samples.append(parse_sample(record, where=where, root=path.parent))
+                samples.append(parse_sample(record, where=where, root=path.parent, keep_unknown=keep_unknown))
             except DataError as error:
                 if on_error == "raise":
                     raise
@@ -122,10 +130,15 @@ def check_prompt(sample: Sample, what: str = "a prompt") -> None:
 
 
 def read_prompts(
-    path: str | Path, *, on_error: Literal["raise", "skip"] = "raise", what: str = "a prompt"
+    path: str | Path,
+    *,
+    on_error: Literal["raise", "skip"] = "raise",
+    what: str = "a prompt",
+    keep_unknown: bool = False,
 ) -> tuple[list[Sample], DataReport]:
-    """Read a JSONL of prompts (see :func:`check_prompt`): every problem raises or, with ``"skip"``, is counted."""
-    samples, report = read_jsonl(path, on_error=on_error)
+    """Read a JSONL of prompts (see :func:`check_prompt`): every problem raises or, with ``"skip"``, is counted.
+    ``keep_unknown`` as in :func:`read_jsonl`."""
+    samples, report = read_jsonl(path, on_error=on_error, keep_unknown=keep_unknown)
     prompts = []
     for sample in samples:
         try:
@@ -156,17 +169,20 @@ def _load_json(line: str, where: str) -> Any:
         ) from None
 
 
-def parse_sample(record: Any, *, where: str = "<memory>", root: str | Path = ".") -> Sample:
-    """Validate one decoded JSON record and return the :class:`Sample` (image paths resolved against ``root``)."""
+def parse_sample(record: Any, *, where: str = "<memory>", root: str | Path = ".", keep_unknown: bool = False) -> Sample:
+    """Validate one decoded JSON record and return the :class:`Sample` (image paths resolved against ``root``).
+    Unknown top-level fields are refused, or with ``keep_unknown`` returned unchecked in :attr:`Sample.extra`."""
     if not isinstance(record, dict):
         raise DataError(where, f"a sample must be a JSON object, got {_kind(record)}", reason="malformed_json")
     for name in REQUIRED_FIELDS:
         if name not in record:
             raise DataError(where, "missing required field", field=name, reason="missing_field")
-    for name in record:
-        if name not in REQUIRED_FIELDS + OPTIONAL_FIELDS:
-            allowed = ", ".join(REQUIRED_FIELDS + OPTIONAL_FIELDS)
-            raise DataError(where, f"unknown field (expected one of {allowed})", field=name, reason="unknown_field")
+    known = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    extra = {name: value for name, value in record.items() if name not in known}
+    if extra and not keep_unknown:
+        allowed = ", ".join(known)
+        name = next(iter(extra))
+        raise DataError(where, f"unknown field (expected one of {allowed})", field=name, reason="unknown_field")
 
     mode = record.get("mode")
     has_assistant = isinstance(record["messages"], list) and any(
@@ -196,7 +212,7 @@ def parse_sample(record: Any, *, where: str = "<memory>", root: str | Path = "."
     meta = record.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(where, f"must be an object, got {_kind(meta)}", field="meta", reason="bad_type")
-    return Sample(messages, images, mode, answer, where, meta)
+    return Sample(messages, images, mode, answer, where, meta, extra)  # extra is empty unless keep_unknown
 
 
 def _parse_messages(messages: Any, mode: str, where: str) -> list[dict[str, Any]]:

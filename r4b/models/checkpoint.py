@@ -5,10 +5,11 @@ R-4B's safetensors (transformers >= 4.52 layout, the one vLLM's ``RForConditiona
 linear_1,linear_2}.*``, ``model.image_newline`` and ``lm_head.weight`` (absent when the embeddings are tied).
 transformers 5 keeps the SigLIP tower without its ``vision_model`` level in memory and strips that prefix on
 load by itself, so a directory written here loads with plain ``AutoModelForImageTextToText.from_pretrained``
-once :func:`register_r4b_model` has run. The older layout (``language_model.model.*``, ``vision_tower.*``,
-``multi_modal_projector.*``, ``image_newline``, ``language_model.lm_head.*``) loads through :func:`load_r4b`,
-which adds the renames. Note that stock ``model.save_pretrained`` of a model built from scratch writes the
-vision tower without ``vision_model.``: use :func:`save_pretrained_r4b` to write R-4B's exact layout.
+once :func:`register_r4b_model` has run (importing ``r4b.models`` runs it). The older layout
+(``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*``, ``image_newline``,
+``language_model.lm_head.*``) loads through :func:`load_r4b`, which adds the renames. Note that stock
+``model.save_pretrained`` of a model built from scratch writes the vision tower without ``vision_model.``: use
+:func:`save_pretrained_r4b` to write R-4B's exact layout.
 """
 
 from __future__ import annotations

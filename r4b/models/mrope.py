@@ -125,7 +125,8 @@ def packed_mrope_position_ids(
 
 
 def use_varlen_attention(model: PreTrainedModel, *, vision: str | None = None) -> str:
-    """Put the language model on ``r4b_varlen``; the vision tower on ``vision`` (default: ``r4b_varlen`` too)."""
+    """Whole-model switch: the language model on ``r4b_varlen``, the vision tower on ``vision`` (default:
+    ``r4b_varlen`` too). For the language model alone see :func:`r4b.models.packed.use_varlen_language_model`."""
     name = register_varlen_attention()
     model.set_attn_implementation({"": name, "text_config": name, "vision_config": vision or name})
     return name

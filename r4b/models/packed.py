@@ -15,9 +15,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from .attention import register_varlen_attention
 
 
-def use_varlen_attention(model: torch.nn.Module) -> str:
-    """Switch the language model of a LLaVA-OneVision-style model to ``r4b_varlen`` (the vision tower keeps its
-    implementation). Persistent on purpose: gradient-checkpoint recomputation must see the same attention."""
+def use_varlen_language_model(model: torch.nn.Module) -> str:
+    """Switch only the language model of a LLaVA-OneVision-style model to ``r4b_varlen`` (the vision tower keeps
+    its implementation; for the whole model see :func:`r4b.models.mrope.use_varlen_attention`). Persistent on
+    purpose: gradient-checkpoint recomputation must see the same attention."""
     base = model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
     name = register_varlen_attention()
     if base.language_model.config._attn_implementation != name:
@@ -66,7 +67,7 @@ def packed_hidden_states(
     extra = {k: v for k, v in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)) if v is not None}
     _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra)
     base = model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
-    use_varlen_attention(base)
+    use_varlen_language_model(base)
 
     embeds = base.get_input_embeddings()(input_ids)
     image_mask = input_ids == base.config.image_token_id

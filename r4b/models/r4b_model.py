@@ -4,7 +4,8 @@ R-4B = SigLIP(2) vision tower ("full" patch features, AnyRes tiles, image newlin
 LayerNorm in front (``pre_norm``) -> Qwen3. transformers' stock LLaVA-OneVision projector lacks the LayerNorm,
 so :class:`RMultiModalProjector` replaces it; everything else (feature packing, unpadding, placeholder
 scatter, generation) is LLaVA-OneVision's own code. Model type ``rvl``, architecture
-``RForConditionalGeneration``, the names R-4B's checkpoint and vLLM use.
+``RForConditionalGeneration``, the names R-4B's checkpoint and vLLM use; importing this module registers
+them with transformers' Auto classes (:func:`register_r4b_model`).
 """
 
 from __future__ import annotations
@@ -79,3 +80,9 @@ def register_r4b_model() -> None:
     AutoConfig.register(MODEL_TYPE, RConfig, exist_ok=True)
     AutoModel.register(RConfig, RModel, exist_ok=True)
     AutoModelForImageTextToText.register(RConfig, RForConditionalGeneration, exist_ok=True)
+
+
+# At import, not only in load_r4b: anything reading an R-4B directory's config.json first (AutoTokenizer does,
+# before the model loads) must find ``rvl``; unknown, transformers falls back to the base config class and warns
+# "You are using a model of type `rvl` to instantiate a model of type ``".
+register_r4b_model()

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from r4b.train.ranks import barrier, rank
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -41,34 +42,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically (all ranks call this); keep the newest ``keep``."""
     final = Path(run_dir) / f"checkpoint-{step}"
     staging = Path(run_dir) / f".checkpoint-{step}.partial"
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save(staging / "engine")
-    torch.save(rng_state(), staging / f"rng-{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(rng_state(), staging / f"rng-{rank()}.pt")
+    barrier()
+    if rank() == 0:
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
         _fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -87,7 +79,7 @@ def load_checkpoint(path: Path, engine: Any) -> dict[str, Any]:
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path}: not a complete r4b checkpoint (no {STATE_FILE})")
     engine.load(path / "engine")
-    rng_file = path / f"rng-{_rank()}.pt"
+    rng_file = path / f"rng-{rank()}.pt"
     if not rng_file.exists():
         raise FileNotFoundError(f"{rng_file}: the checkpoint was written by fewer ranks than this run has")
     set_rng_state(torch.load(rng_file, weights_only=False))

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from r4b.train.ranks import barrier, rank
+
 __all__ = [
     "DeepSpeedEngine",
     "Engine",
@@ -99,12 +101,7 @@ def _ensure_process_group() -> None:
 
 def is_main_process() -> bool:
     """True on rank 0, or when torch.distributed is not initialized."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return rank() == 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -362,7 +359,7 @@ class FSDP2Engine(_TorchOptimEngine):
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
         if is_main_process():
             torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(path, _STATE_FILE))
-        _barrier()
+        barrier()
 
     def load(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -452,7 +449,7 @@ class DeepSpeedEngine(Engine):
         os.makedirs(path, exist_ok=True)
         client = {"scheduler": self.scheduler.state_dict()}
         self._ds.save_checkpoint(path, tag="engine", client_state=client, save_latest=False)
-        _barrier()
+        barrier()
 
     def load(self, path: str) -> None:
         load_path, client = self._ds.load_checkpoint(

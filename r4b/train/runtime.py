@@ -8,19 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from r4b.config import config_to_dict
 from r4b.train.checkpoint import list_checkpoints, load_checkpoint
 from r4b.train.engine import init_distributed
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from r4b.train.ranks import barrier, world  # one source of rank helpers, shared with checkpoint.py
 
 
 def seed_everything(seed: int) -> None:
@@ -70,5 +63,4 @@ def export_model(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path,
         fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         save_model(fresh, out, tokenizer)
         print(f"exported {out}")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
