@@ -23,12 +23,10 @@ from r4b.data.image import ImageProcessor
 from r4b.models.attention import ATTENTION_NAME
 from r4b.models.tokenizer import IMAGE_TOKEN
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_mode
-from .prompts import EncodedPrompt, encode_prompt
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams
+from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["HFRolloutEngine", "generation_attention"]
-
-IM_END = "<|im_end|>"
 
 
 @contextlib.contextmanager
@@ -77,8 +75,7 @@ class HFRolloutEngine(RolloutEngine):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.batch_size, self.attn_implementation = batch_size, attn_implementation
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
-        self.stop_token_ids = tuple(dict.fromkeys(t for t in stops if t is not None))
+        self.stop_token_ids = stop_token_ids(tokenizer)
         # A response cannot hold an image placeholder (there is no image behind it): never sample <image>.
         self.suppressed_token_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)]
         pad = tokenizer.pad_token_id
@@ -88,10 +85,7 @@ class HFRolloutEngine(RolloutEngine):
         self, prompts: Sequence[Prompt], *, n: int, mode: str, sampling: SamplingParams
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` (see the module docstring)."""
-        check_mode(mode)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        encoded = [encode_prompt(self.tokenizer, self.processor, prompt, mode) for prompt in prompts]
+        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode)
         rows = [i for i in range(len(encoded)) for _ in range(n)]
         results: list[list[Rollout]] = [[] for _ in encoded]
         with self._generation_state(sampling):

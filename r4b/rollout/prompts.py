@@ -14,7 +14,7 @@ from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, TEMPLATE_MODE
 
 from .base import Prompt, check_mode
 
-__all__ = ["EncodedPrompt", "encode_prompt", "render_prompt"]
+__all__ = ["EncodedPrompt", "encode_for_generation", "encode_prompt", "render_prompt", "stop_token_ids"]
 
 
 @dataclass
@@ -75,3 +75,19 @@ def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mod
     if seen != len(images):
         raise ValueError(f"the prompt has {seen} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
     return EncodedPrompt(ids, images, list(template_ids))
+
+
+def encode_for_generation(
+    tokenizer: Any, processor: ImageProcessor, prompts: Sequence[Prompt], *, n: int, mode: str
+) -> list[EncodedPrompt]:
+    """What every engine's ``generate`` starts with: ``mode`` and ``n`` checked, each prompt encoded in ``mode``."""
+    check_mode(mode)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return [encode_prompt(tokenizer, processor, prompt, mode) for prompt in prompts]
+
+
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens that end a response: ``<|im_end|>`` and the tokenizer's eos (once each)."""
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    return tuple(dict.fromkeys(t for t in stops if t is not None))

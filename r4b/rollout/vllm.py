@@ -31,12 +31,11 @@ import torch
 from r4b.data.image import ImageProcessor
 from r4b.models.tokenizer import IMAGE_TOKEN
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_mode
-from .prompts import EncodedPrompt, encode_prompt
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams
+from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["VLLMRolloutEngine", "import_vllm"]
 
-IM_END = "<|im_end|>"
 IMAGE_LOGIT_BIAS = -100.0  # vLLM clamps biases to [-100, 100]
 
 
@@ -67,8 +66,7 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(f"sleep_level must be None, 1 or 2, got {sleep_level}")
         self.llm, self.tokenizer, self.processor, self.sleep_level = llm, tokenizer, processor, sleep_level
         self.vllm = import_vllm()
-        stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
-        self.stop_token_ids = tuple(dict.fromkeys(t for t in stops if t is not None))
+        self.stop_token_ids = stop_token_ids(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.asleep = False
 
@@ -119,10 +117,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self, prompts: Sequence[Prompt], *, n: int, mode: str, sampling: SamplingParams
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` (see the module docstring)."""
-        check_mode(mode)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        encoded = [encode_prompt(self.tokenizer, self.processor, prompt, mode) for prompt in prompts]
+        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode)
         if not encoded:
             return []
         requests = [self._request(prompt) for prompt in encoded]
