@@ -11,6 +11,7 @@ reproduce the transformers engine's greedy rollouts before and after a weight sy
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 import types
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
+from r4b.models.checkpoint import checkpoint_name
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.tiny import build_tiny_r4b
 from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, load_tokenizer
 from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams, encode_prompt
+from r4b.rollout.vllm import request_seed
 
 IM_END = "<|im_end|>"
 
@@ -84,12 +87,17 @@ class FakeLLM:
 
     def reset_prefix_cache(self):
         self.events.append("reset_prefix_cache")
+        return True
+
+    @property
+    def llm_engine(self):
+        return types.SimpleNamespace(reset_encoder_cache=lambda: self.events.append("reset_encoder_cache"))
 
     def sleep(self, level):
         self.events.append(f"sleep{level}")
 
-    def wake_up(self):
-        self.events.append("wake_up")
+    def wake_up(self, tags=None):
+        self.events.append(f"wake_up:{','.join(tags)}")
 
 
 @pytest.fixture()
@@ -149,7 +157,7 @@ def test_requests_and_rollouts(fake_vllm, tokenizer, processor, mode):
         assert request["prompt_token_ids"].count(image_id) == len(prompt.images)
         assert len(request.get("multi_modal_data", {}).get("image", [])) == len(prompt.images)
         assert (param.n, param.temperature, param.top_p, param.top_k, param.max_tokens) == (3, 0.7, 0.9, 5, 3)
-        assert param.seed == 11 + index and param.logprobs == 0 and param.logit_bias == {image_id: -100.0}
+        assert param.seed == request_seed(11, index) and param.logprobs == 0 and param.logit_bias == {image_id: -100.0}
         assert tokenizer.convert_tokens_to_ids(IM_END) in param.stop_token_ids
 
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -171,6 +179,19 @@ def test_without_logprobs_and_greedy(fake_vllm, tokenizer, processor):
     rows = engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams(temperature=0.0))
     assert rows[0][0].logprobs is None and llm.calls[0][1][0].temperature == 0.0
     assert llm.calls[0][1][0].logprobs is None
+    # vLLM refuses greedy n > 1: one greedy answer per prompt, repeated (as distinct objects)
+    rows = engine.generate(_prompts(), n=3, mode="auto", sampling=SamplingParams(temperature=0.0))
+    assert [param.n for param in llm.calls[1][1]] == [1, 1]
+    for row in rows:
+        assert len(row) == 3 and len({id(r) for r in row}) == 3
+        assert all(r.response_ids == row[0].response_ids for r in row)
+
+
+def test_request_seeds_never_collide():
+    """vLLM seeds sample k of a request with seed + k: requests' seeds are 2**16 apart or more."""
+    seeds = sorted(request_seed(seed, index) for seed in range(50) for index in range(50))
+    assert min(b - a for a, b in itertools.pairwise(seeds)) >= 1 << 16
+    assert request_seed(3, 1) == request_seed(3, 1) and all(0 <= s < 1 << 62 for s in seeds)
 
 
 def test_a_prompt_expanded_differently_is_refused(fake_vllm, tokenizer, processor):
@@ -180,19 +201,43 @@ def test_a_prompt_expanded_differently_is_refused(fake_vllm, tokenizer, processo
         engine.generate(_prompts()[:1], n=1, mode="thinking", sampling=SamplingParams())
 
 
-def test_weights_load_by_name_and_drop_the_prefix_cache_and_sleep_mode_wraps_generation(
-    fake_vllm, tokenizer, processor
-):
-    engine, llm = _engine(fake_vllm, tokenizer, processor, sleep_level=1)
-    state = {"model.language_model.embed_tokens.weight": torch.ones(2), "lm_head.weight": torch.zeros(2)}
+def test_weights_load_by_checkpoint_name_and_drop_the_caches(fake_vllm, tokenizer, processor):
+    engine, llm = _engine(fake_vllm, tokenizer, processor)
+    state = {
+        "model.language_model.embed_tokens.weight": torch.ones(2),
+        "model.vision_tower.embeddings.patch_embedding.weight": torch.ones(1),  # transformers 5 drops vision_model.
+        "lm_head.weight": torch.zeros(2),
+    }
     engine.load_weights(state)
-    assert [name for name, _ in llm.loaded] == list(state) and llm.events == ["reset_prefix_cache"]
-    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams())
-    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=SamplingParams())
-    engine.load_weights(state)
-    assert llm.events == [
-        "reset_prefix_cache", "generate", "sleep1", "wake_up", "generate", "sleep1", "wake_up", "reset_prefix_cache",
-    ]  # fmt: skip
+    assert [name for name, _ in llm.loaded] == [
+        "model.language_model.embed_tokens.weight",
+        "model.vision_tower.vision_model.embeddings.patch_embedding.weight",  # what vLLM's SigLIP loader knows
+        "lm_head.weight",
+    ]
+    assert llm.events == ["reset_prefix_cache", "reset_encoder_cache"]
+    engine.sleep()  # no sleep_level: a no-op
+    assert llm.events == ["reset_prefix_cache", "reset_encoder_cache"]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_mode(fake_vllm, tokenizer, processor, level):
+    engine, llm = _engine(fake_vllm, tokenizer, processor, sleep_level=level)
+    greedy = SamplingParams(temperature=0.0)
+    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=greedy)
+    engine.sleep()
+    engine.sleep()  # once asleep, stays asleep
+    assert engine.needs_weights is (level == 2)
+    if level == 2:  # the weights are gone: generating first is an error
+        with pytest.raises(RuntimeError, match="load_weights"):
+            engine.generate(_prompts()[1:], n=1, mode="auto", sampling=greedy)
+        engine.load_weights({"lm_head.weight": torch.zeros(2)})
+    engine.generate(_prompts()[1:], n=1, mode="auto", sampling=greedy)
+    expected = ["generate", f"sleep{level}"]
+    if level == 2:
+        expected += ["wake_up:weights", "wake_up:kv_cache", "reset_prefix_cache", "reset_encoder_cache"]
+    else:
+        expected += ["wake_up:weights,kv_cache"]
+    assert llm.events == [*expected, "generate"]
     with pytest.raises(ValueError, match="sleep_level"):
         _engine(fake_vllm, tokenizer, processor, sleep_level=3)
 
@@ -234,8 +279,8 @@ def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
     assert kwargs["enforce_eager"] is True and kwargs["seed"] == 0 and kwargs["logprobs_mode"] == "processed_logprobs"
     row = trainer.step(0)
     names = {name for name, _ in llm.loaded}
-    assert names == set(trainer.model.state_dict()) and "lm_head.weight" in names
-    assert llm.events[:2] == ["reset_prefix_cache", "generate"]
+    assert names == {checkpoint_name(name) for name in trainer.model.state_dict()} and "lm_head.weight" in names
+    assert llm.events[:3] == ["reset_prefix_cache", "reset_encoder_cache", "generate"]
     assert row["thinking"]["response_len"] == 3 and row["tokens"] > 0
     trainer.step(1)  # weights changed by the update: synced again before generating
     assert llm.events.count("reset_prefix_cache") == 2

@@ -47,14 +47,20 @@ def lm_head_is_tied(model: RForConditionalGeneration) -> bool:
     return model.lm_head.weight is model.get_input_embeddings().weight
 
 
+def checkpoint_name(name: str) -> str:
+    """A parameter's name in R-4B's checkpoint (and vLLM's loader): the SigLIP tower regains ``vision_model.``."""
+    if name.startswith(VISION_PREFIX) and not name.startswith(VISION_PREFIX_ON_DISK):
+        return VISION_PREFIX_ON_DISK + name[len(VISION_PREFIX) :]
+    return name
+
+
 def r4b_state_dict(model: RForConditionalGeneration) -> dict[str, torch.Tensor]:
     """The model's weights under R-4B's checkpoint names (``lm_head.weight`` left out when tied)."""
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and lm_head_is_tied(model):
             continue
-        if name.startswith(VISION_PREFIX) and not name.startswith(VISION_PREFIX_ON_DISK):
-            name = VISION_PREFIX_ON_DISK + name[len(VISION_PREFIX) :]
+        name = checkpoint_name(name)
         if not name.startswith(R4B_KEY_PREFIXES):
             raise ValueError(f"parameter {name!r} has no place in R-4B's checkpoint layout {R4B_KEY_PREFIXES}")
         state[name] = tensor.detach()

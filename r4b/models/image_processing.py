@@ -78,8 +78,21 @@ class RImageProcessor:
         return cls.from_config(config, **stats)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write preprocessor_config.json (transformers' LlavaOnevisionImageProcessor format)."""
+        """Write preprocessor_config.json (transformers' LlavaOnevisionImageProcessor format) and
+        processor_config.json, which makes ``AutoProcessor`` (what vLLM's ``rvl`` model loads) build a
+        ``LlavaOnevisionProcessor`` with R-4B's token counts. Written by hand: constructing that processor
+        needs torchvision, which r4b does not."""
         self._pil.save_pretrained(str(directory))
+        side = self.image_size // self.patch_size
+        processor = {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": side * side,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": self.vision_aspect_ratio,
+            "image_token": "<image>",
+            "video_token": "<video>",
+        }
+        (Path(directory) / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """``{"pixel_values": [num_images, max_tiles, 3, S, S] float32, "image_sizes": [num_images, 2] (H, W)}``.

@@ -126,7 +126,14 @@ def check_mode(mode: str) -> str:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates responses for prompts in a forced mode."""
+    """Generates responses for prompts in a forced mode.
+
+    Attributes:
+        needs_weights: True when the engine has lost its weights (a vLLM level-2 sleep) and needs
+            :meth:`load_weights` before generating again.
+    """
+
+    needs_weights: bool = False
 
     @abc.abstractmethod
     def generate(
@@ -137,3 +144,7 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """Take the policy's new weights: its full Hugging Face state dict (``model.language_model.*``, ...)."""
         raise NotImplementedError(f"{type(self).__name__} cannot take new weights")
+
+    def sleep(self) -> None:
+        """Release memory between rollout phases (engines that hold their own copy of the model); default no-op."""
+        return None

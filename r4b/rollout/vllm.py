@@ -1,27 +1,36 @@
 """Rollouts with vLLM: the fast engine for GPU training runs, colocated with the trainer (``pip install r4b[vllm]``).
 
-vLLM serves R-4B as ``RForConditionalGeneration`` (a LLaVA-OneVision subclass) and Qwen2.5-VL / Qwen3-VL
-natively. The engine renders each prompt with r4b's own chat template and mode suffix and hands vLLM the
-token ids with one ``<image>`` per image plus the images; vLLM expands the placeholders itself. The
+vLLM serves R-4B as ``RForConditionalGeneration`` (a LLaVA-OneVision subclass, ``rvl``). The engine renders each
+prompt with r4b's own chat template and mode suffix and hands vLLM the token ids with one ``<image>`` per image
+plus the images; vLLM expands the placeholders itself (already-expanded ids would be expanded again). The
 expanded prompt vLLM reports must equal r4b's (:func:`~r4b.rollout.prompts.encode_prompt`), because the
 trainer re-encodes the same prompt for the policy update: a mismatch (two image processors disagreeing on a
-token count) is an error, not a silent shift of every response token.
+token count) is an error, not a silent shift of every response token. vLLM (checked against 0.33) counts
+``rvl`` image tokens the LLaVA-NeXT way but merges features the OneVision way (``anyres_max_9``), which
+disagree above about 3x3 tiles; :func:`align_rvl_image_token_count` makes its count OneVision's.
 
-Weights come from the trainer through :meth:`VLLMRolloutEngine.load_weights` (the Hugging Face state dict;
-vLLM's own weight mapper renames it) and the prefix cache is dropped afterwards, since cached prompt
-states belong to the old weights. ``sleep_level`` puts vLLM to sleep between rollouts, handing its GPU
-memory to the trainer (the LLM must be built with ``enable_sleep_mode=True``).
+Weights come from the trainer through :meth:`VLLMRolloutEngine.load_weights` (the Hugging Face state dict,
+renamed to the checkpoint's names, which vLLM's loader maps) inside this process (the engine core runs
+in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the loading closure never crosses a process boundary).
+Afterwards the prefix cache and the encoder cache are dropped: cached prompt states and image embeddings belong
+to the old weights. With ``sleep_level``, :meth:`VLLMRolloutEngine.sleep` hands vLLM's GPU memory to the
+trainer between rollout phases (the LLM must be built with ``enable_sleep_mode=True``); level 2 discards the
+weights, so :attr:`VLLMRolloutEngine.needs_weights` asks the trainer for a fresh :meth:`load_weights`.
 
-Sampling: each prompt is one vLLM request with ``n`` samples and its own seed (``sampling.seed`` plus the
-prompt's index), so results do not depend on how vLLM batches requests. ``<image>`` gets a -100 logit bias
-(vLLM's floor), the way the transformers engine suppresses it. Returned log-probs are whatever the LLM's
-``logprobs_mode`` gives; :meth:`VLLMRolloutEngine.from_pretrained` asks for ``processed_logprobs``, which is
-:class:`~r4b.rollout.SamplingParams`' meaning (at the temperature) when top-p and top-k are off.
+Sampling: each prompt is one vLLM request with ``n`` samples; vLLM seeds sample k with ``seed + k``, so request
+seeds are hashed from (``sampling.seed``, prompt index) into blocks 2**16 apart and never collide. Greedy
+requests with ``n > 1`` (which vLLM refuses) generate once and repeat the answer. ``<image>`` gets a -100 logit
+bias (vLLM's floor), as the transformers engine suppresses it. Returned log-probs are what the LLM's
+``logprobs_mode`` gives; :meth:`VLLMRolloutEngine.from_pretrained` asks for ``processed_logprobs`` (after
+temperature and top-p / top-k truncation: :class:`~r4b.rollout.SamplingParams`' meaning when those are off).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +38,16 @@ from typing import Any
 import torch
 
 from r4b.data.image import ImageProcessor
+from r4b.models.checkpoint import checkpoint_name
 from r4b.models.tokenizer import IMAGE_TOKEN
 
 from .base import Prompt, Rollout, RolloutEngine, SamplingParams
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
-__all__ = ["VLLMRolloutEngine", "import_vllm"]
+__all__ = ["VLLMRolloutEngine", "align_rvl_image_token_count", "import_vllm", "request_seed"]
 
 IMAGE_LOGIT_BIAS = -100.0  # vLLM clamps biases to [-100, 100]
+SEED_BLOCK = 1 << 16  # vLLM seeds a request's sample k with seed + k: room for n < 65536
 
 
 def import_vllm() -> Any:
@@ -49,6 +60,27 @@ def import_vllm() -> Any:
         ) from error
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The vLLM seed of prompt ``index`` in a call seeded ``seed``: a hash, a multiple of 2**16, below 2**62."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 2) // SEED_BLOCK * SEED_BLOCK
+
+
+def align_rvl_image_token_count(processor: ImageProcessor) -> None:
+    """Make vLLM's ``rvl`` count image tokens as its model merges them (LLaVA-OneVision's ``anyres_max_9``
+    downscale), the count r4b's processor gives; a no-op where vLLM lacks those classes."""
+    try:
+        from vllm.model_executor.models import llava_onevision, rvl
+    except ImportError:
+        return
+    onevision = getattr(llava_onevision.LlavaOnevisionProcessingInfo, "_get_num_unpadded_features", None)
+    if onevision is None or not hasattr(rvl.RVLProcessingInfo, "_get_num_unpadded_features"):
+        return
+    if getattr(processor, "max_num_patches", 9) != 9:
+        raise ValueError("vLLM's rvl model merges image features with anyres_max_9; this processor uses another")
+    rvl.RVLProcessingInfo._get_num_unpadded_features = onevision
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Generates with a ``vllm.LLM``.
 
@@ -57,8 +89,8 @@ class VLLMRolloutEngine(RolloutEngine):
             :meth:`load_weights`).
         tokenizer: a tokenizer with R-4B's chat template (``thinking_mode`` switch).
         processor: the image processor the trainer uses (for the expected image token counts).
-        sleep_level: 1 or 2 to put vLLM to sleep after each :meth:`generate` (woken before the next call
-            and before weights load); None keeps it awake.
+        sleep_level: 1 or 2: :meth:`sleep` releases vLLM's GPU memory (level 2 also its weights) until the
+            next call; None keeps it awake.
     """
 
     def __init__(self, llm: Any, tokenizer: Any, processor: ImageProcessor, *, sleep_level: int | None = None) -> None:
@@ -68,7 +100,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.vllm = import_vllm()
         self.stop_token_ids = stop_token_ids(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.asleep = False
+        self.sleeping: set[str] = set()  # the memory tags vLLM has released
+        self.needs_weights = False  # True after a level-2 sleep discarded them
 
     @classmethod
     def from_pretrained(
@@ -80,9 +113,12 @@ class VLLMRolloutEngine(RolloutEngine):
         sleep_level: int | None = None,
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
-        """A colocated engine on the checkpoint at ``path``; ``llm_kwargs`` go to ``vllm.LLM`` and override
-        r4b's defaults (processed log-probs, prefix caching, 40% of the GPU memory, sleep mode when asked)."""
+        """A colocated engine on the checkpoint at ``path`` (r4b's export: it holds the processor config vLLM
+        reads); ``llm_kwargs`` go to ``vllm.LLM`` and override r4b's defaults (processed log-probs, prefix
+        caching, 40% of the GPU memory, sleep mode when asked)."""
         vllm = import_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # load_weights' closure stays in-process
+        align_rvl_image_token_count(processor)
         defaults: dict[str, Any] = {
             "logprobs_mode": "processed_logprobs",
             "enable_prefix_caching": True,  # the 2g rollouts of a prompt share its prefix
@@ -95,21 +131,29 @@ class VLLMRolloutEngine(RolloutEngine):
     # -- weights and memory ---------------------------------------------------------------------------
 
     def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load the policy's state dict into vLLM's model and drop the stale prefix cache."""
-        self._wake()
-        weights = [(name, tensor) for name, tensor in state.items()]
+        """Load the policy's state dict into vLLM's model; drop the caches computed with the old weights."""
+        self._wake("weights")
+        weights = [(checkpoint_name(name), tensor) for name, tensor in state.items()]
         self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
+        self.needs_weights = False
+        self._wake("kv_cache")
         self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # image embeddings of the old vision tower
 
-    def _wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def sleep(self) -> None:
+        """Release vLLM's GPU memory until the next :meth:`generate` or :meth:`load_weights` (with
+        ``sleep_level``; otherwise a no-op). The trainer calls it once per rollout phase."""
+        if self.sleep_level is None or self.sleeping:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.sleeping = {"weights", "kv_cache"}
+        self.needs_weights = self.sleep_level == 2
 
-    def _sleep(self) -> None:
-        if self.sleep_level is not None:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = True
+    def _wake(self, *tags: str) -> None:
+        wanted = [tag for tag in (tags or ("weights", "kv_cache")) if tag in self.sleeping]
+        if wanted:
+            self.llm.wake_up(tags=wanted)
+            self.sleeping.difference_update(wanted)
 
     # -- generation ------------------------------------------------------------------------------------
 
@@ -120,14 +164,17 @@ class VLLMRolloutEngine(RolloutEngine):
         encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode)
         if not encoded:
             return []
-        requests = [self._request(prompt) for prompt in encoded]
-        params = [self._sampling_params(n, sampling, index) for index in range(len(encoded))]
+        if self.needs_weights:
+            raise RuntimeError("vLLM slept at level 2 and discarded its weights: call load_weights first")
         self._wake()
-        try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-        finally:
-            self._sleep()
-        return [self._rollouts(prompt, output, mode, n) for prompt, output in zip(encoded, outputs, strict=True)]
+        per_request = 1 if sampling.greedy else n  # vLLM refuses greedy n > 1: the n answers are one answer
+        requests = [self._request(prompt) for prompt in encoded]
+        params = [self._sampling_params(per_request, sampling, index) for index in range(len(encoded))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows = [self._rollouts(p, output, mode, per_request) for p, output in zip(encoded, outputs, strict=True)]
+        if per_request < n:
+            rows = [[dataclasses.replace(row[0]) for _ in range(n)] for row in rows]
+        return rows
 
     def _request(self, prompt: EncodedPrompt) -> dict[str, Any]:
         request: dict[str, Any] = {"prompt_token_ids": list(prompt.template_ids)}
@@ -142,7 +189,7 @@ class VLLMRolloutEngine(RolloutEngine):
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed + index,
+            seed=request_seed(sampling.seed, index),
             stop_token_ids=list(dict.fromkeys(self.stop_token_ids + sampling.stop_token_ids)),
             logprobs=0 if sampling.logprobs else None,
             logit_bias={self.image_token_id: IMAGE_LOGIT_BIAS},
