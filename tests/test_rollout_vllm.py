@@ -15,6 +15,7 @@ import itertools
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams, encode_prompt
 from r4b.rollout.vllm import request_seed
 
 IM_END = "<|im_end|>"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -263,6 +265,7 @@ def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
         f"output_dir={tmp_path / 'run'}",
         "model.path=null",
         f"data.prompts=[{tmp_path / 'data' / 'rl.jsonl'}]",
+        "data.eval=null",
         "rollout.engine=vllm",
         "rollout.vllm={enforce_eager: true}",
         "rollout.group_size=2",
@@ -272,7 +275,7 @@ def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
         "train.progress=false",
         "train.tensorboard=false",
     ]
-    trainer = BPOTrainer(load_config(BPOConfig, "configs/demo/bpo.yaml", overrides))
+    trainer = BPOTrainer(load_config(BPOConfig, ROOT / "configs" / "demo" / "bpo.yaml", overrides))
     ((path, kwargs, llm),) = fake_vllm.built
     init = tmp_path / "run" / "rollout-init"
     assert path == str(init) and (init / "config.json").exists()

@@ -26,7 +26,15 @@ from r4b.data.report import DataReport
 from r4b.data.schema import Sample
 from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, TEMPLATE_MODE, THINK_CLOSE
 
-__all__ = ["IGNORE_INDEX", "EncodedSample", "encode_sample", "encode_samples", "render_segments"]
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedSample",
+    "encode_sample",
+    "encode_samples",
+    "expand_image_tokens",
+    "image_placeholder",
+    "render_segments",
+]
 
 IGNORE_INDEX = -100
 IM_END = "<|im_end|>"
@@ -88,6 +96,30 @@ def render_segments(sample: Sample, tokenizer: Any) -> list[Segment]:
     return segments
 
 
+def image_placeholder(processor: ImageProcessor | None) -> str:
+    """The token the chat template renders once per image and that is expanded to the image's token count:
+    ``processor.image_token`` when the processor has one (Qwen-VL: ``<|image_pad|>``), else R-4B's ``<image>``."""
+    return getattr(processor, "image_token", IMAGE_TOKEN)
+
+
+def expand_image_tokens(ids: Sequence[int], image_id: int, counts: Sequence[int]) -> tuple[list[int], int]:
+    """``ids`` with the k-th ``image_id`` repeated ``counts[k]`` times, and how many placeholders there were.
+
+    Placeholders beyond ``len(counts)`` are dropped but counted, so that the caller can report the mismatch
+    (it compares the count with its number of images).
+    """
+    out: list[int] = []
+    found = 0
+    for token in ids:
+        if token != image_id:
+            out.append(token)
+            continue
+        if found < len(counts):
+            out.extend([image_id] * int(counts[found]))
+        found += 1
+    return out, found
+
+
 def encode_sample(
     sample: Sample,
     tokenizer: Any,
@@ -125,17 +157,10 @@ def encode_sample(
         trained = role == "answer" or (role == "think" and not mask_think)
         if image_id in ids and role != "prompt":  # the schema rules this out; a check, not a branch
             raise DataError(sample.source, "image token in a response", field="messages", reason="bad_format")
-        for token in ids:
-            if token == image_id:
-                if images_seen >= len(counts):
-                    images_seen += 1
-                    continue
-                input_ids.extend([image_id] * counts[images_seen])
-                labels.extend([IGNORE_INDEX] * counts[images_seen])
-                images_seen += 1
-            else:
-                input_ids.append(token)
-                labels.append(token if trained else IGNORE_INDEX)
+        expanded, found = expand_image_tokens(ids, image_id, counts[images_seen:])
+        images_seen += found
+        input_ids.extend(expanded)
+        labels.extend(expanded if trained else [IGNORE_INDEX] * len(expanded))  # trained pieces hold no image
     if images_seen != len(counts):
         raise DataError(
             sample.source,
@@ -164,7 +189,7 @@ def encode_samples(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     encoded: list[EncodedSample] = []
     report = DataReport()
-    image_token = getattr(processor, "image_token", IMAGE_TOKEN)
+    image_token = image_placeholder(processor)
     for sample in samples:
         try:
             counts = image_token_counts(sample.images, processor, where=sample.source)

@@ -49,7 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("eval", help=help, description=help)
     parser.add_argument(
         "--model", action="append", required=True, metavar="DIR|tiny",
-        help="model directory, or 'tiny' for the untrained tiny R-4B; repeat to compare models in one report",
+        help="model directory (R-4B, Qwen2.5-VL, Qwen3-VL), or 'tiny' for the untrained tiny R-4B; repeat to compare "
+        "models in one report",
     )  # fmt: skip
     parser.add_argument(
         "--name", action="append", metavar="NAME",

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_GROUP_BY", "EvalItem", "load_items", "mcq_prompt"]
 
 DEFAULT_GROUP_BY = ("difficulty", "category")
-# Text that would forge a turn boundary or an image placeholder in the chat template.
-_FORBIDDEN = ("<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+# Text that would forge a turn boundary or an image placeholder in the chat template (R-4B's or Qwen-VL's).
+_FORBIDDEN = ("<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|image_pad|>",
+              "<|vision_end|>", "<|video_pad|>")  # fmt: skip
 
 
 @dataclass

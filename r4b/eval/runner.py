@@ -214,9 +214,9 @@ def evaluate(
     (see the module docstring) and return the report (``report["models"][name][mode]`` holds the metrics).
 
     Args:
-        model_or_dir: ``"tiny"`` (the untrained embedded tiny R-4B, initialised from ``seed``), an R-4B
-            directory, a ``(model, tokenizer[, processor])`` tuple, a :class:`~r4b.rollout.RolloutEngine`, or a
-            mapping of report names to any of these.
+        model_or_dir: ``"tiny"`` (the untrained embedded tiny R-4B, initialised from ``seed``), an R-4B,
+            Qwen2.5-VL or Qwen3-VL directory, a ``(model, tokenizer[, processor])`` tuple, a
+            :class:`~r4b.rollout.RolloutEngine`, or a mapping of report names to any of these.
         data_path: a JSONL of prompts with ``answer`` or a VLMEvalKit ``.tsv`` (:mod:`r4b.eval.data`).
         modes: the modes to run, from ``auto``, ``thinking``, ``non_thinking``.
         max_new_tokens, temperature, top_p: sampling (the paper: greedy, 8192 new tokens).

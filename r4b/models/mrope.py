@@ -124,6 +124,26 @@ def packed_mrope_position_ids(
     return torch.cat(rows, dim=1)
 
 
+def continued_mrope_position_ids(prompt_positions: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[3, n]`` mRoPE positions of tokens at 1-D ``positions`` of a document that starts with a prompt.
+
+    ``prompt_positions`` ``[3, P]`` are the prompt's own (:func:`packed_mrope_position_ids` of it alone). A token at
+    ``q < P`` is prompt token ``q``; ``q >= P`` is text after the prompt (a response), at
+    ``prompt_positions.max() + 1 + (q - P)`` in all three rows: what ``get_rope_index`` gives on prompt + response
+    and what generation uses (its ``rope_deltas``). Shared-prefix packing (:mod:`r4b.shared_prefix`) gives each
+    packed token its 1-D position as if its response followed the prompt alone, so this maps the packed row.
+    """
+    if prompt_positions.ndim != 2 or prompt_positions.shape[0] != 3 or positions.ndim != 1:
+        raise ValueError(
+            f"want prompt_positions [3, P] and positions [n]; got {tuple(prompt_positions.shape)}, "
+            f"{tuple(positions.shape)}"
+        )
+    length = prompt_positions.shape[1]
+    inside = prompt_positions[:, positions.clamp(max=length - 1)]
+    after = (prompt_positions.max() + 1 + positions - length).expand(3, -1)
+    return torch.where(positions < length, inside, after)
+
+
 def use_varlen_attention(model: PreTrainedModel, *, vision: str | None = None) -> str:
     """Whole-model switch: the language model on ``r4b_varlen``, the vision tower on ``vision`` (default:
     ``r4b_varlen`` too). For the language model alone see :func:`r4b.models.packed.use_varlen_language_model`."""

@@ -107,6 +107,12 @@ class QwenVLImageProcessor:
             return cls(config, Qwen2VLImageProcessorPil.from_pretrained(str(directory)))
         return cls.from_config(config)
 
+    @classmethod
+    def for_model(cls, model: PreTrainedModel) -> QwenVLImageProcessor:
+        """The processor of the directory ``model`` was loaded from (``config._name_or_path``), else the defaults."""
+        source = model.config._name_or_path
+        return cls.from_pretrained(source if source and Path(source).is_dir() else None, model.config)
+
     def save_pretrained(self, directory: str | Path) -> None:
         """preprocessor_config.json, which ``AutoImageProcessor`` loads (``Qwen2VLImageProcessor``)."""
         self._pil.save_pretrained(str(directory))
@@ -168,10 +174,7 @@ def save_qwen_vl(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if processor is None:
-        source = model.config._name_or_path
-        processor = QwenVLImageProcessor.from_pretrained(
-            source if source and Path(source).is_dir() else None, model.config
-        )
+        processor = QwenVLImageProcessor.for_model(model)
     model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

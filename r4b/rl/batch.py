@@ -10,6 +10,12 @@ Micro-batches are built from **chunks**: an entry with all its responses, or, wh
 the token budget, runs of its responses that do (each chunk then repeats the prompt -- and its
 images -- as a document of its own; a response never spans two micro-batches). A single response
 whose prompt + response exceeds the budget is an error naming it.
+
+Model families. R-4B / LLaVA-OneVision entries carry ``image_sizes`` and the packed row has 1-D positions.
+Qwen2.5-VL / Qwen3-VL entries (built with a processor that has ``packed_position_ids``, as for SFT) carry
+``image_grid_thw`` and the prompt's own mRoPE positions ``[3, P]`` (the model's ``get_rope_index``); the packed
+row then has ``[3, N]`` positions: prompt tokens at the prompt's, response token j at the prompt's maximum + 1 + j
+in all three rows (:func:`r4b.models.mrope.continued_mrope_position_ids`), in the shared and unshared layouts.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from r4b.data.image import ImageProcessor, load_images
+from r4b.models.mrope import continued_mrope_position_ids
 from r4b.rollout.base import Rollout
 from r4b.shared_prefix import PackedGroups, pack_shared_prefix, pack_unshared
 
@@ -38,7 +45,10 @@ class RolloutBatch:
     Per prompt entry ``e`` (E of them): ``prompt_ids[e]`` 1-D int64 ids (image tokens expanded, ending
     with the mode suffix), ``entry_prompts[e]`` the prompt it came from, ``entry_modes[e]`` its mode,
     ``images[e]`` its PIL images and ``pixel_values[e]`` / ``image_sizes[e]`` the processor's tensors
-    for them (None without images; the two entries of one prompt may share the same tensors).
+    for them (None without images; the two entries of one prompt may share the same tensors). Qwen-VL
+    batches have ``image_grid_thw[e]`` instead of ``image_sizes[e]`` (``pixel_values[e]`` then holds the
+    images' patch rows) and ``mrope_positions[e]``, the prompt's ``[3, P]`` mRoPE positions (also without
+    images); both are None for R-4B batches.
 
     Per response ``i`` (R of them): ``response_ids[i]`` right-padded ``[R, Lmax]``, ``response_lengths[i]``
     (>= 1), ``groups[i]`` its entry (sorted, each entry's responses contiguous), ``advantages[i]``,
@@ -59,11 +69,14 @@ class RolloutBatch:
     modes: list[str]
     source: list[tuple[int, int]] | None = None
     rollout_logprobs: Tensor | None = None
+    image_grid_thw: list[Tensor | None] | None = None
+    mrope_positions: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         entries, num = len(self.prompt_ids), self.response_ids.shape[0]
-        for name in ("entry_prompts", "entry_modes", "images", "pixel_values", "image_sizes"):
-            if len(getattr(self, name)) != entries:
+        for name in ("entry_prompts", "entry_modes", "images", "pixel_values", "image_sizes", "image_grid_thw",
+                     "mrope_positions"):  # fmt: skip
+            if getattr(self, name) is not None and len(getattr(self, name)) != entries:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} items for {entries} entries")
         for name, tensor in (("response_lengths", self.response_lengths), ("groups", self.groups),
                              ("advantages", self.advantages)):  # fmt: skip
@@ -80,9 +93,29 @@ class RolloutBatch:
             raise ValueError(
                 f"response {bad[0]} has length {lengths[bad[0]]}, outside [1, {self.response_ids.shape[1]}]"
             )
-        for e, (pixels, sizes) in enumerate(zip(self.pixel_values, self.image_sizes, strict=True)):
-            if (pixels is None) != (sizes is None) or (pixels is not None and pixels.shape[0] != sizes.shape[0]):
-                raise ValueError(f"entry {e}: pixel_values and image_sizes must both be given, one row per image")
+        if self.mrope_positions is None:
+            if self.image_grid_thw is not None:
+                raise ValueError("RolloutBatch.image_grid_thw (Qwen-VL) needs mrope_positions")
+            for e, (pixels, sizes) in enumerate(zip(self.pixel_values, self.image_sizes, strict=True)):
+                if (pixels is None) != (sizes is None) or (pixels is not None and pixels.shape[0] != sizes.shape[0]):
+                    raise ValueError(f"entry {e}: pixel_values and image_sizes must both be given, one row per image")
+            return
+        grids = self.image_grid_thw if self.image_grid_thw is not None else [None] * entries
+        for e, (pixels, grid, sizes) in enumerate(zip(self.pixel_values, grids, self.image_sizes, strict=True)):
+            if sizes is not None or (pixels is None) != (grid is None):
+                raise ValueError(f"entry {e}: a Qwen-VL entry has pixel_values with image_grid_thw (no image_sizes)")
+            if pixels is not None and pixels.shape[0] != int(grid.prod(-1).sum()):
+                raise ValueError(f"entry {e}: {pixels.shape[0]} pixel rows for image_grid_thw {grid.tolist()}")
+            if self.mrope_positions[e].shape != (3, self.prompt_ids[e].numel()):
+                raise ValueError(
+                    f"entry {e}: mrope_positions has shape {tuple(self.mrope_positions[e].shape)} for a prompt of "
+                    f"{self.prompt_ids[e].numel()} tokens (want [3, P])"
+                )
+
+    @property
+    def mrope(self) -> bool:
+        """True for Qwen2.5-VL / Qwen3-VL batches (mRoPE positions, ``image_grid_thw``)."""
+        return self.mrope_positions is not None
 
     @property
     def num_responses(self) -> int:
@@ -113,14 +146,18 @@ class RolloutBatch:
 
         Each prompt's rollouts are grouped by mode into entries (modes in order of first appearance;
         rollouts of one entry must share their prompt ids). ``images[p]`` are prompt p's images (PIL or
-        paths); ``processor`` turns them into ``pixel_values`` once per prompt. Responses must be
-        non-empty; ``rollout_logprobs`` is filled when every rollout carries log-probs.
+        paths); ``processor`` turns them into ``pixel_values`` once per prompt. A Qwen-VL processor (one with
+        ``packed_position_ids``) also gives each entry its mRoPE positions, so pass it for Qwen-VL models even
+        without images. Responses must be non-empty; ``rollout_logprobs`` is filled when every rollout
+        carries log-probs.
         """
         if len(advantages) != len(rollouts):
             raise ValueError(f"advantages has {len(advantages)} rows for {len(rollouts)} prompts")
         if images is not None and len(images) != len(rollouts):
             raise ValueError(f"images has {len(images)} entries for {len(rollouts)} prompts")
-        prompt_ids, entry_prompts, entry_modes, entry_images, pixels, sizes = [], [], [], [], [], []
+        prompt_ids, entry_prompts, entry_modes, entry_images, pixels, sizes, grids = [], [], [], [], [], [], []
+        mrope = hasattr(processor, "packed_position_ids")  # the SFT collate's family test
+        positions: list[Tensor] = []
         picked: list[tuple[int, int, Rollout]] = []
         groups: list[int] = []
         for p, row in enumerate(rollouts):
@@ -144,8 +181,11 @@ class RolloutBatch:
                 entry_prompts.append(p)
                 entry_modes.append(mode)
                 entry_images.append(decoded)
-                pixels.append(vision[0])
-                sizes.append(vision[1])
+                pixels.append(vision.get("pixel_values"))
+                sizes.append(vision.get("image_sizes"))
+                grids.append(vision.get("image_grid_thw"))
+                if mrope:
+                    positions.append(processor.packed_position_ids([prompt_ids[-1]], [grids[-1]]))
         if not picked:
             raise ValueError("no rollouts")
         width = max(len(r.response_ids) for _, _, r in picked)
@@ -171,6 +211,8 @@ class RolloutBatch:
             modes=[r.mode for _, _, r in picked],
             source=[(p, j) for p, j, _ in picked],
             rollout_logprobs=logprobs,
+            image_grid_thw=grids if mrope else None,
+            mrope_positions=positions if mrope else None,
         )
 
 
@@ -184,13 +226,13 @@ def _decode_images(images: Sequence[Image.Image | str | Path], *, where: str) ->
     return out
 
 
-def _preprocess(images: list[Image.Image], processor: ImageProcessor | None, *, where: str):
+def _preprocess(images: list[Image.Image], processor: ImageProcessor | None, *, where: str) -> dict[str, Tensor]:
+    """The processor's tensors of ``images``: ``pixel_values`` and ``image_sizes`` or ``image_grid_thw``."""
     if not images:
-        return None, None
+        return {}
     if processor is None:
         raise ValueError(f"{where} has images: pass processor= to compute their pixel_values")
-    out = processor.preprocess(images)
-    return out["pixel_values"], out["image_sizes"]
+    return processor.preprocess(images)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,10 +337,29 @@ def build_micro_batch(
         "segment_ids": packed.segment_ids if shared else None,
     }
     with_images = [e for e in docs if batch.pixel_values[e] is not None]
-    if with_images:
+    if batch.mrope:
+        inputs["position_ids"] = _mrope_position_ids(batch, docs, packed)
+        if with_images:  # patch rows and grids of every image, in document order
+            inputs["pixel_values"] = torch.cat([batch.pixel_values[e] for e in with_images]).to(device, pixel_dtype)
+            inputs["image_grid_thw"] = torch.cat([batch.image_grid_thw[e] for e in with_images]).to(device)
+    elif with_images:
         inputs["pixel_values"] = _cat_tiles([batch.pixel_values[e] for e in with_images]).to(device, pixel_dtype)
         inputs["image_sizes"] = torch.cat([batch.image_sizes[e] for e in with_images]).to(device)
     return MicroBatch(inputs, packed, index, int(lengths.sum()))
+
+
+def _mrope_position_ids(batch: RolloutBatch, docs: Sequence[int], packed: PackedGroups) -> Tensor:
+    """``[3, N]`` mRoPE positions of the packed row: each document (entry ``docs[d]``) maps its 1-D positions
+    through its prompt's mRoPE positions, responses continuing after the prompt."""
+    bounds = packed.cu_seqlens.tolist()
+    device = packed.position_ids.device
+    return torch.cat(
+        [
+            continued_mrope_position_ids(batch.mrope_positions[e].to(device), packed.position_ids[a:b])
+            for e, a, b in zip(docs, bounds[:-1], bounds[1:], strict=True)
+        ],
+        dim=1,
+    )
 
 
 def _cat_tiles(pixels: list[Tensor]) -> Tensor:

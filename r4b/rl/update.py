@@ -60,7 +60,9 @@ class UpdateConfig:
 
 class BPOObjective(nn.Module):
     """``forward(**micro-batch)``: ``(loss, metrics)`` of the fused BPO loss, or with ``logprobs_only=True``
-    the per-token ``(logprobs[N], entropy[N] | None)`` of the targets (no loss; run it under ``no_grad``)."""
+    the per-token ``(logprobs[N], entropy[N] | None)`` of the targets (no loss; run it under ``no_grad``).
+    Any model family of :func:`r4b.models.forward.packed_final_hidden`: R-4B (1-D ``position_ids``,
+    ``image_sizes``) or Qwen2.5-VL / Qwen3-VL (``[3, N]`` mRoPE ``position_ids``, ``image_grid_thw``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -82,6 +84,7 @@ class BPOObjective(nn.Module):
         segment_ids: Tensor | None = None,
         pixel_values: Tensor | None = None,
         image_sizes: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
         beta: float = 0.0,
@@ -99,6 +102,7 @@ class BPOObjective(nn.Module):
             max_seqlen=max_seqlen,
             pixel_values=pixel_values,
             image_sizes=image_sizes,
+            image_grid_thw=image_grid_thw,
             segment_ids=segment_ids,
         )
         weight = self.model.lm_head.weight.to(hidden.dtype)
@@ -186,7 +190,7 @@ def compute_logprobs(
 
 def _model_inputs(micro: MicroBatch) -> dict[str, Any]:
     keys = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "loss_mask", "segment_ids",
-            "pixel_values", "image_sizes")  # fmt: skip
+            "pixel_values", "image_sizes", "image_grid_thw")  # fmt: skip
     return {k: micro.inputs[k] for k in keys if micro.inputs.get(k) is not None}
 
 

@@ -2,12 +2,15 @@
 
 Rows (prompt x sample) are generated ``batch_size`` at a time. Prompts are left-padded with an attention
 mask, so every row's last prompt token sits at the same position and new tokens line up; the images of a
-batch go in as one ``pixel_values`` / ``image_sizes`` in row order (the order LLaVA-OneVision scatters
-features into the ``<image>`` tokens). For the duration of a call the model is in eval mode, any
-``r4b_varlen`` attention (which refuses padding masks) is swapped for ``sdpa`` and the model's own
-``generation_config`` is replaced by a neutral one, so that only :class:`SamplingParams` shape the sampling;
-all three are restored afterwards. Sampling runs in a forked RNG seeded with ``sampling.seed``: the output
-depends on the seed, the prompts, ``n`` and ``batch_size``, and the caller's global RNG state is untouched.
+batch go in row order (the order the models scatter image features into the placeholder tokens): R-4B /
+LLaVA-OneVision as one ``pixel_values`` / ``image_sizes``; Qwen2.5-VL / Qwen3-VL as their patch rows
+concatenated with one ``image_grid_thw`` row per image, plus ``mm_token_type_ids``, from which the model
+derives the rows' mRoPE positions (its ``get_rope_index`` skips the left padding). For the duration of a call
+the model is in eval mode, any ``r4b_varlen`` attention (which refuses padding masks) is swapped for ``sdpa``
+and the model's own ``generation_config`` is replaced by a neutral one, so that only :class:`SamplingParams`
+shape the sampling; all three are restored afterwards. Sampling runs in a forked RNG seeded with
+``sampling.seed``: the output depends on the seed, the prompts, ``n`` and ``batch_size``, and the caller's
+global RNG state is untouched.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from r4b.data.encode import image_placeholder
 from r4b.data.image import ImageProcessor
 from r4b.models.attention import ATTENTION_NAME
-from r4b.models.tokenizer import IMAGE_TOKEN
+from r4b.models.mrope import mm_token_type_ids
+from r4b.models.qwen_vl import is_qwen_vl
 
 from .base import Prompt, Rollout, RolloutEngine, SamplingParams
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
@@ -45,12 +50,13 @@ def generation_attention(model: torch.nn.Module, implementation: str = "sdpa") -
 
 
 class HFRolloutEngine(RolloutEngine):
-    """Generates with ``model.generate`` (any LLaVA-OneVision-style model, e.g. R-4B or the tiny one).
+    """Generates with ``model.generate``: any LLaVA-OneVision-style model (R-4B, the tiny one), Qwen2.5-VL or Qwen3-VL.
 
     Args:
         model: the policy.
         tokenizer: a tokenizer with R-4B's chat template (``thinking_mode`` switch).
-        processor: the image processor; default ``RImageProcessor.from_config(model.config)``.
+        processor: the image processor; default ``RImageProcessor.from_config(model.config)``, for Qwen-VL
+            ``QwenVLImageProcessor.for_model(model)``.
         batch_size: rows (prompt x sample) per ``generate`` call.
         device: where inputs go; default the model's device.
         attn_implementation: the attention used instead of ``r4b_varlen`` while generating.
@@ -68,16 +74,21 @@ class HFRolloutEngine(RolloutEngine):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mrope = is_qwen_vl(model)
         if processor is None:
             from r4b.models.image_processing import RImageProcessor
+            from r4b.models.qwen_vl import QwenVLImageProcessor
 
-            processor = RImageProcessor.from_config(model.config)
+            if self.mrope:
+                processor = QwenVLImageProcessor.for_model(model)  # the directory's preprocessor_config.json
+            else:
+                processor = RImageProcessor.from_config(model.config)
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.batch_size, self.attn_implementation = batch_size, attn_implementation
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.stop_token_ids = stop_token_ids(tokenizer)
-        # A response cannot hold an image placeholder (there is no image behind it): never sample <image>.
-        self.suppressed_token_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)]
+        # A response cannot hold an image placeholder (there is no image behind it): never sample one.
+        self.suppressed_token_ids = [tokenizer.convert_tokens_to_ids(image_placeholder(processor))]
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.stop_token_ids[0])
 
@@ -140,7 +151,9 @@ class HFRolloutEngine(RolloutEngine):
         )
 
     def _pixels(self, batch: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
-        """``pixel_values`` / ``image_sizes`` of the batch's images in row order (each distinct prompt once)."""
+        """The batch's images in row order (each distinct prompt preprocessed once): ``pixel_values`` and
+        ``image_sizes`` (R-4B: one row per image), or ``image_grid_thw`` (Qwen-VL: ``pixel_values`` holds
+        ``t * h * w`` patch rows per image)."""
         distinct = list({id(prompt): prompt for prompt in batch if prompt.images}.values())
         if not distinct:
             return {}
@@ -153,9 +166,18 @@ class HFRolloutEngine(RolloutEngine):
             [offsets[id(p)] + k for p in batch if p.images for k in range(len(p.images))], dtype=torch.long
         )
         dtype = next(self.model.parameters()).dtype
+        if "image_grid_thw" not in pixels:
+            return {
+                "pixel_values": pixels["pixel_values"][index].to(self.device, dtype=dtype),
+                "image_sizes": pixels["image_sizes"][index].to(self.device),
+            }
+        grids = pixels["image_grid_thw"]
+        patches = grids.prod(-1)
+        starts = torch.cumsum(patches, 0) - patches
+        rows = torch.cat([torch.arange(int(starts[k]), int(starts[k] + patches[k])) for k in index.tolist()])
         return {
-            "pixel_values": pixels["pixel_values"][index].to(self.device, dtype=dtype),
-            "image_sizes": pixels["image_sizes"][index].to(self.device),
+            "pixel_values": pixels["pixel_values"][rows].to(self.device, dtype=dtype),
+            "image_grid_thw": grids[index].to(self.device),
         }
 
     def _generate_batch(self, batch: Sequence[EncodedPrompt], mode: str, sampling: SamplingParams) -> list[Rollout]:
@@ -165,11 +187,14 @@ class HFRolloutEngine(RolloutEngine):
         for row, prompt in enumerate(batch):  # left padding
             input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids, dtype=torch.long)
             attention_mask[row, width - len(prompt.ids) :] = 1
+        extra = self._pixels(batch)
+        if self.mrope:  # Qwen-VL derives mRoPE positions from the token types (text / image placeholder)
+            extra["mm_token_type_ids"] = mm_token_type_ids(self.model.config, input_ids).to(self.device)
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=self._generation_config(sampling),
-            **self._pixels(batch),
+            **extra,
         )
         new_tokens = out.sequences[:, width:].tolist()
         stops = set(self.stop_token_ids + sampling.stop_token_ids)

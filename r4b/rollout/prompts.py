@@ -1,4 +1,9 @@
-"""Prompts to token ids: the chat template in a forced mode, with each ``<image>`` expanded to its token count."""
+"""Prompts to token ids: the chat template in a forced mode, with each image placeholder expanded to its token count.
+
+The placeholder is the processor's (:func:`r4b.data.encode.image_placeholder`): R-4B's ``<image>``, or Qwen-VL's
+``<|image_pad|>`` (its chat template renders ``<|vision_start|><|image_pad|><|vision_end|>`` per image), expanded
+exactly as the SFT encoder does (:func:`r4b.data.encode.expand_image_tokens`).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ from typing import Any
 
 from PIL import Image
 
+from r4b.data.encode import expand_image_tokens, image_placeholder
 from r4b.data.image import ImageProcessor, load_images
-from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, TEMPLATE_MODE
+from r4b.models.tokenizer import MODE_SUFFIX, TEMPLATE_MODE
 
 from .base import Prompt, check_mode
 
@@ -20,8 +26,8 @@ __all__ = ["EncodedPrompt", "encode_for_generation", "encode_prompt", "render_pr
 @dataclass
 class EncodedPrompt:
     """A prompt ready for the model: ``ids`` with image tokens expanded, the decoded RGB ``images``, and
-    ``template_ids``, the same prompt with one ``<image>`` per image (what engines that expand images
-    themselves, such as vLLM, take)."""
+    ``template_ids``, the same prompt with one placeholder per image (``<image>``; Qwen-VL: ``<|image_pad|>``),
+    what engines that expand images themselves, such as vLLM, take."""
 
     ids: list[int]
     images: list[Image.Image]
@@ -57,23 +63,16 @@ def _images(images: Sequence[Image.Image | str | Path]) -> list[Image.Image]:
 
 
 def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mode: str) -> EncodedPrompt:
-    """Token ids of ``prompt`` in ``mode``; each ``<image>`` becomes ``processor.num_image_tokens(h, w)`` copies."""
+    """Token ids of ``prompt`` in ``mode``; each image placeholder becomes ``processor.num_image_tokens(h, w)``
+    copies."""
     text = render_prompt(tokenizer, prompt.messages, mode)
     images = _images(prompt.images)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids: list[int] = []
-    seen = 0
+    placeholder = image_placeholder(processor)
     template_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for token in template_ids:
-        if token != image_id:
-            ids.append(token)
-            continue
-        if seen < len(images):
-            width, height = images[seen].size
-            ids.extend([image_id] * int(processor.num_image_tokens(height, width)))
-        seen += 1
+    counts = [processor.num_image_tokens(image.height, image.width) for image in images]
+    ids, seen = expand_image_tokens(template_ids, tokenizer.convert_tokens_to_ids(placeholder), counts)
     if seen != len(images):
-        raise ValueError(f"the prompt has {seen} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
+        raise ValueError(f"the prompt has {seen} {placeholder} placeholder(s) for {len(images)} image(s)")
     return EncodedPrompt(ids, images, list(template_ids))
 
 

@@ -19,10 +19,11 @@ weights, so :attr:`VLLMRolloutEngine.needs_weights` asks the trainer for a fresh
 
 Sampling: each prompt is one vLLM request with ``n`` samples; vLLM seeds sample k with ``seed + k``, so request
 seeds are hashed from (``sampling.seed``, prompt index) into blocks 2**16 apart and never collide. Greedy
-requests with ``n > 1`` (which vLLM refuses) generate once and repeat the answer. ``<image>`` gets a -100 logit
-bias (vLLM's floor), as the transformers engine suppresses it. Returned log-probs are what the LLM's
-``logprobs_mode`` gives; :meth:`VLLMRolloutEngine.from_pretrained` asks for ``processed_logprobs`` (after
-temperature and top-p / top-k truncation: :class:`~r4b.rollout.SamplingParams`' meaning when those are off).
+requests with ``n > 1`` (which vLLM refuses) generate once and repeat the answer. The image placeholder
+(``<image>``; Qwen-VL's ``<|image_pad|>``) gets a -100 logit bias (vLLM's floor), as the transformers engine
+suppresses it. Returned log-probs are what the LLM's ``logprobs_mode`` gives;
+:meth:`VLLMRolloutEngine.from_pretrained` asks for ``processed_logprobs`` (after temperature and top-p /
+top-k truncation: :class:`~r4b.rollout.SamplingParams`' meaning when those are off).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from typing import Any
 
 import torch
 
+from r4b.data.encode import image_placeholder
 from r4b.data.image import ImageProcessor
 from r4b.models.checkpoint import checkpoint_name
-from r4b.models.tokenizer import IMAGE_TOKEN
 
 from .base import Prompt, Rollout, RolloutEngine, SamplingParams
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
@@ -99,7 +100,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm, self.tokenizer, self.processor, self.sleep_level = llm, tokenizer, processor, sleep_level
         self.vllm = import_vllm()
         self.stop_token_ids = stop_token_ids(tokenizer)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_placeholder(processor))
         self.sleeping: set[str] = set()  # the memory tags vLLM has released
         self.needs_weights = False  # True after a level-2 sleep discarded them
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.update import BPOObjective
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams
@@ -142,6 +143,23 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
     return out
 
 
+def decision_token_counts(tokenizer: Any) -> dict[str, int]:
+    """Tokens after ``<think>`` in each mode's suffix (R-4B's and Qwen3's vocabularies: thinking 1, non-thinking 2,
+    auto 0). Mode-decision credit needs ``<think>`` to be one token, so that the decision starts on a token
+    boundary; Qwen2.5-VL's vocabulary has no ``<think>`` token, which is an error here."""
+    head = tokenizer.encode(THINK_OPEN, add_special_tokens=False)
+    counts = {}
+    for mode, suffix in MODE_SUFFIX.items():
+        ids = tokenizer.encode(suffix, add_special_tokens=False)
+        if len(head) != 1 or ids[:1] != head:
+            raise ValueError(
+                f"advantages.mode_decision_credit needs {THINK_OPEN!r} to be one token that starts every mode "
+                f"suffix; the tokenizer gives {head} for it and {ids} for the {mode} suffix {suffix!r}"
+            )
+        counts[mode] = len(ids) - 1
+    return counts
+
+
 def move_decision_tokens(rollout: Rollout, decision: int) -> Rollout:
     """Mode-decision credit: the last ``decision`` prompt tokens (the suffix after ``<think>``) become the
     head of the response, so the loss trains the choice between ``\\n`` and ``\\n\\n``."""
@@ -177,6 +195,8 @@ class BPOTrainer:
         model, self.tokenizer, self.processor = load_model_and_processor(
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
+        # checked before anything runs: the token count depends on the model family's vocabulary
+        self.decision_tokens = decision_token_counts(self.tokenizer) if config.advantages.mode_decision_credit else None
         self.model = model
         if config.rollout.engine not in ROLLOUT_ENGINES:
             raise ValueError(f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {config.rollout.engine!r}")
@@ -218,7 +238,7 @@ class BPOTrainer:
 
     def _sync_rollout_weights(self) -> None:
         """Copy the engine's current weights into the rollout model on every rank, if they changed."""
-        if not self.rollout_stale:
+        if not self.rollout_stale and not self.rollout_engine.needs_weights:
             return
         self.rollout_stale = False
         state = self.engine.full_state_dict()
@@ -231,11 +251,11 @@ class BPOTrainer:
         policy itself, a copy of it, or (vLLM) a checkpoint directory."""
         if self.config.rollout.engine == "hf":
             return model if self.shares_policy else copy.deepcopy(model).eval()
-        if self.config.model.path is not None:
-            return self.config.model.path
         from r4b.models.loading import save_model
 
-        path = str(self.run_dir / "rollout-init")  # the embedded tiny model: vLLM loads checkpoints only
+        # vLLM loads checkpoints only; r4b's export carries the tokenizer and the processor config it reads
+        # (a hub R-4B directory would need trust_remote_code), and the embedded tiny model has no directory.
+        path = str(self.run_dir / "rollout-init")
         if self.main:
             save_model(model, path, self.tokenizer, self.processor)
         if self.world_size > 1:
@@ -249,6 +269,9 @@ class BPOTrainer:
             return HFRolloutEngine(source, self.tokenizer, self.processor, batch_size=rollout.batch_size)
         from r4b.rollout.vllm import VLLMRolloutEngine
 
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if rollout.vllm.get(key, 1) != 1:
+                raise ValueError(f"rollout.vllm.{key} must be 1: r4b runs one independent vLLM per rank")
         defaults: dict[str, Any] = {"seed": self.config.train.seed}
         if self.world_size > 1:  # one vLLM per rank inside the torchrun job, as TRL's colocate mode runs it
             defaults["distributed_executor_backend"] = "external_launcher"
@@ -299,6 +322,7 @@ class BPOTrainer:
         samples = [self.prompts[i] for i in indices]
         self._sync_rollout_weights()
         rollouts = self.generate(samples, step)
+        self.rollout_engine.sleep()  # a vLLM engine hands its GPU memory to the update
         timings["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
 
         reward_fn = REWARDS[config.reward.name]
@@ -316,9 +340,8 @@ class BPOTrainer:
         timings["reward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         trained = rollouts
-        if config.advantages.mode_decision_credit:
-            decision = {"thinking": 1, "non_thinking": 2, "auto": 0}  # tokens after <think> in each suffix
-            trained = [[move_decision_tokens(r, decision[r.mode]) for r in row] for row in rollouts]
+        if self.decision_tokens is not None:
+            trained = [[move_decision_tokens(r, self.decision_tokens[r.mode]) for r in row] for row in rollouts]
         batch = RolloutBatch.from_rollouts(
             trained,
             advantages,
@@ -359,6 +382,7 @@ class BPOTrainer:
         prompts = [Prompt.from_sample(s) for s in self.eval_prompts]
         sampling = self._sampling(step, 0, 99, greedy=True, max_new=self.config.train.eval_max_new_tokens)
         rows = self.rollout_engine.generate(prompts, n=1, mode="auto", sampling=sampling)
+        self.rollout_engine.sleep()
         reward_fn = REWARDS[self.config.reward.name]
         correct = [reward_fn(row[0].full_text, s.answer) for row, s in zip(rows, self.eval_prompts, strict=True)]
         thinking = [is_thinking(row[0].full_text) for row in rows]
