@@ -317,3 +317,31 @@ def test_real_vllm_reproduces_the_transformers_engine(tmp_path, tokenizer):
         model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 30)
     engine.load_weights(model.state_dict())
     assert responses(engine) == responses(reference)
+
+
+def test_eval_on_the_vllm_engine(fake_vllm, tmp_path):
+    """``r4b eval --engine vllm``: vLLM gets the directory and the --vllm-arg values; the report is built from
+    its answers; a model that is not a directory is refused."""
+    from r4b.eval.cli import _vllm_args
+    from r4b.eval.errors import EvalError
+    from r4b.eval.runner import evaluate
+    from r4b.models.loading import save_model
+    from r4b.synth import write_synthetic
+
+    write_synthetic(tmp_path / "data", n_sft=1, n_rl=1, n_eval=3, seed=0)
+    model_dir = save_model(build_tiny_r4b(seed=0), tmp_path / "tiny", load_tokenizer())
+    args = _vllm_args(["max_model_len=512", "enforce_eager=true"])
+    report = evaluate(
+        model_dir, tmp_path / "data" / "eval.jsonl", tmp_path / "out", modes=["auto", "non_thinking"],
+        max_new_tokens=3, engine="vllm", vllm_args=args, progress=False, plots=False,
+    )  # fmt: skip
+    ((path, kwargs, llm),) = fake_vllm.built
+    assert path == str(model_dir) and kwargs["max_model_len"] == 512 and kwargs["enforce_eager"] is True
+    assert kwargs["gpu_memory_utilization"] == 0.9 and len(llm.calls) == 2  # one call per mode (batch of 3)
+    (metrics,) = report["models"].values()
+    assert metrics["auto"]["n"] == 3 and metrics["non_thinking"]["n"] == 3
+    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 6
+    with pytest.raises(EvalError, match="model directories"):
+        evaluate("tiny", tmp_path / "data" / "eval.jsonl", tmp_path / "o2", engine="vllm", progress=False)
+    with pytest.raises(EvalError, match="KEY=VALUE"):
+        _vllm_args(["max_model_len"])

@@ -16,6 +16,21 @@ def _modes(text: str) -> list[str]:
     return [mode.strip() for mode in text.split(",") if mode.strip()]
 
 
+def _vllm_args(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each value read as YAML (``0.5`` a float, ``true`` a bool, ``[1, 2]`` a list)."""
+    import yaml
+
+    from r4b.eval.errors import EvalError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EvalError(f"--vllm-arg {pair!r}: expected KEY=VALUE (e.g. gpu_memory_utilization=0.8)")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     from r4b.eval.errors import EvalError
     from r4b.eval.runner import evaluate, model_name
@@ -30,7 +45,8 @@ def _run(args: argparse.Namespace) -> int:
         dict(zip(names, args.model, strict=True)), args.data, args.out, modes=_modes(args.modes),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         batch_size=args.batch_size, seed=args.seed, limit=args.limit, benchmark=args.benchmark,
-        device=args.device, dtype=args.dtype, progress=not args.no_progress, plots=not args.no_plots,
+        device=args.device, dtype=args.dtype, engine=args.engine, vllm_args=_vllm_args(args.vllm_arg),
+        progress=not args.no_progress, plots=not args.no_plots,
     )  # fmt: skip
     for name, per_mode in report["models"].items():
         for mode, m in per_mode.items():
@@ -71,6 +87,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", default=None, help="benchmark name in the report (default: the file's stem)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16, float32, auto (default: as loaded)")
+    parser.add_argument(
+        "--engine", choices=("hf", "vllm"), default="hf",
+        help="hf: transformers generate (anywhere); vllm: vLLM on a GPU (pip install 'r4b[vllm]'; raise --batch-size)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vllm-arg", action="append", metavar="KEY=VALUE",
+        help="a vllm.LLM argument, repeatable (e.g. gpu_memory_utilization=0.8, max_model_len=16384)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="no PNG plots")
     parser.set_defaults(run=_run)

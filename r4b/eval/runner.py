@@ -47,7 +47,14 @@ def model_name(spec: ModelSpec, index: int = 0) -> str:
 
 
 def _engine(
-    spec: ModelSpec, *, batch_size: int, seed: int, device: str | None, dtype: str | None
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    seed: int,
+    device: str | None,
+    dtype: str | None,
+    engine: str = "hf",
+    vllm_args: Mapping[str, Any] | None = None,
 ) -> tuple[RolloutEngine, Any]:
     """``(engine, tokenizer or None)`` of a model spec; a name or directory is loaded here."""
     from r4b.rollout.base import RolloutEngine
@@ -55,6 +62,8 @@ def _engine(
 
     if isinstance(spec, RolloutEngine):
         return spec, getattr(spec, "tokenizer", None)
+    if engine == "vllm":
+        return _vllm_engine(spec, seed=seed, dtype=dtype, vllm_args=vllm_args or {})
     if isinstance(spec, (str, Path)):
         model, tokenizer, processor = _load(spec, seed=seed, dtype=dtype)
     elif isinstance(spec, tuple) and len(spec) in (2, 3):
@@ -67,6 +76,23 @@ def _engine(
     if device is not None:
         model = model.to(device)
     return HFRolloutEngine(model, tokenizer, processor, batch_size=batch_size), tokenizer
+
+
+def _vllm_engine(
+    spec: ModelSpec, *, seed: int, dtype: str | None, vllm_args: Mapping[str, Any]
+) -> tuple[RolloutEngine, Any]:
+    """A vLLM engine on a model directory (vLLM loads the weights; r4b only the tokenizer and processor)."""
+    from r4b.models.loading import load_tokenizer_and_processor
+    from r4b.rollout.vllm import VLLMRolloutEngine
+
+    if not isinstance(spec, (str, Path)) or str(spec) == "tiny":
+        raise EvalError(f"the vLLM engine loads model directories; {_describe(spec)} is not one (use engine='hf')")
+    _check_spec(spec)
+    tokenizer, processor = load_tokenizer_and_processor(spec)
+    defaults: dict[str, Any] = {"seed": seed, "gpu_memory_utilization": 0.9}  # nothing else shares the GPU
+    if dtype is not None:
+        defaults["dtype"] = dtype
+    return VLLMRolloutEngine.from_pretrained(spec, tokenizer, processor, **(defaults | dict(vllm_args))), tokenizer
 
 
 def _check_spec(spec: ModelSpec) -> None:
@@ -206,6 +232,8 @@ def evaluate(
     group_by: Sequence[str] = DEFAULT_GROUP_BY,
     device: str | None = None,
     dtype: str | None = None,
+    engine: str = "hf",
+    vllm_args: Mapping[str, Any] | None = None,
     progress: bool = True,
     plots: bool = True,
     on_model_done: Callable[[str, dict[str, Any]], None] | None = None,
@@ -227,6 +255,8 @@ def evaluate(
         benchmark: the benchmark's name in the report (default: the data file's stem).
         group_by: the ``meta`` fields (JSONL) or columns (TSV) to break the metrics down by, when present.
         device: where a loaded model goes (default: where it loads); dtype: ``bfloat16``, ``float32``, ``auto``, ...
+        engine: ``hf`` (transformers, anywhere) or ``vllm`` (model directories on a GPU, ``pip install r4b[vllm]``;
+            ``batch_size`` questions go to vLLM at once, so make it large); vllm_args: ``vllm.LLM`` arguments.
         progress: show a progress bar; plots: write the PNG plots.
         on_model_done: called with ``(name, metrics of that model)`` after each model.
 
@@ -243,6 +273,8 @@ def evaluate(
         raise EvalError("no mode to evaluate")
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if engine not in ("hf", "vllm"):
+        raise EvalError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     try:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     except ValueError as error:
@@ -262,9 +294,13 @@ def evaluate(
     try:
         with (out / PREDICTIONS).open("w") as handle:
             for label, spec in specs.items():
-                engine, tokenizer = _engine(spec, batch_size=batch_size, seed=seed, device=device, dtype=dtype)
+                generator, tokenizer = _engine(
+                    spec, batch_size=batch_size, seed=seed, device=device, dtype=dtype, engine=engine,
+                    vllm_args=vllm_args,
+                )  # fmt: skip
                 settings[label] = {
                     "model": _describe(spec),
+                    "engine": type(generator).__name__,
                     "temperature": sampling.temperature,
                     "top_p": sampling.top_p,
                     "max_new_tokens": max_new_tokens,
@@ -274,13 +310,13 @@ def evaluate(
                 }
                 for mode in modes:
                     bar.describe(f"{label} / {mode}")
-                    for rows in _generate(engine, tokenizer, items, mode, sampling, batch_size, bar):
+                    for rows in _generate(generator, tokenizer, items, mode, sampling, batch_size, bar):
                         for row in rows:
                             row = {"model": label, "benchmark": benchmark, **row}
                             records.append(row)
                             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                     handle.flush()
-                del engine, tokenizer
+                del generator, tokenizer
                 _free_memory()
                 if on_model_done is not None:
                     done = [r for r in records if r["model"] == label]

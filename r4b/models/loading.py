@@ -10,8 +10,17 @@ from pathlib import Path
 
 from .checkpoint import load_r4b, save_pretrained_r4b
 from .image_processing import RImageProcessor
-from .qwen_vl import QWEN_VL_MODEL_TYPES, QwenVLImageProcessor, is_qwen_vl, load_qwen_vl, model_type_of, save_qwen_vl
-from .r4b_model import RForConditionalGeneration
+from .qwen_vl import (
+    QWEN_VL_CHAT_TEMPLATE,
+    QWEN_VL_MODEL_TYPES,
+    QwenVLImageProcessor,
+    check_qwen_vl_tokenizer,
+    is_qwen_vl,
+    load_qwen_vl,
+    model_type_of,
+    save_qwen_vl,
+)
+from .r4b_model import RForConditionalGeneration, register_r4b_model
 from .tiny import build_tiny_r4b
 from .tokenizer import IMAGE_TOKEN, load_tokenizer
 
@@ -26,9 +35,7 @@ def load_model_and_processor(
     else an R-4B directory through :func:`load_r4b` (``kwargs`` pass to ``from_pretrained``). The tokenizer comes
     from ``tokenizer``, else the model directory when it has one, else the shipped tiny tokenizer; the processor
     from the config (and preprocessor_config.json)."""
-    if tokenizer is None and path is not None and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
-        tokenizer = path
-    tok = load_tokenizer(tokenizer)
+    tok = _tokenizer(path, tokenizer)
     if model_type_of(path) in QWEN_VL_MODEL_TYPES:
         return load_qwen_vl(path, tok, **kwargs)
     if path is None:
@@ -47,6 +54,28 @@ def load_model_and_processor(
             f"tokenizer's <image> id {image_id} != the model's image_token_index {model.config.image_token_id}"
         )
     return model, tok, processor
+
+
+def load_tokenizer_and_processor(path: str | Path, tokenizer: str | Path | None = None) -> tuple[object, object]:
+    """The tokenizer and image processor of a model directory, without its weights: what an engine that loads
+    the weights itself (vLLM) needs from r4b. Same sources and checks as :func:`load_model_and_processor`."""
+    from transformers import AutoConfig
+
+    register_r4b_model()
+    tok = _tokenizer(path, tokenizer)
+    config = AutoConfig.from_pretrained(str(path))
+    if is_qwen_vl(config):
+        check_qwen_vl_tokenizer(tok, config)
+        tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+        return tok, QwenVLImageProcessor.from_pretrained(path, config)
+    return tok, RImageProcessor.from_pretrained(path, config)
+
+
+def _tokenizer(path: str | Path | None, tokenizer: str | Path | None) -> object:
+    """``tokenizer``, else the model directory's when it has one, else the shipped tiny tokenizer."""
+    if tokenizer is None and path is not None and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = path
+    return load_tokenizer(tokenizer)
 
 
 def save_model(model, out: str | Path, tokenizer=None, processor=None) -> Path:
