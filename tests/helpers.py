@@ -1,7 +1,13 @@
-"""Shared test utilities: devices, tolerances, allocation tracking."""
+"""Shared test utilities: devices, tolerances, allocation tracking, two-rank launches."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -53,3 +59,26 @@ class AllocationTracker(TorchDispatchMode):
 
     def largest(self) -> tuple[int, str]:
         return max(self.sizes, default=(0, "none"))
+
+
+# A gloo rank can die at teardown with this C++ message (a joinable worker thread destroyed; see
+# pytorch/pytorch#190489): a crash of the process, seen rarely and only on a loaded machine, not a wrong result.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_two_ranks(
+    args: list[str], *, env: dict[str, str], timeout: int, cwd: str | Path | None = None, fresh: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 *args``, output captured; the test fails
+    with the output when the run does. Run once more when a rank died of :data:`GLOO_TEARDOWN_ABORT` -- after deleting
+    ``fresh`` (the run's output directory), so the rerun starts from scratch. The test checks the rerun's results."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    for attempt in range(2):
+        proc = subprocess.run(command, env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True)
+        if proc.returncode == 0 or attempt == 1 or GLOO_TEARDOWN_ABORT not in proc.stderr:
+            break
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

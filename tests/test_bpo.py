@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_two_ranks
 
 from r4b.config import load_config
 from r4b.models.tokenizer import MODE_SUFFIX, load_tokenizer
@@ -115,9 +114,10 @@ def test_two_processes_give_the_one_process_run(data, tmp_path, kind):
     args = ("train.max_steps=2", "train.export=false", "data.eval=null")
     train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "one", *args)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r4b"]
     two = overrides(data, tmp_path / "two", *args, f"engine.kind={kind}")
-    subprocess.run([*command, "bpo", "--config", str(DEMO), *two], check=True, env=env, cwd=ROOT, timeout=300)
+    run_two_ranks(
+        ["-m", "r4b", "bpo", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=300, fresh=tmp_path / "two"
+    )
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert (a["reward"], a["tokens"]) == (b["reward"], b["tokens"])  # the same rollouts
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)

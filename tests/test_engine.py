@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 
 from r4b.train.engine import EngineConfig, build_engine
 
@@ -36,13 +37,14 @@ def _env() -> dict[str, str]:
 def run_worker(tmp: Path, name: str, *args: str, nproc: int = 2, timeout: int = 120) -> dict:
     """Run the worker (torchrun with `nproc` processes, or plain python when nproc is 0); return rank 0's output."""
     out = tmp / f"{name}.pt"
-    launcher = [sys.executable]
     if nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(WORKER), "--out", str(out), *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        assert nproc == 2, "the two-rank cases only"
+        run_two_ranks([str(WORKER), "--out", str(out), *args], env=_env(), timeout=timeout)
+    else:
+        cmd = [sys.executable, str(WORKER), "--out", str(out), *args]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return torch.load(out, weights_only=False)
 
 
@@ -194,3 +196,26 @@ def test_grad_clip_and_activation_checkpointing():
         assert all(p.grad is None for p in eng.module.parameters())
     # the returned norm is the pre-clip one, identical with and without clipping / checkpointing
     assert norms[0.0] == pytest.approx(norms[1e-3], rel=1e-6)
+
+
+def test_two_rank_launches_retry_only_the_gloo_teardown_abort(monkeypatch, tmp_path):
+    """run_two_ranks reruns (from a fresh output directory) only a run a rank of which died of the teardown abort."""
+    import helpers
+
+    fresh = tmp_path / "run"
+    outcomes = []
+
+    def fake_run(command, **_):
+        fresh.mkdir(exist_ok=True)
+        returncode, stderr = outcomes.pop(0)
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    outcomes[:] = [(1, f"... {helpers.GLOO_TEARDOWN_ABORT} ..."), (0, "")]
+    assert helpers.run_two_ranks(["x"], env={}, timeout=1, fresh=fresh).returncode == 0 and not outcomes
+    outcomes[:] = [(1, "AssertionError: loss differs")]  # any other failure fails at once
+    with pytest.raises(pytest.fail.Exception, match="loss differs"):
+        helpers.run_two_ranks(["x"], env={}, timeout=1)
+    outcomes[:] = [(1, helpers.GLOO_TEARDOWN_ABORT), (1, helpers.GLOO_TEARDOWN_ABORT)]  # twice: a real failure
+    with pytest.raises(pytest.fail.Exception):
+        helpers.run_two_ranks(["x"], env={}, timeout=1)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 
 from r4b.cli import main
 from r4b.config import load_config
@@ -97,8 +96,9 @@ def test_two_processes_give_the_one_process_losses(data, tmp_path, engine):
     train_sft(load_config(SFTConfig, DEMO, args))
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     two = overrides(data, tmp_path / "two", "train.max_steps=3", "train.export=false", f"engine.kind={engine}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r4b"]
-    subprocess.run([*command, "sft", "--config", str(DEMO), *two], check=True, env=env, cwd=ROOT, timeout=240)
+    run_two_ranks(
+        ["-m", "r4b", "sft", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=240, fresh=tmp_path / "two"
+    )
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two, strict=True):

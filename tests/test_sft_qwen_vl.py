@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import rel_err, run_two_ranks
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -209,8 +207,9 @@ def test_two_processes_give_the_one_process_losses(model_dir, data, tmp_path, en
     train_sft(load_config(SFTConfig, DEMO, [f"output_dir={tmp_path / 'one'}", *common]))
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     two = [f"output_dir={tmp_path / 'two'}", *common, f"engine.kind={engine}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r4b"]
-    subprocess.run([*command, "sft", "--config", str(DEMO), *two], check=True, env=env, cwd=ROOT, timeout=240)
+    run_two_ranks(
+        ["-m", "r4b", "sft", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=240, fresh=tmp_path / "two"
+    )
     one, two = (
         [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         for name in ("one", "two")
