@@ -122,3 +122,22 @@ def test_two_processes_give_the_one_process_run(data, tmp_path, kind):
         assert (a["reward"], a["tokens"]) == (b["reward"], b["tokens"])  # the same rollouts
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_configured_suffixes_replace_the_templates(data, tmp_path):
+    """rollout.suffixes: the thinking prompts end with the configured suffix (a prefill), the other modes keep the
+    template's; rewards read it back (full_text) and mode-decision credit moves all of it after <think>."""
+    custom = "<think>\nStep by step.\n"
+    extra = ('rollout.suffixes={thinking: "<think>\\nStep by step.\\n"}', "train.export=false", "data.eval=null")
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    tokenizer = load_tokenizer()
+    rows = trainer.generate(trainer.prompts[:2], step=0)
+    for row in rows:
+        thinking, non_thinking = row[0], row[-1]
+        assert thinking.prompt_ids[-len(tokenizer.encode(custom)) :] == tokenizer.encode(custom)
+        assert thinking.suffix == custom and thinking.full_text.startswith(custom)
+        assert non_thinking.suffix == MODE_SUFFIX["non_thinking"]
+    assert trainer.decision_tokens == {"auto": 0, "thinking": len(tokenizer.encode(custom)) - 1, "non_thinking": 2}
+    assert trainer.step(0)["thinking"]["response_len"] > 0
+    with pytest.raises(ValueError, match="unknown mode"):
+        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "rollout.suffixes={think: x}")))

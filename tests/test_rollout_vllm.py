@@ -345,3 +345,14 @@ def test_eval_on_the_vllm_engine(fake_vllm, tmp_path):
         evaluate("tiny", tmp_path / "data" / "eval.jsonl", tmp_path / "o2", engine="vllm", progress=False)
     with pytest.raises(EvalError, match="KEY=VALUE"):
         _vllm_args(["max_model_len"])
+
+
+def test_suffix_overrides_reach_the_requests(fake_vllm, tokenizer, processor):
+    custom = "<think>\nStep by step.\n"
+    engine, llm = _engine(fake_vllm, tokenizer, processor, suffixes={"thinking": custom})
+    (row,) = engine.generate(_prompts()[1:], n=1, mode="thinking", sampling=SamplingParams())
+    ids = tokenizer.encode(custom)
+    assert llm.calls[0][0][0]["prompt_token_ids"][-len(ids) :] == ids and row[0].prompt_ids[-len(ids) :] == ids
+    assert row[0].suffix == custom
+    (row,) = engine.generate(_prompts()[1:], n=1, mode="non_thinking", sampling=SamplingParams())
+    assert row[0].suffix == MODE_SUFFIX["non_thinking"] and row[0].prompt_suffix is None

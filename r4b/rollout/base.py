@@ -13,6 +13,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from PIL import Image
 
 from r4b.models.tokenizer import MODE_SUFFIX, MODES
 
-__all__ = ["Prompt", "Rollout", "RolloutEngine", "SamplingParams", "check_mode"]
+__all__ = ["Prompt", "Rollout", "RolloutEngine", "SamplingParams", "check_mode", "check_suffixes"]
 
 
 @dataclass
@@ -98,6 +99,8 @@ class Rollout:
         finished: True when generation stopped at a stop token, False when it hit ``max_new_tokens``.
         mode: ``auto``, ``thinking`` or ``non_thinking``.
         logprobs: one per response token when asked for (:attr:`SamplingParams.logprobs`), else None.
+        prompt_suffix: the mode suffix the prompt ended with when the engine was given another than the
+            template's (``suffixes=``); None means ``MODE_SUFFIX[mode]``.
     """
 
     prompt_ids: list[int]
@@ -106,16 +109,27 @@ class Rollout:
     finished: bool
     mode: str
     logprobs: list[float] | None = None
+    prompt_suffix: str | None = None
 
     @property
     def suffix(self) -> str:
         """The mode suffix the prompt ends with."""
-        return MODE_SUFFIX[self.mode]
+        return self.prompt_suffix if self.prompt_suffix is not None else MODE_SUFFIX[self.mode]
 
     @property
     def full_text(self) -> str:
         """The assistant turn as written: mode suffix + response text (what answer rewards read)."""
         return self.suffix + self.text
+
+
+def check_suffixes(suffixes: Mapping[str, str] | None) -> dict[str, str]:
+    """Per-mode suffix overrides as a dict (keys: modes; values: non-empty strings), or a ValueError."""
+    out = dict(suffixes or {})
+    for mode, suffix in out.items():
+        check_mode(mode)
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f"the {mode} suffix must be a non-empty string, got {suffix!r}")
+    return out
 
 
 def check_mode(mode: str) -> str:
@@ -131,9 +145,12 @@ class RolloutEngine(abc.ABC):
     Attributes:
         needs_weights: True when the engine has lost its weights (a vLLM level-2 sleep) and needs
             :meth:`load_weights` before generating again.
+        suffixes: per-mode suffixes that replace the chat template's (``MODE_SUFFIX``) at the end of the prompt,
+            e.g. ``{"thinking": "<think>\\nLet me think step by step.\\n"}``; empty: the template's.
     """
 
     needs_weights: bool = False
+    suffixes: Mapping[str, str] = MappingProxyType({})
 
     @abc.abstractmethod
     def generate(

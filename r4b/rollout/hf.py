@@ -28,7 +28,7 @@ from r4b.models.attention import ATTENTION_NAME
 from r4b.models.mrope import mm_token_type_ids
 from r4b.models.qwen_vl import is_qwen_vl
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["HFRolloutEngine", "generation_attention"]
@@ -60,6 +60,7 @@ class HFRolloutEngine(RolloutEngine):
         batch_size: rows (prompt x sample) per ``generate`` call.
         device: where inputs go; default the model's device.
         attn_implementation: the attention used instead of ``r4b_varlen`` while generating.
+        suffixes: per-mode suffixes replacing the template's (:attr:`RolloutEngine.suffixes`).
     """
 
     def __init__(
@@ -71,7 +72,9 @@ class HFRolloutEngine(RolloutEngine):
         batch_size: int = 32,
         device: torch.device | str | None = None,
         attn_implementation: str = "sdpa",
+        suffixes: Mapping[str, str] | None = None,
     ) -> None:
+        self.suffixes = check_suffixes(suffixes)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.mrope = is_qwen_vl(model)
@@ -96,7 +99,8 @@ class HFRolloutEngine(RolloutEngine):
         self, prompts: Sequence[Prompt], *, n: int, mode: str, sampling: SamplingParams
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` (see the module docstring)."""
-        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode)
+        suffix = self.suffixes.get(mode)
+        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode, suffix=suffix)
         rows = [i for i in range(len(encoded)) for _ in range(n)]
         results: list[list[Rollout]] = [[] for _ in encoded]
         with self._generation_state(sampling):
@@ -205,7 +209,8 @@ class HFRolloutEngine(RolloutEngine):
             logprobs = self._logprobs(out.logits, row, response, sampling) if sampling.logprobs else None
             text_ids = response if end is None else response[:-1]
             text = self.tokenizer.decode(text_ids, skip_special_tokens=False)
-            rollouts.append(Rollout(list(prompt.ids), response, text, end is not None, mode, logprobs))
+            finished, suffix = end is not None, self.suffixes.get(mode)
+            rollouts.append(Rollout(list(prompt.ids), response, text, finished, mode, logprobs, suffix))
         return rollouts
 
     @staticmethod

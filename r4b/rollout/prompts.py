@@ -34,8 +34,9 @@ class EncodedPrompt:
     template_ids: list[int] = field(default_factory=list)
 
 
-def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str) -> str:
-    """The chat template's generation prompt in ``mode``; it ends with ``MODE_SUFFIX[mode]`` (checked)."""
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str, suffix: str | None = None) -> str:
+    """The chat template's generation prompt in ``mode``; it ends with ``MODE_SUFFIX[mode]`` (checked), which
+    ``suffix``, when given, replaces."""
     check_mode(mode)
     if messages and messages[-1]["role"] == "assistant":
         raise ValueError("the prompt's last message is an assistant turn: nothing left to generate")
@@ -47,7 +48,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str)
             f"the tokenizer's chat template does not end the {mode} prompt with {MODE_SUFFIX[mode]!r}: "
             f"...{text[-40:]!r} (does it support thinking_mode={TEMPLATE_MODE[mode]!r}?)"
         )
-    return text
+    return text if suffix is None else text[: -len(MODE_SUFFIX[mode])] + suffix
 
 
 def _images(images: Sequence[Image.Image | str | Path]) -> list[Image.Image]:
@@ -62,10 +63,12 @@ def _images(images: Sequence[Image.Image | str | Path]) -> list[Image.Image]:
     return out
 
 
-def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mode: str) -> EncodedPrompt:
+def encode_prompt(
+    tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mode: str, suffix: str | None = None
+) -> EncodedPrompt:
     """Token ids of ``prompt`` in ``mode``; each image placeholder becomes ``processor.num_image_tokens(h, w)``
     copies."""
-    text = render_prompt(tokenizer, prompt.messages, mode)
+    text = render_prompt(tokenizer, prompt.messages, mode, suffix)
     images = _images(prompt.images)
     placeholder = image_placeholder(processor)
     template_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -77,13 +80,14 @@ def encode_prompt(tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mod
 
 
 def encode_for_generation(
-    tokenizer: Any, processor: ImageProcessor, prompts: Sequence[Prompt], *, n: int, mode: str
+    tokenizer: Any, processor: ImageProcessor, prompts: Sequence[Prompt], *, n: int, mode: str, suffix: str | None
 ) -> list[EncodedPrompt]:
-    """What every engine's ``generate`` starts with: ``mode`` and ``n`` checked, each prompt encoded in ``mode``."""
+    """What every engine's ``generate`` starts with: ``mode`` and ``n`` checked, each prompt encoded in ``mode``
+    (ending with ``suffix`` instead of the template's mode suffix when one is given)."""
     check_mode(mode)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return [encode_prompt(tokenizer, processor, prompt, mode) for prompt in prompts]
+    return [encode_prompt(tokenizer, processor, prompt, mode, suffix) for prompt in prompts]
 
 
 def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ from r4b.data.encode import image_placeholder
 from r4b.data.image import ImageProcessor
 from r4b.models.checkpoint import checkpoint_name
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["VLLMRolloutEngine", "align_rvl_image_token_count", "import_vllm", "request_seed"]
@@ -92,9 +92,19 @@ class VLLMRolloutEngine(RolloutEngine):
         processor: the image processor the trainer uses (for the expected image token counts).
         sleep_level: 1 or 2: :meth:`sleep` releases vLLM's GPU memory (level 2 also its weights) until the
             next call; None keeps it awake.
+        suffixes: per-mode suffixes replacing the template's (:attr:`RolloutEngine.suffixes`).
     """
 
-    def __init__(self, llm: Any, tokenizer: Any, processor: ImageProcessor, *, sleep_level: int | None = None) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        tokenizer: Any,
+        processor: ImageProcessor,
+        *,
+        sleep_level: int | None = None,
+        suffixes: Mapping[str, str] | None = None,
+    ) -> None:
+        self.suffixes = check_suffixes(suffixes)
         if sleep_level not in (None, 1, 2):
             raise ValueError(f"sleep_level must be None, 1 or 2, got {sleep_level}")
         self.llm, self.tokenizer, self.processor, self.sleep_level = llm, tokenizer, processor, sleep_level
@@ -112,6 +122,7 @@ class VLLMRolloutEngine(RolloutEngine):
         processor: ImageProcessor,
         *,
         sleep_level: int | None = None,
+        suffixes: Mapping[str, str] | None = None,
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
         """A colocated engine on the checkpoint at ``path`` (r4b's export: it holds the processor config vLLM
@@ -127,7 +138,7 @@ class VLLMRolloutEngine(RolloutEngine):
             "enable_sleep_mode": sleep_level is not None,
         }
         llm = vllm.LLM(model=str(path), **(defaults | llm_kwargs))
-        return cls(llm, tokenizer, processor, sleep_level=sleep_level)
+        return cls(llm, tokenizer, processor, sleep_level=sleep_level, suffixes=suffixes)
 
     # -- weights and memory ---------------------------------------------------------------------------
 
@@ -162,7 +173,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self, prompts: Sequence[Prompt], *, n: int, mode: str, sampling: SamplingParams
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` (see the module docstring)."""
-        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode)
+        suffix = self.suffixes.get(mode)
+        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode, suffix=suffix)
         if not encoded:
             return []
         if self.needs_weights:
@@ -218,4 +230,4 @@ class VLLMRolloutEngine(RolloutEngine):
         if completion.logprobs is not None:
             logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, response, strict=True)]
         text = self.tokenizer.decode(text_ids, skip_special_tokens=False)
-        return Rollout(list(prompt.ids), response, text, finished, mode, logprobs)
+        return Rollout(list(prompt.ids), response, text, finished, mode, logprobs, self.suffixes.get(mode))

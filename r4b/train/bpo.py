@@ -29,7 +29,7 @@ import torch.distributed as dist
 from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.update import BPOObjective
-from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams
+from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import EngineConfig, build_engine
 from r4b.train.logging import RunLogger
@@ -62,6 +62,9 @@ class RolloutSection:
     engine: str = "hf"  # "hf": transformers generate, runs anywhere; "vllm": colocated vLLM (GPU, r4b[vllm])
     vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments (engine: vllm)
     vllm_sleep_level: int | None = None  # 1 or 2: vLLM sleeps between rollouts, freeing GPU memory
+    # Per-mode prompt suffixes replacing the chat template's, e.g. {thinking: "<think>\nLet me think.\n"};
+    # mode-decision credit then trains everything after <think> in them.
+    suffixes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,13 +146,14 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
     return out
 
 
-def decision_token_counts(tokenizer: Any) -> dict[str, int]:
-    """Tokens after ``<think>`` in each mode's suffix (R-4B's and Qwen3's vocabularies: thinking 1, non-thinking 2,
-    auto 0). Mode-decision credit needs ``<think>`` to be one token, so that the decision starts on a token
-    boundary; Qwen2.5-VL's vocabulary has no ``<think>`` token, which is an error here."""
+def decision_token_counts(tokenizer: Any, suffixes: dict[str, str] | None = None) -> dict[str, int]:
+    """Tokens after ``<think>`` in each mode's suffix (``suffixes`` overriding ``MODE_SUFFIX``; with the template's
+    suffixes and R-4B's or Qwen3's vocabulary: thinking 1, non-thinking 2, auto 0). Mode-decision credit needs
+    ``<think>`` to be one token, so that the decision starts on a token boundary; Qwen2.5-VL's vocabulary has no
+    ``<think>`` token, which is an error here."""
     head = tokenizer.encode(THINK_OPEN, add_special_tokens=False)
     counts = {}
-    for mode, suffix in MODE_SUFFIX.items():
+    for mode, suffix in (MODE_SUFFIX | (suffixes or {})).items():
         ids = tokenizer.encode(suffix, add_special_tokens=False)
         if len(head) != 1 or ids[:1] != head:
             raise ValueError(
@@ -173,6 +177,7 @@ def move_decision_tokens(rollout: Rollout, decision: int) -> Rollout:
         finished=rollout.finished,
         mode=rollout.mode,
         logprobs=None,
+        prompt_suffix=rollout.prompt_suffix,
     )
 
 
@@ -185,6 +190,7 @@ class BPOTrainer:
         self.main = self.rank == 0
         if config.rollout.strategy not in STRATEGIES:
             raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {config.rollout.strategy!r}")
+        check_suffixes(config.rollout.suffixes)
         if config.reward.name not in REWARDS:
             raise ValueError(f"unknown reward {config.reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
         self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
@@ -196,7 +202,9 @@ class BPOTrainer:
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
         # checked before anything runs: the token count depends on the model family's vocabulary
-        self.decision_tokens = decision_token_counts(self.tokenizer) if config.advantages.mode_decision_credit else None
+        self.decision_tokens = None
+        if config.advantages.mode_decision_credit:
+            self.decision_tokens = decision_token_counts(self.tokenizer, config.rollout.suffixes)
         self.model = model
         if config.rollout.engine not in ROLLOUT_ENGINES:
             raise ValueError(f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {config.rollout.engine!r}")
@@ -266,7 +274,9 @@ class BPOTrainer:
         rollout = self.config.rollout
         if isinstance(source, torch.nn.Module):
             source.to(self.engine.device)
-            return HFRolloutEngine(source, self.tokenizer, self.processor, batch_size=rollout.batch_size)
+            return HFRolloutEngine(
+                source, self.tokenizer, self.processor, batch_size=rollout.batch_size, suffixes=rollout.suffixes
+            )
         from r4b.rollout.vllm import VLLMRolloutEngine
 
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -276,7 +286,12 @@ class BPOTrainer:
         if self.world_size > 1:  # one vLLM per rank inside the torchrun job, as TRL's colocate mode runs it
             defaults["distributed_executor_backend"] = "external_launcher"
         return VLLMRolloutEngine.from_pretrained(
-            source, self.tokenizer, self.processor, sleep_level=rollout.vllm_sleep_level, **(defaults | rollout.vllm)
+            source,
+            self.tokenizer,
+            self.processor,
+            sleep_level=rollout.vllm_sleep_level,
+            suffixes=rollout.suffixes,
+            **(defaults | rollout.vllm),
         )
 
     def _modes(self) -> list[tuple[str, int]]:
