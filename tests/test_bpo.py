@@ -141,3 +141,12 @@ def test_configured_suffixes_replace_the_templates(data, tmp_path):
     assert trainer.step(0)["thinking"]["response_len"] > 0
     with pytest.raises(ValueError, match="unknown mode"):
         BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "rollout.suffixes={think: x}")))
+
+
+def test_format_reward_is_added_with_its_weight_and_logged(data, tmp_path):
+    extra = ("reward.format_weight=0.5", "train.export=false", "data.eval=null")
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    row = trainer.step(0)
+    for mode in ("thinking", "non_thinking"):
+        assert 0 <= row[mode]["format"] <= 1
+        assert row[mode]["reward"] == pytest.approx(row[mode]["accuracy"] + 0.5 * row[mode]["format"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from r4b.rl import answer_reward, extract_answer
+from r4b.rl import REWARDS, answer_reward, extract_answer, format_reward
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,19 @@ def test_answer_reward(response, answer, reward):
 
 def test_custom_pattern():
     assert answer_reward("Answer: 7 apples", "7", pattern=r"Answer:\s*(\d+)") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("<think>\nwork\n</think>\n\nThe answer is \\boxed{4}.", 1.0),
+        ("<think>\n\n</think>\n\n4", 1.0),  # non-thinking: an empty block is well formed
+        ("<think>\nwork, never closed", 0.0),
+        ("<think>\nwork\n</think>\n\n   ", 0.0),  # no answer after the block
+        ("4 <think>\n</think>\n\n4", 0.0),  # not first
+        ("<think>\na</think><think>b</think>\n\n4", 0.0),  # two blocks
+        ("<think>\na</think>\n\n4 </think>", 0.0),
+    ],
+)
+def test_format_reward(response, expected):
+    assert format_reward(response) == expected and REWARDS["format"](response, "4") == expected

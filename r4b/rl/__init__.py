@@ -2,7 +2,7 @@
 
 from .advantages import ADVANTAGE_MODES, compute_advantages
 from .batch import RolloutBatch
-from .reward import REWARDS, answer_reward, answers_match, extract_answer, register_reward
+from .reward import REWARDS, answer_reward, answers_match, extract_answer, format_reward, register_reward
 from .update import BPOObjective, UpdateConfig, compute_logprobs, policy_update
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "compute_advantages",
     "compute_logprobs",
     "extract_answer",
+    "format_reward",
     "policy_update",
     "register_reward",
 ]

@@ -5,6 +5,9 @@ last ``\\boxed{...}`` in it (nested braces allowed), else a caller's regex, else
 Multiple-choice references (a single letter) match a letter answer such as ``B``, ``(B)`` or
 ``B. 42``. Everything else is compared with math-verify (fractions, LaTeX, units, sets), with a
 relative numeric tolerance for plain numbers and normalized string equality as the last resort.
+
+:func:`format_reward` (optional; the paper mentions none) checks R-4B's output format instead:
+``<think>`` first, one closed think block, then a non-empty answer.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-THINK_CLOSE = "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _CHOICE = re.compile(r"^\(?([A-Ja-j])\)?(?:[.:)\s]|$)")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
@@ -94,3 +97,12 @@ def answer_reward(response: str, answer: str, pattern: str | None = None) -> flo
     """1.0 when the response's final answer matches ``answer``, else 0.0."""
     pred = extract_answer(response, pattern)
     return float(pred is not None and answers_match(pred, answer))
+
+
+@register_reward("format")
+def format_reward(response: str, answer: str | None = None) -> float:
+    """1.0 when the response (mode suffix included) is ``<think>`` + one closed think block + a non-empty
+    answer, else 0.0; ``answer`` is not read (the registry's signature)."""
+    if not response.startswith(THINK_OPEN) or response.count(THINK_OPEN) != 1 or response.count(THINK_CLOSE) != 1:
+        return 0.0
+    return float(bool(response.split(THINK_CLOSE, 1)[1].strip()))

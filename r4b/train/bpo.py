@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
+from r4b.rl.reward import format_reward
 from r4b.rl.update import BPOObjective
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from r4b.train.checkpoint import save_checkpoint
@@ -71,6 +72,7 @@ class RolloutSection:
 class RewardSection:
     name: str = "answer"  # a registered reward (r4b.rl.register_reward)
     pattern: str | None = None  # regex for the final answer when there is no \boxed{}
+    format_weight: float = 0.0  # > 0 adds weight x the format reward (<think> block closed, then an answer)
 
 
 @dataclass
@@ -342,12 +344,16 @@ class BPOTrainer:
 
         reward_fn = REWARDS[config.reward.name]
         kwargs = {"pattern": config.reward.pattern} if config.reward.pattern else {}
-        rewards = torch.tensor(
+        scores = torch.tensor(
             [
                 [reward_fn(r.full_text, s.answer, **kwargs) for r in row]
                 for row, s in zip(rollouts, samples, strict=True)
             ]
         )
+        formats = None
+        if config.reward.format_weight:
+            formats = torch.tensor([[format_reward(r.full_text) for r in row] for row in rollouts])
+        rewards = scores if formats is None else scores + config.reward.format_weight * formats
         num_thinking = config.rollout.group_size if config.rollout.strategy == "bpo" else None
         advantages = compute_advantages(
             rewards, config.advantages.grouping, num_thinking=num_thinking, scale_by_std=config.advantages.scale_by_std
@@ -381,7 +387,7 @@ class BPOTrainer:
         )
         timings["update"] = time.perf_counter() - clock
         elapsed = time.perf_counter() - started
-        metrics = {"step": step + 1, **_rollout_metrics(rollouts, rewards), **_scalars(update)}
+        metrics = {"step": step + 1, **_rollout_metrics(rollouts, rewards, scores, formats), **_scalars(update)}
         metrics["time"] = timings
         metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
@@ -439,20 +445,28 @@ def train_bpo(config: BPOConfig) -> Path:
     return BPOTrainer(config).train()
 
 
-def _rollout_metrics(rollouts: list[list[Rollout]], rewards: torch.Tensor) -> dict[str, Any]:
-    """Reward, accuracy and response length per mode; the share of prompts whose 2g rewards are all equal
-    (zero advantage: no learning signal)."""
+def _rollout_metrics(
+    rollouts: list[list[Rollout]], rewards: torch.Tensor, scores: torch.Tensor, formats: torch.Tensor | None
+) -> dict[str, Any]:
+    """Per mode: reward, accuracy (the answer reward alone), response length and, with a format reward, the
+    share of well-formed responses; the share of prompts whose 2g rewards are all equal (zero advantage: no
+    learning signal)."""
     out: dict[str, Any] = {"reward": float(rewards.mean())}
-    by_mode: dict[str, list[tuple[float, int]]] = {}
-    for row, values in zip(rollouts, rewards.tolist(), strict=True):
-        for rollout, value in zip(row, values, strict=True):
-            by_mode.setdefault(rollout.mode, []).append((value, len(rollout.response_ids)))
-    for mode, pairs in by_mode.items():
+    columns = [rewards, scores] + ([formats] if formats is not None else [])
+    by_mode: dict[str, list[tuple[float, ...]]] = {}
+    for p, row in enumerate(rollouts):
+        for k, rollout in enumerate(row):
+            values = (*(float(c[p, k]) for c in columns), len(rollout.response_ids))
+            by_mode.setdefault(rollout.mode, []).append(values)
+    for mode, rows in by_mode.items():
+        mean = lambda i, rows=rows: sum(r[i] for r in rows) / len(rows)
         out[mode] = {
-            "reward": sum(v for v, _ in pairs) / len(pairs),
-            "accuracy": sum(v >= 1.0 for v, _ in pairs) / len(pairs),
-            "response_len": sum(n for _, n in pairs) / len(pairs),
+            "reward": mean(0),
+            "accuracy": sum(r[1] >= 1.0 for r in rows) / len(rows),
+            "response_len": mean(-1),
         }
+        if formats is not None:
+            out[mode]["format"] = mean(2)
     out["zero_adv_groups"] = float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
     return out
 
