@@ -70,6 +70,8 @@ def test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode(data, tmp_path)
     )
     assert {"rollout", "reward", "logprobs", "update"} == set(row["time"])
     assert row["thinking"]["response_len"] > 0 and 0 <= row["zero_adv_groups"] <= 1
+    for mode in ("thinking", "non_thinking"):  # a mode's own groups are uniform at least as often as the joint ones
+        assert row["zero_adv_groups"] <= row[mode]["zero_adv_groups"] <= 1
 
 
 def test_mode_decision_credit_moves_the_suffix_tail_into_the_response(data, tmp_path):

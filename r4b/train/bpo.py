@@ -448,9 +448,9 @@ def train_bpo(config: BPOConfig) -> Path:
 def _rollout_metrics(
     rollouts: list[list[Rollout]], rewards: torch.Tensor, scores: torch.Tensor, formats: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Per mode: reward, accuracy (the answer reward alone), response length and, with a format reward, the
-    share of well-formed responses; the share of prompts whose 2g rewards are all equal (zero advantage: no
-    learning signal)."""
+    """Per mode: reward, accuracy (the answer reward alone), response length, the share of prompts whose
+    responses in that mode all got one reward and, with a format reward, the share of well-formed responses;
+    overall, the share of prompts whose 2g rewards are all equal (zero advantage: no learning signal)."""
     out: dict[str, Any] = {"reward": float(rewards.mean())}
     columns = [rewards, scores] + ([formats] if formats is not None else [])
     by_mode: dict[str, list[tuple[float, ...]]] = {}
@@ -467,6 +467,10 @@ def _rollout_metrics(
         }
         if formats is not None:
             out[mode]["format"] = mean(2)
+        # prompts whose responses in this mode all got one reward: the mode's own group carries no signal
+        groups = [{float(rewards[p, k]) for k, r in enumerate(row) if r.mode == mode} for p, row in enumerate(rollouts)]
+        groups = [values for values in groups if values]
+        out[mode]["zero_adv_groups"] = sum(len(values) == 1 for values in groups) / len(groups)
     out["zero_adv_groups"] = float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
     return out
 
