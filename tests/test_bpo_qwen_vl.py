@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_two_ranks
 from PIL import Image
 from test_bpo_update import BIG, RecordingEngine, assert_grads_close
 from test_sft_qwen_vl import KINDS, VISION_TOKENS, save_tiny_qwen_vl
@@ -269,14 +271,17 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
-def test_bpo_runs_two_steps_and_exports(model_dir, synth, tmp_path):
-    args = [
-        f"output_dir={tmp_path / 'run'}", f"model.path={model_dir}", f"data.prompts=[{synth / 'rl.jsonl'}]",
+def bpo_args(model_dir: Path, synth: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}", f"model.path={model_dir}", f"data.prompts=[{synth / 'rl.jsonl'}]",
         f"data.eval={synth / 'eval.jsonl'}", "rollout.group_size=2", "rollout.max_new_tokens=4",
         "rollout.prompts_per_call=2", "train.prompts_per_step=2", "train.steps=2", "train.eval_max_new_tokens=3",
-        "train.progress=false", "train.tensorboard=false", "policy.beta=0.01", "policy.max_tokens=256",
+        "train.progress=false", "train.tensorboard=false", "policy.beta=0.01", "policy.max_tokens=256", *extra,
     ]  # fmt: skip
-    trainer = BPOTrainer(load_config(BPOConfig, BPO_DEMO, args))
+
+
+def test_bpo_runs_two_steps_and_exports(model_dir, synth, tmp_path):
+    trainer = BPOTrainer(load_config(BPOConfig, BPO_DEMO, bpo_args(model_dir, synth, tmp_path / "run")))
     assert trainer.processor.num_image_tokens(56, 56) == 16
     run = trainer.train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -314,3 +319,19 @@ def test_eval_cli_on_a_qwen_vl_directory(model_dir, synth, tmp_path, capsys):
         assert record["prompt"].endswith(MODE_SUFFIX[record["mode"]])
         assert "<|vision_start|><|image_pad|><|vision_end|>" in record["prompt"] and 1 <= record["tokens"] <= 4
     assert "qwen auto: accuracy" in capsys.readouterr().out
+
+
+def test_two_fsdp2_processes_give_the_one_process_run(model_dir, synth, tmp_path):
+    """Qwen-VL BPO sharded over 2 processes: the same rollouts (rewards, tokens), loss and gradient norm."""
+    extra = ("train.export=false", "data.eval=null")
+    BPOTrainer(load_config(BPOConfig, BPO_DEMO, bpo_args(model_dir, synth, tmp_path / "one", *extra))).train()
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    two = bpo_args(model_dir, synth, tmp_path / "two", *extra, "engine.kind=fsdp2")
+    run_two_ranks(["-m", "r4b", "bpo", "--config", str(BPO_DEMO), *two], env=env, cwd=ROOT, timeout=300,
+                  fresh=tmp_path / "two")  # fmt: skip
+    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for a, b in zip(*rows, strict=True):
+        assert (a["reward"], a["tokens"]) == (b["reward"], b["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
