@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_two_ranks
 
 from r4b.config import load_config
 from r4b.models.tokenizer import MODE_SUFFIX, load_tokenizer
+from r4b.rollout import Rollout
 from r4b.synth import write_synthetic
-from r4b.train.bpo import BPOConfig, BPOTrainer, move_decision_tokens, prompt_indices, train_bpo
+from r4b.train.bpo import BPOConfig, BPOTrainer, _rollout_metrics, move_decision_tokens, prompt_indices, train_bpo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
@@ -68,10 +70,9 @@ def test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode(data, tmp_path)
     assert {"reward", "thinking", "non_thinking", "zero_adv_groups", "clip_frac", "kl", "entropy", "grad_norm"} <= set(
         row
     )
-    assert {"rollout", "reward", "logprobs", "update"} == set(row["time"])
+    assert {"sync", "rollout", "reward", "logprobs", "update"} == set(row["time"])
     assert row["thinking"]["response_len"] > 0 and 0 <= row["zero_adv_groups"] <= 1
-    for mode in ("thinking", "non_thinking"):  # a mode's own groups are uniform at least as often as the joint ones
-        assert row["zero_adv_groups"] <= row[mode]["zero_adv_groups"] <= 1
+    assert 0 <= row["thinking"]["uniform_reward_groups"] <= 1
 
 
 def test_mode_decision_credit_moves_the_suffix_tail_into_the_response(data, tmp_path):
@@ -140,6 +141,9 @@ def test_configured_suffixes_replace_the_templates(data, tmp_path):
         assert thinking.suffix == custom and thinking.full_text.startswith(custom)
         assert non_thinking.suffix == MODE_SUFFIX["non_thinking"]
     assert trainer.decision_tokens == {"auto": 0, "thinking": len(tokenizer.encode(custom)) - 1, "non_thinking": 2}
+    moved = move_decision_tokens(rows[0][0], trainer.decision_tokens["thinking"])  # what the update trains on
+    think, *tail = tokenizer.encode(custom)
+    assert moved.prompt_ids[-1] == think and moved.response_ids[: len(tail)] == tail
     assert trainer.step(0)["thinking"]["response_len"] > 0
     with pytest.raises(ValueError, match="unknown mode"):
         BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "rollout.suffixes={think: x}")))
@@ -152,3 +156,19 @@ def test_format_reward_is_added_with_its_weight_and_logged(data, tmp_path):
     for mode in ("thinking", "non_thinking"):
         assert 0 <= row[mode]["format"] <= 1
         assert row[mode]["reward"] == pytest.approx(row[mode]["accuracy"] + 0.5 * row[mode]["format"])
+    assert row["non_thinking"]["format"] > 0  # scored on the full text: the suffix opens and closes the block
+    with pytest.raises(ValueError, match="format reward alone"):
+        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "reward.name=format", *extra[:1])))
+    with pytest.raises(ValueError, match=r"rollout\.engine=vllm"):
+        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad2", "rollout.vllm_sleep_level=1")))
+
+
+def test_rollout_metrics_by_hand():
+    """Two prompts, g=2: prompt 0 thinking [1, 1] / non-thinking [0, 1]; prompt 1 all 0."""
+    shape = ((3, "thinking"), (5, "thinking"), (1, "non_thinking"), (1, "non_thinking"))
+    row = lambda: [Rollout([1], [2] * n, "", True, mode) for n, mode in shape]
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    out = _rollout_metrics([row(), row()], rewards, rewards, None)
+    assert out["reward"] == pytest.approx(3 / 8) and out["zero_adv_groups"] == 0.5  # prompt 1's 2g are all equal
+    assert out["thinking"] == {"reward": 0.5, "accuracy": 0.5, "response_len": 4.0, "uniform_reward_groups": 1.0}
+    assert out["non_thinking"] == {"reward": 0.25, "accuracy": 0.25, "response_len": 1.0, "uniform_reward_groups": 0.5}

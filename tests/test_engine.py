@@ -203,9 +203,10 @@ def test_two_rank_launches_retry_only_the_gloo_teardown_abort(monkeypatch, tmp_p
     import helpers
 
     fresh = tmp_path / "run"
-    outcomes = []
+    outcomes, existed = [], []
 
     def fake_run(command, **_):
+        existed.append(fresh.exists())
         fresh.mkdir(exist_ok=True)
         returncode, stderr = outcomes.pop(0)
         return subprocess.CompletedProcess(command, returncode, "", stderr)
@@ -213,6 +214,7 @@ def test_two_rank_launches_retry_only_the_gloo_teardown_abort(monkeypatch, tmp_p
     monkeypatch.setattr(helpers.subprocess, "run", fake_run)
     outcomes[:] = [(1, f"... {helpers.GLOO_TEARDOWN_ABORT} ..."), (0, "")]
     assert helpers.run_two_ranks(["x"], env={}, timeout=1, fresh=fresh).returncode == 0 and not outcomes
+    assert existed == [False, False]  # the rerun started from scratch
     outcomes[:] = [(1, "AssertionError: loss differs")]  # any other failure fails at once
     with pytest.raises(pytest.fail.Exception, match="loss differs"):
         helpers.run_two_ranks(["x"], env={}, timeout=1)

@@ -93,7 +93,10 @@ class FakeLLM:
 
     @property
     def llm_engine(self):
-        return types.SimpleNamespace(reset_encoder_cache=lambda: self.events.append("reset_encoder_cache"))
+        core = types.SimpleNamespace(shutdown=lambda: self.events.append("shutdown"))
+        return types.SimpleNamespace(
+            reset_encoder_cache=lambda: self.events.append("reset_encoder_cache"), engine_core=core
+        )
 
     def sleep(self, level):
         self.events.append(f"sleep{level}")
@@ -117,7 +120,12 @@ def fake_vllm(monkeypatch):
         return llm
 
     module.LLM = make_llm
+    module.cleanups = []
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state.cleanup_dist_env_and_memory = lambda: module.cleanups.append(True)
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", state)
     return module
 
 
@@ -338,6 +346,7 @@ def test_eval_on_the_vllm_engine(fake_vllm, tmp_path):
     ((path, kwargs, llm),) = fake_vllm.built
     assert path == str(model_dir) and kwargs["max_model_len"] == 512 and kwargs["enforce_eager"] is True
     assert kwargs["gpu_memory_utilization"] == 0.9 and len(llm.calls) == 2  # one call per mode (batch of 3)
+    assert llm.events[-1] == "shutdown" and fake_vllm.cleanups == [True]  # GPU memory freed for the next model
     (metrics,) = report["models"].values()
     assert metrics["auto"]["n"] == 3 and metrics["non_thinking"]["n"] == 3
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 6

@@ -63,6 +63,8 @@ def _engine(
     if isinstance(spec, RolloutEngine):
         return spec, getattr(spec, "tokenizer", None)
     if engine == "vllm":
+        if device is not None:
+            raise EvalError("device is for the hf engine; vLLM places the model itself (CUDA_VISIBLE_DEVICES)")
         return _vllm_engine(spec, seed=seed, dtype=dtype, vllm_args=vllm_args or {})
     if isinstance(spec, (str, Path)):
         model, tokenizer, processor = _load(spec, seed=seed, dtype=dtype)
@@ -263,7 +265,7 @@ def evaluate(
     Raises:
         r4b.data.DataError, EvalError: bad data (with ``file:line``), model, mode or name.
     """
-    from r4b.rollout.base import SamplingParams
+    from r4b.rollout.base import RolloutEngine, SamplingParams
 
     modes = list(dict.fromkeys(modes))
     for mode in modes:
@@ -294,6 +296,7 @@ def evaluate(
     try:
         with (out / PREDICTIONS).open("w") as handle:
             for label, spec in specs.items():
+                owned = not isinstance(spec, RolloutEngine)  # built here, so closed here
                 generator, tokenizer = _engine(
                     spec, batch_size=batch_size, seed=seed, device=device, dtype=dtype, engine=engine,
                     vllm_args=vllm_args,
@@ -316,6 +319,8 @@ def evaluate(
                             records.append(row)
                             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                     handle.flush()
+                if owned and hasattr(generator, "close"):  # vLLM keeps its GPU memory until shut down
+                    generator.close()
                 del generator, tokenizer
                 _free_memory()
                 if on_model_done is not None:

@@ -113,6 +113,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_placeholder(processor))
         self.sleeping: set[str] = set()  # the memory tags vLLM has released
         self.needs_weights = False  # True after a level-2 sleep discarded them
+        if not hasattr(llm.llm_engine, "reset_encoder_cache"):  # else image embeddings outlive a weight sync
+            raise ImportError("this vLLM cannot reset its encoder cache after a weight update: install r4b[vllm]")
 
     @classmethod
     def from_pretrained(
@@ -151,6 +153,15 @@ class VLLMRolloutEngine(RolloutEngine):
         self._wake("kv_cache")
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()  # image embeddings of the old vision tower
+
+    def close(self) -> None:
+        """Shut vLLM down and free its GPU memory and distributed state, for a process that goes on without it
+        (``r4b eval`` of several models). It also ends torch.distributed: not for a training process."""
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
 
     def sleep(self) -> None:
         """Release vLLM's GPU memory until the next :meth:`generate` or :meth:`load_weights` (with

@@ -4,7 +4,7 @@ Each step takes ``prompts_per_step`` prompts (a per-epoch shuffle, deterministic
 step) and for each generates ``g`` responses with the thinking suffix and ``g`` with the non-thinking
 suffix (``rollout.strategy: bpo``; ``grpo`` generates 2g in auto mode, the baseline the paper compares
 against). Rule-based rewards give advantages normalised over the joint group of 2g; the policy update
-packs each prompt once with all its responses (shared prefix) and trains with the fused BPO loss.
+packs each (prompt, mode) once with its responses (shared prefix) and trains with the fused BPO loss.
 
 Rollouts (``rollout.engine: hf``) run on the policy itself in one plain process, and otherwise on a plain
 copy of it; ``rollout.engine: vllm`` runs a colocated vLLM per rank. Either way the rollout weights are
@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
-from r4b.rl.reward import format_reward
 from r4b.rl.update import BPOObjective
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from r4b.train.checkpoint import save_checkpoint
@@ -166,6 +165,21 @@ def decision_token_counts(tokenizer: Any, suffixes: dict[str, str] | None = None
     return counts
 
 
+def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection) -> None:
+    """Settings that cannot work together, refused before any model loads."""
+    if rollout.strategy not in STRATEGIES:
+        raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {rollout.strategy!r}")
+    if rollout.engine not in ROLLOUT_ENGINES:
+        raise ValueError(f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {rollout.engine!r}")
+    if rollout.engine != "vllm" and (rollout.vllm or rollout.vllm_sleep_level is not None):
+        raise ValueError("rollout.vllm and rollout.vllm_sleep_level are for rollout.engine=vllm")
+    check_suffixes(rollout.suffixes)
+    if reward.name not in REWARDS:
+        raise ValueError(f"unknown reward {reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
+    if reward.name == "format" and (reward.format_weight or reward.pattern):
+        raise ValueError("reward.name=format is the format reward alone: no reward.format_weight or reward.pattern")
+
+
 def move_decision_tokens(rollout: Rollout, decision: int) -> Rollout:
     """Mode-decision credit: the last ``decision`` prompt tokens (the suffix after ``<think>``) become the
     head of the response, so the loss trains the choice between ``\\n`` and ``\\n\\n``."""
@@ -190,11 +204,7 @@ class BPOTrainer:
         self.config = config
         self.rank, self.world_size, self.run_dir = start_run(config, config.output_dir, config.train.seed)
         self.main = self.rank == 0
-        if config.rollout.strategy not in STRATEGIES:
-            raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {config.rollout.strategy!r}")
-        check_suffixes(config.rollout.suffixes)
-        if config.reward.name not in REWARDS:
-            raise ValueError(f"unknown reward {config.reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
+        _check_rollout_and_reward(config.rollout, config.reward)
         self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
         self.eval_prompts = read_prompt_files([config.data.eval], "raise")[0] if config.data.eval else []
         if self.main:
@@ -208,8 +218,6 @@ class BPOTrainer:
         if config.advantages.mode_decision_credit:
             self.decision_tokens = decision_token_counts(self.tokenizer, config.rollout.suffixes)
         self.model = model
-        if config.rollout.engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {config.rollout.engine!r}")
         # One process on the plain engine generates with the policy itself; sharded engines and vLLM keep a
         # full copy, synced from the engine whenever the policy has changed.
         self.shares_policy = self.world_size == 1 and config.engine.kind == "single" and config.rollout.engine == "hf"
@@ -247,7 +255,8 @@ class BPOTrainer:
     # -- rollouts ------------------------------------------------------------------------------------
 
     def _sync_rollout_weights(self) -> None:
-        """Copy the engine's current weights into the rollout model on every rank, if they changed."""
+        """Copy the engine's current weights into the rollout model on every rank, if they changed or the
+        rollout engine lost its own (a vLLM level-2 sleep)."""
         if not self.rollout_stale and not self.rollout_engine.needs_weights:
             return
         self.rollout_stale = False
@@ -338,21 +347,18 @@ class BPOTrainer:
         indices = prompt_indices(step, config.train.prompts_per_step, len(self.prompts), config.train.seed)
         samples = [self.prompts[i] for i in indices]
         self._sync_rollout_weights()
+        timings["sync"], clock = time.perf_counter() - clock, time.perf_counter()
         rollouts = self.generate(samples, step)
         self.rollout_engine.sleep()  # a vLLM engine hands its GPU memory to the update
         timings["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        reward_fn = REWARDS[config.reward.name]
-        kwargs = {"pattern": config.reward.pattern} if config.reward.pattern else {}
         scores = torch.tensor(
-            [
-                [reward_fn(r.full_text, s.answer, **kwargs) for r in row]
-                for row, s in zip(rollouts, samples, strict=True)
-            ]
+            [[self._score(r, s.answer) for r in row] for row, s in zip(rollouts, samples, strict=True)]
         )
         formats = None
         if config.reward.format_weight:
-            formats = torch.tensor([[format_reward(r.full_text) for r in row] for row in rollouts])
+            formats = torch.tensor([[REWARDS["format"](r.full_text, s.answer) for r in row] for row, s in
+                                    zip(rollouts, samples, strict=True)])  # fmt: skip
         rewards = scores if formats is None else scores + config.reward.format_weight * formats
         num_thinking = config.rollout.group_size if config.rollout.strategy == "bpo" else None
         advantages = compute_advantages(
@@ -395,6 +401,12 @@ class BPOTrainer:
 
     # -- evaluation -------------------------------------------------------------------------------------
 
+    def _score(self, rollout: Rollout, answer: str) -> float:
+        """The configured reward of one rollout (its mode suffix included), in training and evaluation alike."""
+        reward = self.config.reward
+        kwargs = {"pattern": reward.pattern} if reward.pattern else {}
+        return REWARDS[reward.name](rollout.full_text, answer, **kwargs)
+
     def evaluate_auto(self, step: int) -> dict[str, Any]:
         """Greedy auto-mode answers on the held-out prompts: accuracy and thinking trigger rate."""
         from r4b.eval.metrics import is_thinking
@@ -404,8 +416,7 @@ class BPOTrainer:
         sampling = self._sampling(step, 0, 99, greedy=True, max_new=self.config.train.eval_max_new_tokens)
         rows = self.rollout_engine.generate(prompts, n=1, mode="auto", sampling=sampling)
         self.rollout_engine.sleep()
-        reward_fn = REWARDS[self.config.reward.name]
-        correct = [reward_fn(row[0].full_text, s.answer) for row, s in zip(rows, self.eval_prompts, strict=True)]
+        correct = [self._score(row[0], s.answer) for row, s in zip(rows, self.eval_prompts, strict=True)]
         thinking = [is_thinking(row[0].full_text) for row in rows]
         return {"accuracy": sum(correct) / len(rows), "trigger_rate": sum(thinking) / len(rows)}
 
@@ -448,7 +459,7 @@ def train_bpo(config: BPOConfig) -> Path:
 def _rollout_metrics(
     rollouts: list[list[Rollout]], rewards: torch.Tensor, scores: torch.Tensor, formats: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Per mode: reward, accuracy (the answer reward alone), response length, the share of prompts whose
+    """Per mode: reward, accuracy (the configured reward alone), response length, the share of prompts whose
     responses in that mode all got one reward and, with a format reward, the share of well-formed responses;
     overall, the share of prompts whose 2g rewards are all equal (zero advantage: no learning signal)."""
     out: dict[str, Any] = {"reward": float(rewards.mean())}
@@ -467,10 +478,11 @@ def _rollout_metrics(
         }
         if formats is not None:
             out[mode]["format"] = mean(2)
-        # prompts whose responses in this mode all got one reward: the mode's own group carries no signal
+        # prompts whose responses in this mode all got one reward (under joint grouping they may still
+        # get advantages, from the other mode's rewards)
         groups = [{float(rewards[p, k]) for k, r in enumerate(row) if r.mode == mode} for p, row in enumerate(rollouts)]
         groups = [values for values in groups if values]
-        out[mode]["zero_adv_groups"] = sum(len(values) == 1 for values in groups) / len(groups)
+        out[mode]["uniform_reward_groups"] = sum(len(values) == 1 for values in groups) / len(groups)
     out["zero_adv_groups"] = float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
     return out
 
