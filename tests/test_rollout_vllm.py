@@ -260,9 +260,7 @@ def test_missing_vllm_says_how_to_install(monkeypatch):
         import_vllm()
 
 
-def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
-    """``rollout.engine=vllm``: the initial policy is written for vLLM to load, every step starts by syncing
-    the trainer's weights under their Hugging Face names, and the step trains on vLLM's rollouts."""
+def _vllm_trainer(fake_vllm, tmp_path, monkeypatch, *extra: str):
     from r4b.config import load_config
     from r4b.synth import write_synthetic
     from r4b.train.bpo import BPOConfig, BPOTrainer
@@ -270,21 +268,20 @@ def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     write_synthetic(tmp_path / "data", n_sft=2, n_rl=4, n_eval=2, seed=0)
     overrides = [
-        f"output_dir={tmp_path / 'run'}",
-        "model.path=null",
-        f"data.prompts=[{tmp_path / 'data' / 'rl.jsonl'}]",
-        "data.eval=null",
-        "rollout.engine=vllm",
-        "rollout.vllm={enforce_eager: true}",
-        "rollout.group_size=2",
-        "rollout.max_new_tokens=3",
-        "train.prompts_per_step=2",
-        "train.steps=2",
-        "train.progress=false",
-        "train.tensorboard=false",
-    ]
+        f"output_dir={tmp_path / 'run'}", "model.path=null", f"data.prompts=[{tmp_path / 'data' / 'rl.jsonl'}]",
+        f"data.eval={tmp_path / 'data' / 'eval.jsonl'}", "rollout.engine=vllm", "rollout.vllm={enforce_eager: true}",
+        "rollout.group_size=2", "rollout.max_new_tokens=3", "train.prompts_per_step=2", "train.steps=2",
+        "train.progress=false", "train.tensorboard=false", *extra,
+    ]  # fmt: skip
     trainer = BPOTrainer(load_config(BPOConfig, ROOT / "configs" / "demo" / "bpo.yaml", overrides))
     ((path, kwargs, llm),) = fake_vllm.built
+    return trainer, path, kwargs, llm
+
+
+def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
+    """``rollout.engine=vllm``: the initial policy is written for vLLM to load, every step starts by syncing
+    the trainer's weights under their checkpoint names, and the step trains on vLLM's rollouts."""
+    trainer, path, kwargs, llm = _vllm_trainer(fake_vllm, tmp_path, monkeypatch)
     init = tmp_path / "run" / "rollout-init"
     assert path == str(init) and (init / "config.json").exists()
     assert kwargs["enforce_eager"] is True and kwargs["seed"] == 0 and kwargs["logprobs_mode"] == "processed_logprobs"
@@ -295,6 +292,28 @@ def test_bpo_trainer_on_the_vllm_engine(fake_vllm, tmp_path, monkeypatch):
     assert row["thinking"]["response_len"] == 3 and row["tokens"] > 0
     trainer.step(1)  # weights changed by the update: synced again before generating
     assert llm.events.count("reset_prefix_cache") == 2
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_bpo_trainer_sleeps_vllm_between_rollout_phases(fake_vllm, tmp_path, monkeypatch, level):
+    """With rollout.vllm_sleep_level, vLLM sleeps after each rollout phase (a step's, an evaluation's); after a
+    level-2 sleep the trainer reloads the weights even when the policy has not changed since the last sync."""
+    trainer, _, kwargs, llm = _vllm_trainer(fake_vllm, tmp_path, monkeypatch, f"rollout.vllm_sleep_level={level}")
+    assert kwargs["enable_sleep_mode"] is True
+    sync = ["reset_prefix_cache", "reset_encoder_cache"]
+    trainer.step(0)
+    generates = llm.events.count("generate")
+    assert llm.events == [*sync, *["generate"] * generates, f"sleep{level}"]
+    llm.events.clear()
+    trainer.evaluate_auto(0)  # the update changed the policy: sync (waking weights, then the cache) first
+    assert llm.events == ["wake_up:weights", "wake_up:kv_cache", *sync, "generate", f"sleep{level}"]
+    llm.events.clear()
+    trainer.step(1)  # the policy is unchanged since the evaluation's sync
+    if level == 1:  # weights kept on the CPU: just wake up
+        assert llm.events[:2] == ["wake_up:weights,kv_cache", "generate"]
+    else:  # weights discarded: load them again
+        assert llm.events[:5] == ["wake_up:weights", "wake_up:kv_cache", *sync, "generate"]
+    assert llm.events[-1] == f"sleep{level}"
 
 
 needs_vllm = pytest.mark.skipif(
