@@ -43,9 +43,10 @@ class RolloutBatch:
     """Rollouts ready for log-probs and the policy update; every field lives on the CPU (or any one device).
 
     Per prompt entry ``e`` (E of them): ``prompt_ids[e]`` 1-D int64 ids (image tokens expanded, ending
-    with the mode suffix), ``entry_prompts[e]`` the prompt it came from, ``entry_modes[e]`` its mode,
-    ``images[e]`` its PIL images and ``pixel_values[e]`` / ``image_sizes[e]`` the processor's tensors
-    for them (None without images; the two entries of one prompt may share the same tensors). Qwen-VL
+    with the mode suffix, or at ``<think>`` under mode-decision credit), ``entry_prompts[e]`` the prompt it
+    came from, ``entry_modes[e]`` its mode, ``images[e]`` its PIL images and ``pixel_values[e]`` /
+    ``image_sizes[e]`` the processor's tensors for them (None without images; the two entries of one prompt
+    may share the same tensors). Qwen-VL
     batches have ``image_grid_thw[e]`` instead of ``image_sizes[e]`` (``pixel_values[e]`` then holds the
     images' patch rows) and ``mrope_positions[e]``, the prompt's ``[3, P]`` mRoPE positions (also without
     images); both are None for R-4B batches.
