@@ -173,3 +173,16 @@ def test_varlen_attention_is_swapped_for_generation_and_restored(model, tokenize
 def test_rollout_full_text():
     rollout = Rollout([1, 2], [5, 2], "12", True, "thinking")
     assert rollout.full_text == "<think>\n12" and rollout.logprobs is None
+
+
+def test_load_weights_streams_pairs_strictly(model, tokenizer):
+    """The transformers engine takes a state dict or a stream of (name, tensor) pairs; unknown or missing names
+    are errors."""
+    engine = HFRolloutEngine(model, tokenizer)
+    state = {name: torch.full_like(t, 0.5) for name, t in model.state_dict().items()}
+    engine.load_weights(iter(state.items()))
+    assert all(bool((t == 0.5).all()) for t in model.state_dict().values())
+    with pytest.raises(KeyError, match="not in the rollout model"):
+        engine.load_weights({**state, "extra.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="were not given"):
+        engine.load_weights(dict(list(state.items())[1:]))

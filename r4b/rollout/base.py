@@ -10,7 +10,7 @@ is what answer rewards should read (an unfinished ``<think>`` then has no answer
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,7 +21,16 @@ from PIL import Image
 
 from r4b.models.tokenizer import MODE_SUFFIX, MODES
 
-__all__ = ["Prompt", "Rollout", "RolloutEngine", "SamplingParams", "check_mode", "check_suffixes"]
+__all__ = [
+    "Prompt",
+    "Rollout",
+    "RolloutEngine",
+    "SamplingParams",
+    "Weights",
+    "check_mode",
+    "check_suffixes",
+    "weight_pairs",
+]
 
 
 @dataclass
@@ -122,6 +131,14 @@ class Rollout:
         return self.suffix + self.text
 
 
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def weight_pairs(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a state dict or of a stream of pairs (e.g. one broadcast tensor at a time)."""
+    return weights.items() if isinstance(weights, Mapping) else weights
+
+
 def check_suffixes(suffixes: Mapping[str, str] | None) -> dict[str, str]:
     """Per-mode suffix overrides as a dict (keys: modes; values: non-empty strings), or a ValueError."""
     out = dict(suffixes or {})
@@ -158,8 +175,9 @@ class RolloutEngine(abc.ABC):
     ) -> list[list[Rollout]]:
         """For each prompt, in order, ``n`` rollouts in ``mode`` sampled with ``sampling``."""
 
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Take the policy's new weights: its full Hugging Face state dict (``model.language_model.*``, ...)."""
+    def load_weights(self, weights: Weights) -> None:
+        """Take the policy's new weights: its full Hugging Face state dict (``model.language_model.*``, ...), as a
+        mapping or as ``(name, tensor)`` pairs consumed once, in order (see :func:`weight_pairs`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot take new weights")
 
     def sleep(self) -> None:

@@ -28,7 +28,7 @@ from r4b.models.attention import ATTENTION_NAME
 from r4b.models.mrope import mm_token_type_ids
 from r4b.models.qwen_vl import is_qwen_vl
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams, Weights, check_suffixes, weight_pairs
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["HFRolloutEngine", "generation_attention"]
@@ -112,9 +112,18 @@ class HFRolloutEngine(RolloutEngine):
                     results[i].append(rollout)
         return results
 
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the model (strict: every key must match)."""
-        self.model.load_state_dict(state)
+    def load_weights(self, weights: Weights) -> None:
+        """Copy the weights into the model one tensor at a time (strict: every name known, none missing)."""
+        targets, loaded = self.model.state_dict(), set()  # state_dict tensors share the parameters' storage
+        with torch.no_grad():
+            for name, tensor in weight_pairs(weights):
+                if name not in targets:
+                    raise KeyError(f"weight {name!r} is not in the rollout model")
+                targets[name].copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            raise KeyError(f"{len(missing)} weights were not given, e.g. {missing[:3]}")
 
     @contextlib.contextmanager
     def _generation_state(self, sampling: SamplingParams) -> Iterator[None]:

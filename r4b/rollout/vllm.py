@@ -36,13 +36,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from r4b.data.encode import image_placeholder
 from r4b.data.image import ImageProcessor
 from r4b.models.checkpoint import checkpoint_name
 
-from .base import Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
+from .base import Prompt, Rollout, RolloutEngine, SamplingParams, Weights, check_suffixes, weight_pairs
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
 __all__ = ["VLLMRolloutEngine", "align_rvl_image_token_count", "import_vllm", "request_seed"]
@@ -144,11 +142,12 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # -- weights and memory ---------------------------------------------------------------------------
 
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load the policy's state dict into vLLM's model; drop the caches computed with the old weights."""
+    def load_weights(self, weights: Weights) -> None:
+        """Load the policy's weights into vLLM's model, one tensor at a time as they come; drop the caches
+        computed with the old weights."""
         self._wake("weights")
-        weights = [(checkpoint_name(name), tensor) for name, tensor in state.items()]
-        self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
+        renamed = ((checkpoint_name(name), tensor) for name, tensor in weight_pairs(weights))
+        self.llm.apply_model(lambda model: model.load_weights(renamed))
         self.needs_weights = False
         self._wake("kv_cache")
         self.llm.reset_prefix_cache()

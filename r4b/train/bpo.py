@@ -261,9 +261,8 @@ class BPOTrainer:
             return
         self.rollout_stale = False
         state = self.engine.full_state_dict()
-        if self.world_size > 1:
-            state = broadcast_state_dict(state, self.engine.device)
-        self.rollout_engine.load_weights({k.removeprefix("model."): v for k, v in state.items()})
+        pairs = broadcast_state_dict(state, self.engine.device) if self.world_size > 1 else state.items()
+        self.rollout_engine.load_weights((name.removeprefix("model."), tensor) for name, tensor in pairs)
 
     def _rollout_source(self, model: torch.nn.Module) -> torch.nn.Module | str:
         """What the rollout engine generates from, taken before the training engine shards ``model``: the
