@@ -11,13 +11,12 @@ from pathlib import Path
 from .checkpoint import load_r4b, save_pretrained_r4b
 from .image_processing import RImageProcessor
 from .qwen_vl import (
-    QWEN_VL_CHAT_TEMPLATE,
     QWEN_VL_MODEL_TYPES,
     QwenVLImageProcessor,
-    check_qwen_vl_tokenizer,
     is_qwen_vl,
     load_qwen_vl,
     model_type_of,
+    prepare_qwen_vl_tokenizer,
     save_qwen_vl,
 )
 from .r4b_model import RForConditionalGeneration, register_r4b_model
@@ -44,15 +43,7 @@ def load_model_and_processor(
     else:
         model = load_r4b(path, **kwargs)
         processor = RImageProcessor.from_pretrained(path, model.config)
-    if len(tok) > model.config.text_config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tok)} tokens, more than the model's vocab_size {model.config.text_config.vocab_size}"
-        )
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_id != model.config.image_token_id:
-        raise ValueError(
-            f"tokenizer's <image> id {image_id} != the model's image_token_index {model.config.image_token_id}"
-        )
+    check_r4b_tokenizer(tok, model.config)
     return model, tok, processor
 
 
@@ -65,10 +56,19 @@ def load_tokenizer_and_processor(path: str | Path, tokenizer: str | Path | None 
     tok = _tokenizer(path, tokenizer)
     config = AutoConfig.from_pretrained(str(path))
     if is_qwen_vl(config):
-        check_qwen_vl_tokenizer(tok, config)
-        tok.chat_template = QWEN_VL_CHAT_TEMPLATE
-        return tok, QwenVLImageProcessor.from_pretrained(path, config)
+        return prepare_qwen_vl_tokenizer(tok, config), QwenVLImageProcessor.from_pretrained(path, config)
+    check_r4b_tokenizer(tok, config)
     return tok, RImageProcessor.from_pretrained(path, config)
+
+
+def check_r4b_tokenizer(tokenizer: object, config: object) -> None:
+    """The tokenizer must fit the R-4B model: vocabulary size and the ``<image>`` id."""
+    vocab = config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {vocab}")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id != config.image_token_id:
+        raise ValueError(f"tokenizer's <image> id {image_id} != the model's image_token_index {config.image_token_id}")
 
 
 def _tokenizer(path: str | Path | None, tokenizer: str | Path | None) -> object:

@@ -154,15 +154,21 @@ def check_qwen_vl_tokenizer(tokenizer: Any, config: PretrainedConfig) -> None:
             raise ValueError(f"tokenizer's {token} id {token_id} != the model's {name} {getattr(config, name)}")
 
 
+def prepare_qwen_vl_tokenizer(tokenizer: Any, config: PretrainedConfig) -> Any:
+    """``tokenizer``, checked against the model (:func:`check_qwen_vl_tokenizer`), with r4b's prompt template set."""
+    check_qwen_vl_tokenizer(tokenizer, config)
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
 def load_qwen_vl(path: str | Path, tokenizer: Any, **kwargs: Any) -> tuple[PreTrainedModel, Any, QwenVLImageProcessor]:
     """A Qwen2.5-VL / Qwen3-VL directory: the stock model (``kwargs`` to ``from_pretrained``), ``tokenizer`` with
     r4b's prompt template set, and the image processor from the directory's preprocessor_config.json."""
     model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
     if not is_qwen_vl(model):
         raise ValueError(f"{path}: model_type {model.config.model_type!r} is not one of {QWEN_VL_MODEL_TYPES}")
-    check_qwen_vl_tokenizer(tokenizer, model.config)
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
-    return model, tokenizer, QwenVLImageProcessor.from_pretrained(path, model.config)
+    processor = QwenVLImageProcessor.from_pretrained(path, model.config)
+    return model, prepare_qwen_vl_tokenizer(tokenizer, model.config), processor
 
 
 def save_qwen_vl(
