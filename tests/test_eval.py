@@ -312,3 +312,17 @@ def test_bad_data_is_located(synth, tmp_path):
     with pytest.raises(EvalError, match="no questions"):
         evaluate("tiny", empty, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # nothing written before the data is known good
+
+
+def test_loaded_models_generate_on_the_gpu_by_default(monkeypatch):
+    """On a GPU machine a model r4b loads must not generate on the CPU unless --device says so."""
+    import torch
+
+    from r4b.eval import runner
+
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: moved.append(args[0]) or self)
+    runner._engine("tiny", batch_size=2, seed=0, device=None, dtype=None)
+    runner._engine("tiny", batch_size=2, seed=0, device="cpu", dtype=None)
+    assert moved == ["cuda", "cpu"]

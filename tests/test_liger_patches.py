@@ -156,3 +156,26 @@ def test_patched_model_matches_stock_on_gpu(family, restore_modeling):
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_process_wide_rope_patch_leaves_cpu_models_working(family, restore_modeling):
+    """After a GPU run's patch (here: a CPU model patched with require_cuda=False), a fresh model of the same
+    type evaluated on the CPU must still run: liger's RoPE is a module-level function, its kernel CUDA-only."""
+    factory = FAMILIES[family][0]
+    torch.manual_seed(0)
+    stock = factory()
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        ids, thw, pixels = make_samples(stock.config)[0]
+        inputs = dict(input_ids=ids[None], pixel_values=pixels, image_grid_thw=thw,
+                      mm_token_type_ids=mm_token_type_ids(stock.config, ids)[None])  # fmt: skip
+    else:
+        inputs = dict(input_ids=torch.randint(0, 99, (1, 23)))
+    with torch.no_grad():
+        before = stock.model(**inputs).last_hidden_state
+        apply_liger_patches(factory(), require_cuda=False)
+        apply_liger_patches(factory(), require_cuda=False)  # twice: the dispatcher is not stacked
+        after = stock.model(**inputs).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for name in FAMILIES[family][3]:
+        assert not hasattr(modeling(name).apply_rotary_pos_emb.stock, "stock")

@@ -85,7 +85,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; also the tiny model's init seed")
     parser.add_argument("--benchmark", default=None, help="benchmark name in the report (default: the file's stem)")
-    parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    parser.add_argument("--device", default=None, help="e.g. cuda:1 or cpu; default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16, float32, auto (default: as loaded)")
     parser.add_argument(
         "--engine", choices=("hf", "vllm"), default="hf",

@@ -68,6 +68,7 @@ def _engine(
         return _vllm_engine(spec, seed=seed, dtype=dtype, vllm_args=vllm_args or {})
     if isinstance(spec, (str, Path)):
         model, tokenizer, processor = _load(spec, seed=seed, dtype=dtype)
+        device = device or default_device()
     elif isinstance(spec, tuple) and len(spec) in (2, 3):
         model, tokenizer, processor = (*spec, None) if len(spec) == 2 else spec
     else:
@@ -78,6 +79,13 @@ def _engine(
     if device is not None:
         model = model.to(device)
     return HFRolloutEngine(model, tokenizer, processor, batch_size=batch_size), tokenizer
+
+
+def default_device() -> str:
+    """Where a model that r4b loads generates unless told: the GPU when there is one (models load on the CPU)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _vllm_engine(
@@ -256,7 +264,8 @@ def evaluate(
         limit: only the first ``limit`` questions.
         benchmark: the benchmark's name in the report (default: the data file's stem).
         group_by: the ``meta`` fields (JSONL) or columns (TSV) to break the metrics down by, when present.
-        device: where a loaded model goes (default: where it loads); dtype: ``bfloat16``, ``float32``, ``auto``, ...
+        device: where a loaded model goes (default: ``cuda`` when available, else the CPU; a model object stays
+            where it is); dtype: ``bfloat16``, ``float32``, ``auto``, ...
         engine: ``hf`` (transformers, anywhere) or ``vllm`` (model directories on a GPU, ``pip install r4b[vllm]``;
             ``batch_size`` questions go to vLLM at once, so make it large); vllm_args: ``vllm.LLM`` arguments.
         progress: show a progress bar; plots: write the PNG plots.

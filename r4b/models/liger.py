@@ -4,9 +4,10 @@ r4b computes its losses with its own fused kernels from the final hidden states 
 liger's ``fused_linear_cross_entropy`` / ``cross_entropy`` are never applied: the model's ``forward`` stays
 transformers' own. Patches are per instance (the modules of ``model``) except RoPE: transformers' attention
 calls the module-level ``apply_rotary_pos_emb`` of the modeling file, so liger's RoPE replaces that function
-for every model of that type in the process. liger also swaps module-level classes (``Qwen3RMSNorm`` ->
-``LigerRMSNorm``...) so that models built later come patched; :func:`apply_liger_patches` puts those back,
-keeping the patch to the instance it was given.
+for every model of that type in the process; r4b installs it as a dispatcher (liger's kernel for CUDA tensors,
+transformers' own function for any other), so a model that later runs on the CPU still works. liger also swaps
+module-level classes (``Qwen3RMSNorm`` -> ``LigerRMSNorm``...) so that models built later come patched;
+:func:`apply_liger_patches` puts those back, keeping the patch to the instance it was given.
 
 Covered (liger-kernel 0.8.5, transformers 5.24): Qwen3 / Qwen2 / Llama-style text models and every other
 model type liger maps, through liger's own ``apply_liger_kernel_to_<type>``; LLaVA-OneVision through its
@@ -16,6 +17,7 @@ with liger's ops (see :func:`_patch_qwen_vl`: liger's functions for them fail to
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -42,6 +44,21 @@ def _liger_targets(model: torch.nn.Module, supported: set[str]) -> list[tuple[to
         if language_model is not None and text_type in supported:
             return [(language_model, text_type)]
     return []
+
+
+def _on_cuda_only(liger_fn, stock_fn):
+    """``liger_fn`` for CUDA tensors, ``stock_fn`` for any other: a module-level RoPE patch reaches every model of
+    its type in the process, including one that later runs on the CPU (an evaluation after training), where
+    liger's Triton kernel cannot run."""
+    if getattr(stock_fn, "__wrapped__", None) is liger_fn:  # already dispatching
+        return stock_fn
+
+    @functools.wraps(liger_fn)
+    def dispatch(q: torch.Tensor, *args, **kwargs):
+        return (liger_fn if q.is_cuda else stock_fn)(q, *args, **kwargs)
+
+    dispatch.stock = stock_fn
+    return dispatch
 
 
 def _instance_forwards(model: torch.nn.Module) -> dict[str, object]:
@@ -71,8 +88,9 @@ def _patch_qwen_vl(target: torch.nn.Module, model_type: str, rope: bool, rms_nor
     done = []
     if rope:
         for name, function in functions.items():
-            if getattr(modeling, name) is not function:
-                setattr(modeling, name, function)
+            current = getattr(modeling, name)
+            if getattr(current, "__wrapped__", None) is not function:
+                setattr(modeling, name, _on_cuda_only(function, current))
                 done.append(f"{function.__name__}: {modeling.__name__}.{name}")
     norms = [text.norm]
     for layer in text.layers:
@@ -145,6 +163,7 @@ def apply_liger_patches(
             elif isinstance(globals_before[name], type):  # class swaps only reach models built later: undo
                 setattr(modeling, name, globals_before[name])
             else:
+                setattr(modeling, name, _on_cuda_only(value, globals_before[name]))
                 patched.append(f"{getattr(value, '__name__', value)}: {modeling.__name__}.{name}")
 
     if "forward" in model.__dict__ and forwards.get("") is not model.__dict__["forward"]:

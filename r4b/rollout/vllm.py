@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from r4b.data.encode import image_placeholder
 from r4b.data.image import ImageProcessor
 from r4b.models.checkpoint import checkpoint_name
@@ -174,6 +176,10 @@ class VLLMRolloutEngine(RolloutEngine):
     def _wake(self, *tags: str) -> None:
         wanted = [tag for tag in (tags or ("weights", "kv_cache")) if tag in self.sleeping]
         if wanted:
+            # The trainer's freed blocks still sit in torch's caching allocator: hand them back to the driver
+            # first, or vLLM's weights and KV cache may not fit (TRL empties the cache here for this reason).
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=wanted)
             self.sleeping.difference_update(wanted)
 
