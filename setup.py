@@ -1,6 +1,7 @@
 """Builds r4b: the Python packages (``kernels/`` installed as ``r4b.kernels``),
 when csrc/ holds C++ sources the pybind11 extension ``r4b._C``, and where torch
-has CUDA and nvcc exists the CUDA extension ``r4b._cuda`` (csrc/cuda/).
+has CUDA and nvcc exists the CUDA extension ``r4b._cuda_ext`` (csrc/cuda/), which ``r4b._cuda`` loads
+after importing torch.
 
 Metadata lives in pyproject.toml; this file only says what pyproject cannot:
 the package directory mapping and the native build.
@@ -23,7 +24,7 @@ def native_extensions() -> list:
 
 
 def cuda_extensions() -> tuple[list, dict]:
-    """r4b._cuda and the build command it needs, or nothing where torch lacks CUDA or there is no toolkit.
+    """r4b._cuda_ext and the build command it needs, or nothing where torch lacks CUDA or there is no toolkit.
 
     The CPU build of torch lacks the CUDA headers the glue includes, so a CPU machine builds only
     r4b._C (r4b.shared_prefix then runs its torch implementation).
@@ -36,13 +37,14 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     root = cuda_toolkit()
     if root is None:
-        print("r4b: torch has CUDA but no CUDA toolkit (nvcc and headers) was found; not building r4b._cuda")
+        print("r4b: torch has CUDA but no CUDA toolkit (nvcc and headers) was found; not building r4b._cuda_ext")
         return [], {}
     os.environ["CUDA_HOME"] = root  # read when cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob("csrc/cuda/*.cpp") + glob("csrc/cuda/*.cu"))
-    extension = CUDAExtension("r4b._cuda", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    # r4b/_cuda.py imports torch, then this (the extension needs torch's libraries loaded first).
+    extension = CUDAExtension("r4b._cuda_ext", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     return [extension], {"build_ext": BuildExtension}
 
 

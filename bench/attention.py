@@ -28,7 +28,18 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, median_ms, peak_gib, print_table, write_results
+from common import (
+    build_competitor,
+    compile_fresh,
+    environment,
+    error_row,
+    error_text,
+    free_device_memory,
+    median_ms,
+    peak_gib,
+    print_table,
+    write_results,
+)
 
 from r4b.kernels import varlen_attention
 from r4b.kernels.varlen_attention import attention_mask_reference
@@ -114,7 +125,7 @@ def flex_attention_fn(layout: Layout, device: str):
         return (doc[q_idx] == doc[kv_idx]) & (causal | both)
 
     block_mask = create_block_mask(mask_mod, None, None, layout.n, layout.n, device=device)
-    compiled = torch.compile(flex_attention)
+    compiled = compile_fresh(flex_attention)  # one compilation per layout: no recompiling across sizes
 
     def run(q, k, v):
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
@@ -177,26 +188,23 @@ def time_impl(name: str, fn, layout: Layout, args, extra: dict) -> list[dict]:
     rows = []
     for mode, call, mult in (("fwd", forward, 1.0), ("fwd+bwd", train, 3.5)):
         row = {"impl": name, "mode": mode, "tokens": layout.n, **extra}
-        try:
+        with error_row(row):  # OOM, a backend refusing the shape, a compile failure: this row's error
             row["ms"] = median_ms(call, warmup=args.warmup, repeats=args.repeats)
             row["peak_gib"] = peak_gib(call)
             row["tflops"] = mult * pair_flops / (row["ms"] * 1e-3) / 1e12
-        except (torch.OutOfMemoryError, RuntimeError) as err:  # OOM, or a backend refusing the shape
-            row["error"] = type(err).__name__ + ": " + str(err).splitlines()[0][:80]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
 def competitors(layout: Layout, args) -> dict:
+    """The implementations for one layout; one that fails to build is timed as a stand-in raising its error."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    impls = {"r4b": r4b_fn(layout), "flash-attn": flash_attn_fn(layout)}
+    impls = {"r4b": build_competitor(r4b_fn, layout), "flash-attn": build_competitor(flash_attn_fn, layout)}
     if args.flex:
-        impls["flex"] = flex_attention_fn(layout, device)
+        impls["flex"] = build_competitor(flex_attention_fn, layout, device)
     if layout.n <= args.sdpa_max_tokens:
-        impls["sdpa-dense-mask"] = sdpa_dense_fn(layout)
+        impls["sdpa-dense-mask"] = build_competitor(sdpa_dense_fn, layout)
     return {name: fn for name, fn in impls.items() if fn is not None}
 
 
@@ -210,9 +218,15 @@ def run(args) -> dict:
             ("shared-prefix", bpo_groups(max(1, n_tokens // (args.prompt + 16 * args.response)), args.prompt,
                                          args.image, 16, args.response, shared=True)),
         ):  # fmt: skip
-            layout.to(device)
-            extra = {"mask": mask_name, "visible_pairs": layout.visible_pairs()}
-            for name, fn in competitors(layout, args).items():
+            try:
+                layout.to(device)
+                extra = {"mask": mask_name, "visible_pairs": layout.visible_pairs()}
+                impls = competitors(layout, args)
+            except Exception as err:  # this layout could not be set up: one error row, the next layout
+                mask_rows.append({"impl": "all", "mask": mask_name, "tokens": layout.n, "error": error_text(err)})
+                free_device_memory()
+                continue
+            for name, fn in impls.items():
                 mask_rows += time_impl(name, fn, layout, args, extra)
 
     bpo_rows = []
@@ -224,14 +238,15 @@ def run(args) -> dict:
 
 
 def ratios(mask_rows: list[dict], bpo_rows: list[dict]) -> list[dict]:
-    ours = {(r["mask"], r["tokens"], r["mode"]): r for r in mask_rows if r["impl"] == "r4b" and "ms" in r}
+    ok = lambda r: "ms" in r and "error" not in r
+    ours = {(r["mask"], r["tokens"], r["mode"]): r for r in mask_rows if r["impl"] == "r4b" and ok(r)}
     out = []
     for r in mask_rows:
         base = ours.get((r["mask"], r["tokens"], r["mode"]))
-        if r["impl"] != "r4b" and base is not None and "ms" in r:
+        if r["impl"] != "r4b" and base is not None and ok(r):
             out.append({"mask": r["mask"], "tokens": r["tokens"], "mode": r["mode"], "vs": r["impl"],
                         "r4b_speedup": r["ms"] / base["ms"]})  # fmt: skip
-    by_mode = {(r["mask"], r["mode"]): r for r in bpo_rows if "ms" in r}
+    by_mode = {(r["mask"], r["mode"]): r for r in bpo_rows if ok(r)}
     for mode in ("fwd", "fwd+bwd"):
         shared, unshared = by_mode.get(("shared-prefix", mode)), by_mode.get(("unshared", mode))
         if shared and unshared:

@@ -50,7 +50,7 @@ from PIL import Image
 from transformers import Qwen3Config, SiglipVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, median_ms, peak_gib, print_table, synchronize, write_results
+from common import environment, error_row, median_ms, peak_gib, print_table, synchronize, write_results
 
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.r4b_model import RConfig, RForConditionalGeneration
@@ -152,13 +152,10 @@ def run(args: argparse.Namespace) -> dict:
                 "prompt_len": int(batch.prompt_ids[0].numel()), "response_tokens": int(batch.response_lengths.sum()),
                 "packed_tokens": packed,
             }  # fmt: skip
-            try:
+            with error_row(row):  # an OOM or a failing update is this row's error; the run goes on
                 row["ms"] = median_ms(fn, warmup=args.warmup, repeats=args.repeats)
                 row["peak_gib"] = peak_gib(fn)
                 row["response_tokens_per_s"] = row["response_tokens"] / (row["ms"] * 1e-3)
-            except torch.OutOfMemoryError:
-                row["error"] = "OOM"
-                torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
     trl: dict = {"version": None, "skipped": "--full-step-steps 0"}
@@ -181,6 +178,7 @@ def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
 
     rows = []
     runs = [("r4b-shared", "bpo", True), ("unshared", "bpo", False), ("r4b-shared-grpo", "grpo", True)]
+    reference = None
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic(data, n_sft=1, n_rl=args.prompts * (args.full_step_steps + 1), n_eval=1)
@@ -191,18 +189,22 @@ def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 f"rollout.strategy={strategy}", f"train.prompts_per_step={args.prompts}",
                 f"policy.shared_prefix={str(shared).lower()}", "train.tensorboard=false", "train.progress=false",
             ]  # fmt: skip
-            trainer = BPOTrainer(load_config(BPOConfig, CONFIGS / "bpo.yaml", overrides))
-            steps = [trainer.step(step) for step in range(args.full_step_steps + 1)][1:]  # step 0 warms up
-            split = {k: sum(s["time"][k] for s in steps) / len(steps) * 1e3 for k in steps[0]["time"]}
-            rows.append({
-                "impl": impl, "mode": FULL_STEP, "rollouts": rollouts_label(strategy, args.g),
-                "prompts": args.prompts, "responses": steps[0]["responses"], "packed_tokens": steps[0]["packed_tokens"],
-                "ms": sum(split.values()), **{f"{k}_ms": v for k, v in split.items()},
-            })  # fmt: skip
+            row = {"impl": impl, "mode": FULL_STEP, "rollouts": rollouts_label(strategy, args.g)}
+            row["prompts"] = args.prompts
+            with error_row(row):  # a failing run is this row's error; the others still run
+                trainer = BPOTrainer(load_config(BPOConfig, CONFIGS / "bpo.yaml", overrides))
+                steps = [trainer.step(step) for step in range(args.full_step_steps + 1)][1:]  # step 0 warms up
+                split = {k: sum(s["time"][k] for s in steps) / len(steps) * 1e3 for k in steps[0]["time"]}
+                row |= {"responses": steps[0]["responses"], "packed_tokens": steps[0]["packed_tokens"],
+                        "ms": sum(split.values()), **{f"{k}_ms": v for k, v in split.items()}}  # fmt: skip
+                if strategy == "grpo":  # TRL gets the GRPO run's config, prompts and initial weights
+                    reference = trainer
+            rows.append(row)
             print(rows[-1], flush=True)
-            reference = trainer  # the last, GRPO run: TRL gets its config, prompts and initial weights
         trl_row, trl_info = None, {"version": None, "skipped": "--no-trl"}
-        if args.trl:
+        if args.trl and reference is None:
+            trl_info["skipped"] = "r4b's GRPO full-step run failed: nothing to match"
+        elif args.trl:
             trl_row, trl_info = trl_full_step_row(args, reference, Path(tmp) / "trl")
         if trl_row is not None:
             rows.append(trl_row)
@@ -411,11 +413,11 @@ def build_trl_trainer(
 
 def ratios(rows: list[dict]) -> list[dict]:
     """unshared time / shared time (and memory), same mode, same run."""
-    ours = {r["mode"]: r for r in rows if r["impl"] == "r4b-shared" and "ms" in r}
+    ours = {r["mode"]: r for r in rows if r["impl"] == "r4b-shared" and "ms" in r and "error" not in r}
     out = []
     for r in rows:
         base = ours.get(r["mode"])
-        if r["impl"] != "unshared" or base is None or "ms" not in r:
+        if r["impl"] != "unshared" or base is None or "ms" not in r or "error" in r:
             continue
         mem = r.get("peak_gib") and base.get("peak_gib") and r["peak_gib"] / base["peak_gib"]
         out.append({
@@ -427,12 +429,12 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def trl_ratios(rows: list[dict]) -> list[dict]:
     """TRL step time / r4b step time (>1: r4b faster), whole step and per phase, for r4b's BPO and GRPO rows."""
-    trl = next((r for r in rows if r["impl"] == "trl-grpo" and "ms" in r), None)
+    trl = next((r for r in rows if r["impl"] == "trl-grpo" and "ms" in r and "error" not in r), None)
     if trl is None:
         return []
     out = []
     for r in rows:
-        if r["mode"] != FULL_STEP or r["impl"] not in ("r4b-shared", "r4b-shared-grpo"):
+        if r["mode"] != FULL_STEP or r["impl"] not in ("r4b-shared", "r4b-shared-grpo") or "error" in r:
             continue
         entry = {"r4b": r["impl"], "r4b_rollouts": r["rollouts"], "vs": "trl-grpo", "speedup": trl["ms"] / r["ms"]}
         for phase in ("rollout", "reward", "update"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -90,6 +93,54 @@ def matmul_tflops(m: int, k: int, n: int, dtype: torch.dtype, *, repeats: int) -
     b = torch.randn(k, n, device=device, dtype=dtype)
     ms = median_ms(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
     return 2 * m * k * n / (ms * 1e-3) / 1e12
+
+
+def error_text(err: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".strip()[:300]
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def error_row(row: dict) -> Iterator[dict]:
+    """Time one competitor inside ``with error_row(row):``: any exception it raises (OOM, a backend refusing the
+    shape, torch.compile failing, a missing feature) becomes ``row["error"]`` (its one-line text; the traceback
+    goes to stderr) and the benchmark goes on with the next competitor. KeyboardInterrupt still stops it."""
+    try:
+        yield row
+    except Exception as err:
+        row["error"] = error_text(err)
+        traceback.print_exc()
+        free_device_memory()
+
+
+def build_competitor(factory: Callable[..., object], *args, **kwargs) -> object:
+    """``factory(*args, **kwargs)``, or where building raises, a stand-in that raises the same error when timed
+    (so it lands in that competitor's rows as an error, like a failure while running)."""
+    try:
+        return factory(*args, **kwargs)
+    except Exception as err:
+        traceback.print_exc()
+        failure = err
+
+        def failed(*_args, **_kwargs):
+            raise failure
+
+        return failed
+
+
+def compile_fresh(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn)`` for one problem size: dynamo's caches are dropped first and shapes are static, so
+    each size compiles once from scratch and no recompilation (its guards, its cache limits) spans sizes. A
+    benchmark calls this again for every size (compilation is lazy: it happens in the warm-up)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, **kwargs)
 
 
 def write_results(suite: str, payload: dict, out_dir: Path = RESULTS_DIR) -> Path:

@@ -24,7 +24,19 @@ if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, matmul_tflops, median_ms, peak_gib, print_table, write_results
+from common import (
+    build_competitor,
+    compile_fresh,
+    environment,
+    error_row,
+    error_text,
+    free_device_memory,
+    matmul_tflops,
+    median_ms,
+    peak_gib,
+    print_table,
+    write_results,
+)
 
 from r4b.kernels import bpo_loss_from_logprobs, fused_linear_bpo_loss, linear_logprobs
 
@@ -38,6 +50,10 @@ def materialized_logprobs(hidden, weight, targets, with_entropy=False):
     logp = log_probs.gather(1, targets[:, None]).squeeze(1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def materialized_logprob_values(hidden, weight, targets):
+    return materialized_logprobs(hidden, weight, targets)[0]
 
 
 def materialized_bpo_loss(hidden, weight, targets, batch):
@@ -97,25 +113,37 @@ def make_batch(n: int, h: int, v: int, seq_len: int, dtype: torch.dtype, device:
     return hidden, weight, targets, batch
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype)
-    ceiling = matmul_tflops(args.sizes[-1], args.hidden, min(args.vocab, 16384), dtype, repeats=args.repeats)
+def r4b_logprob_values(hidden, weight, targets):
+    return linear_logprobs(hidden, weight, targets)[0]
+
+
+def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The implementations timed at one size, (fwd+bwd, fwd-only), built afresh for it: dynamo's caches are
+    dropped (liger compiles its chunk function on a GPU) and the torch.compile ones compile for this size alone.
+    A competitor that fails to build is timed as a stand-in raising its error (an error row)."""
+    torch._dynamo.reset()
     fwd_bwd = {"r4b": r4b_bpo_loss, "torch": materialized_bpo_loss}
-    fwd_only = {
-        "r4b": lambda h, w, t: linear_logprobs(h, w, t)[0],
-        "torch": lambda h, w, t: materialized_logprobs(h, w, t)[0],
-    }
+    fwd_only = {"r4b": r4b_logprob_values, "torch": materialized_logprob_values}
     if args.compile:
-        fwd_bwd["torch.compile"] = torch.compile(materialized_bpo_loss)
-        fwd_only["torch.compile"] = torch.compile(fwd_only["torch"])
-    liger = liger_bpo_loss_factory(compiled=device == "cuda", seq_len=args.seq_len)
+        fwd_bwd["torch.compile"] = build_competitor(compile_fresh, materialized_bpo_loss)
+        fwd_only["torch.compile"] = build_competitor(compile_fresh, materialized_logprob_values)
+    liger = build_competitor(liger_bpo_loss_factory, compiled=torch.cuda.is_available(), seq_len=args.seq_len)
     if liger is not None:
         fwd_bwd["liger"] = liger
+    return fwd_bwd, fwd_only
 
+
+def run(args: argparse.Namespace) -> dict:
+    dtype = getattr(torch, args.dtype)
+    ceiling = matmul_tflops(args.sizes[-1], args.hidden, min(args.vocab, 16384), dtype, repeats=args.repeats)
     rows = []
     for n in args.sizes:
-        rows += bench_size(n, args, fwd_bwd, fwd_only, ceiling)
+        try:
+            rows += bench_size(n, args, *competitors(args), ceiling)
+        except Exception as err:  # the inputs of this size could not be made: one error row, the next size
+            rows.append({"impl": "all", "mode": "-", "N": n, "error": error_text(err)})
+            print(rows[-1], flush=True)
+            free_device_memory()
     return {"matmul_tflops": ceiling, "rows": rows, "ratios": ratios_to_r4b(rows)}
 
 
@@ -139,14 +167,11 @@ def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, 
         for name, fn in impls.items():
             row = {"impl": name, "mode": mode, "N": n, "H": args.hidden, "V": args.vocab, "dtype": args.dtype}
             call = functools.partial(step, fn)
-            try:
+            with error_row(row):  # any failure (OOM, torch.compile, liger) is this row's error; the run goes on
                 row["ms"] = median_ms(call, warmup=args.warmup, repeats=args.repeats)
                 row["peak_gib"] = peak_gib(call)
                 row["tflops"] = mult * flops / (row["ms"] * 1e-3) / 1e12
                 row["frac_of_matmul"] = row["tflops"] / ceiling
-            except torch.OutOfMemoryError:
-                row["error"] = "OOM"
-                torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -154,11 +179,11 @@ def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, 
 
 def ratios_to_r4b(rows: list[dict]) -> list[dict]:
     """competitor time / r4b time and r4b memory / competitor memory, same mode and size, same run."""
-    ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == "r4b" and "ms" in r}
+    ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == "r4b" and "ms" in r and "error" not in r}
     out = []
     for r in rows:
         base = ours.get((r["mode"], r["N"]))
-        if r["impl"] == "r4b" or base is None or "ms" not in r:
+        if r["impl"] == "r4b" or base is None or "ms" not in r or "error" in r:
             continue
         mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
         out.append(

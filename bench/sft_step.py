@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, median_ms, peak_gib, print_table, write_results
+from common import environment, error_row, median_ms, peak_gib, print_table, write_results
 
 from r4b.models import build_tiny_r4b, tiny_r4b_config
 from r4b.models.r4b_model import RForConditionalGeneration
@@ -122,14 +122,21 @@ def run(args: argparse.Namespace) -> dict:
         ("r4b", packed_step, len(packed_batches), real_tokens),
         ("hf-padded", padded_step, len(padded_batches), padded_tokens),
     ):
-        ms = median_ms(step, warmup=1, repeats=args.repeats)
-        rows.append({"impl": impl, "samples": len(samples), "tokens": real_tokens, "computed_tokens": computed,
-                     "pad_frac": 1 - real_tokens / computed, "micro_batches": micro, "ms": ms,
-                     "tokens_per_s": real_tokens / (ms * 1e-3), "peak_gib": peak_gib(step)})  # fmt: skip
+        row = {"impl": impl, "samples": len(samples), "tokens": real_tokens, "computed_tokens": computed,
+               "pad_frac": 1 - real_tokens / computed, "micro_batches": micro}  # fmt: skip
+        with error_row(row):  # an OOM or a failing step is this row's error; the other side still runs
+            row["ms"] = median_ms(step, warmup=1, repeats=args.repeats)
+            row["tokens_per_s"] = real_tokens / (row["ms"] * 1e-3)
+            row["peak_gib"] = peak_gib(step)
+        model.zero_grad(set_to_none=True)
+        rows.append(row)
+        print(row, flush=True)
     ours, theirs = rows
-    ratios = [{"vs": "hf-padded", "r4b_speedup": theirs["ms"] / ours["ms"]}]
-    if ours["peak_gib"] is not None and ours["peak_gib"] > 0:
-        ratios[0]["r4b_mem_ratio"] = theirs["peak_gib"] / ours["peak_gib"]
+    ratios = []
+    if all("ms" in r and "error" not in r for r in rows):
+        ratios.append({"vs": "hf-padded", "r4b_speedup": theirs["ms"] / ours["ms"]})
+        if ours["peak_gib"] is not None and ours["peak_gib"] > 0:
+            ratios[0]["r4b_mem_ratio"] = theirs["peak_gib"] / ours["peak_gib"]
     params = sum(p.numel() for p in model.parameters())
     return {"rows": rows, "ratios": ratios, "model_params": params, "dtype": str(next(model.parameters()).dtype)}
 
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
     payload["environment"] = environment(("transformers",))
     payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     columns = ["impl", "samples", "tokens", "computed_tokens", "pad_frac", "micro_batches", "ms", "tokens_per_s",
-               "peak_gib"]  # fmt: skip
+               "peak_gib", "error"]  # fmt: skip
     print_table(f"SFT step, {payload['environment']['device']}, {payload['model_params'] / 1e6:.1f}M params",
                 payload["rows"], columns)  # fmt: skip
     print_table("r4b vs the padded step (same run)", payload["ratios"], ["vs", "r4b_speedup", "r4b_mem_ratio"])

@@ -23,3 +23,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def autotuning() -> bool:
+    """False under ``R4B_AUTOTUNE=0``: every ``@triton.autotune`` of r4b.kernels then holds one config, so a
+    kernel compiles once per specialization and is never benchmarked (what the GPU test run sets, in
+    tests/conftest.py). Read when r4b.kernels is imported."""
+    return os.environ.get("R4B_AUTOTUNE", "1") != "0"
+
+
+def autotune_configs(configs: list, pinned: int) -> list:
+    """``configs``, or only ``configs[pinned]`` under ``R4B_AUTOTUNE=0``. ``pinned`` names the config with the
+    smallest shared-memory footprint: a lone config is never benchmarked, so Triton cannot drop it when it
+    does not fit (fp32, head_dim 128); any config runs the same code paths on ragged shapes."""
+    return list(configs) if autotuning() else [configs[pinned]]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._backend import interpreting, use_triton
+from ._backend import autotune_configs, interpreting, use_triton
 from ._tl_helpers import dot
 
 # Upper bound on the elements of the backward's d_logits chunk buffer; the
@@ -39,13 +39,14 @@ def _autotune_configs() -> list[triton.Config]:
         # The interpreter runs numpy per block: the smallest legal dot tiles keep
         # CPU tests fast and make every small test shape ragged.
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
+    configs = [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
+    return autotune_configs(configs, pinned=3)  # R4B_AUTOTUNE=0: the smallest K slices
 
 
 _CONFIGS = _autotune_configs()

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, use_triton
+from ._backend import autotune_configs, interpreting, use_triton
 from ._tl_helpers import dot
 
 _LOG2E = 1.4426950408889634
@@ -33,20 +33,22 @@ _LOG2E = 1.4426950408889634
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
+    return autotune_configs(configs, pinned=2)  # R4B_AUTOTUNE=0: the smallest K/V tiles
 
 
 def _bwd_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-    return [
+    configs = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
+    return autotune_configs(configs, pinned=1)  # R4B_AUTOTUNE=0: the smallest Q/dO tiles
 
 
 @triton.jit

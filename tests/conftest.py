@@ -1,14 +1,20 @@
-"""On a CPU, run every Triton kernel in Triton's interpreter.
+"""On a CPU, run every Triton kernel in Triton's interpreter; on a GPU, compile each kernel with one config.
 
 This must happen before r4b.kernels is imported: Triton picks the
 interpreter when a kernel is decorated. It is forced, not defaulted: with it
 off, CPU tensors would take the torch reference and the kernel tests would
 compare the reference with itself.
+
+``R4B_AUTOTUNE=0`` (a default: set ``R4B_AUTOTUNE=1`` to test every config) gives each ``@triton.autotune``
+of r4b.kernels one config, read when r4b.kernels is imported: compiled on a GPU, the tests then compile each
+kernel once per specialization instead of compiling and benchmarking every config for every new key (minutes).
+The shapes stay ragged for any config; the interpreter has one config anyway.
 """
 
 import os
 
 import torch
 
+os.environ.setdefault("R4B_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

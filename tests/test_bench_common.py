@@ -1,0 +1,141 @@
+"""What the benchmarks share (bench/common.py): a failing competitor is an error row, torch.compile per size; and
+the autotune pinning the GPU test run relies on (R4B_AUTOTUNE=0)."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_error_row_keeps_one_line_and_goes_on(capsys):
+    common = _bench_module("common")
+    rows = []
+    for name in ("fails", "works"):
+        row = {"impl": name}
+        with common.error_row(row):
+            if name == "fails":
+                raise RuntimeError("backend refused the shape\nsecond line of the message")
+            row["ms"] = 1.0
+        rows.append(row)
+    assert rows == [{"impl": "fails", "error": "RuntimeError: backend refused the shape"}, {"impl": "works", "ms": 1.0}]
+    assert "second line of the message" in capsys.readouterr().err  # the whole traceback goes to the log
+    with pytest.raises(KeyboardInterrupt), common.error_row({}):
+        raise KeyboardInterrupt
+
+
+def test_build_competitor_defers_the_error_to_its_rows():
+    common = _bench_module("common")
+
+    def factory(size):
+        raise ImportError(f"no backend for {size}")
+
+    fn = common.build_competitor(factory, 7)
+    row = {}
+    with common.error_row(row):
+        fn(1, 2)
+    assert row == {"error": "ImportError: no backend for 7"}
+    assert common.build_competitor(lambda x: x + 1, 1) == 2
+
+
+def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path, monkeypatch):
+    """fused_loss with liger raising at run time and torch.compile raising at build time: both become error rows
+    with the exception's one-line text, every other row is timed, the table prints and the JSON is written."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch references: a check of the bookkeeping, not a timing
+    fused_loss = _bench_module("fused_loss")
+
+    def liger_factory(compiled, seq_len):
+        def loss(*_):
+            raise RuntimeError("liger exploded\nat some depth")
+
+        return loss
+
+    def compile_factory(fn, **kwargs):
+        raise IndexError("dynamo guard index out of range")
+
+    monkeypatch.setattr(fused_loss, "liger_bpo_loss_factory", liger_factory)
+    monkeypatch.setattr(fused_loss, "compile_fresh", compile_factory)
+    assert fused_loss.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("fused_loss-*.json")
+    record = json.loads(result.read_text())
+    sizes = [48, 96]
+    errors = {(r["impl"], r["mode"], r["N"]): r["error"] for r in record["rows"] if "error" in r}
+    assert errors == {
+        **{("liger", "fwd+bwd", n): "RuntimeError: liger exploded" for n in sizes},
+        **{("torch.compile", mode, n): "IndexError: dynamo guard index out of range"
+           for mode in ("fwd+bwd", "fwd logprobs") for n in sizes},
+    }  # fmt: skip
+    timed = {(r["impl"], r["mode"], r["N"]) for r in record["rows"] if "ms" in r}
+    modes = ("fwd+bwd", "fwd logprobs")
+    assert timed == {(impl, mode, n) for impl in ("r4b", "torch") for mode in modes for n in sizes}
+    assert {r["vs"] for r in record["ratios"]} == {"torch"}
+
+
+def test_compile_fresh_never_recompiles_across_sizes(monkeypatch):
+    """A fresh compile per size: no recompilation, which is where dynamo's guards broke a whole run once."""
+    common = _bench_module("common")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+
+    def f(x):
+        return (x * 2).sum()
+
+    try:
+        for n in (3, 5, 9):
+            assert float(common.compile_fresh(f, backend="eager")(torch.ones(n))) == 2 * n
+        reused = common.compile_fresh(f, backend="eager")
+        reused(torch.ones(3))
+        with pytest.raises(Exception, match=r"[Rr]ecompil"):  # the control: one compiled function, a new shape
+            reused(torch.ones(4))
+    finally:
+        torch._dynamo.reset()
+
+
+_COUNT_CONFIGS = """
+import importlib, json, triton
+counts = {}
+for name in ("r4b.kernels.varlen_attention", "r4b.kernels.linear_logprobs"):
+    module = importlib.import_module(name)
+    for attr, value in vars(module).items():
+        if isinstance(value, triton.runtime.autotuner.Autotuner):
+            counts[attr] = [(c.kwargs, c.num_warps, c.num_stages) for c in value.configs]
+print(json.dumps(counts))
+"""
+
+
+def _autotune_configs(pin: str | None) -> dict:
+    """Each autotuned kernel's configs as compiled for a GPU (TRITON_INTERPRET=0), with R4B_AUTOTUNE=pin."""
+    env = {k: v for k, v in os.environ.items() if k != "R4B_AUTOTUNE"}
+    env |= {"TRITON_INTERPRET": "0", **({"R4B_AUTOTUNE": pin} if pin is not None else {})}
+    out = subprocess.run([sys.executable, "-c", _COUNT_CONFIGS], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_autotune_pinning_selects_one_config():
+    full, pinned = _autotune_configs(None), _autotune_configs("0")
+    kernels = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_logprobs_fwd_kernel", "_dlogits_kernel"}
+    assert full.keys() == pinned.keys() == kernels
+    assert {name: len(configs) for name, configs in full.items()} == {
+        "_fwd_kernel": 3, "_bwd_dkdv_kernel": 2, "_bwd_dq_kernel": 2, "_logprobs_fwd_kernel": 5, "_dlogits_kernel": 5,
+    }  # fmt: skip
+    for name in kernels:
+        (config,) = pinned[name]
+        assert config in full[name], name  # one of the tuned configs, not a test-only one
+    # the smallest tiles, so a lone (never benchmarked) config fits fp32 and head_dim 128
+    assert pinned["_fwd_kernel"][0][0] == {"BLOCK_M": 128, "BLOCK_N": 32}
+    assert pinned["_bwd_dq_kernel"][0][0] == {"BLOCK_M": 32, "BLOCK_N": 64}
+    assert pinned["_logprobs_fwd_kernel"][0][0] == {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 32}
+    assert _autotune_configs("1") == full
