@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def paper_signature(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run every stage under ``out``; returns the report (with ``paper_signature``)."""
+    """Run every stage under ``out``; returns the report (with ``paper_signature`` and the run's wall time,
+    ``seconds``)."""
+    started = time.perf_counter()
     from r4b.config import load_config
     from r4b.eval import evaluate
     from r4b.synth import write_synthetic
@@ -72,6 +75,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]
     models = {"annealed": sft / "model", "bpo": runs["bpo"] / "model", "grpo": runs["grpo"] / "model"}
     report = evaluate(models, data / "eval.jsonl", out / "eval", max_new_tokens=24 if quick else 96, batch_size=64)
     report["paper_signature"] = paper_signature(report)
+    report["seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -91,4 +95,48 @@ def _run(args: argparse.Namespace) -> int:
     for name, check in report["paper_signature"].items():
         status = "met" if check["met"] else "not met"
         print(f"  {name:<45} {check['value']:+.3f}  target {check['target']:<9} {status}")
+    for flag in report.get("forced_mode_flags", []):
+        print(f"  warning: {flag['message']}")
     return 0
+
+
+SWEEP_COLUMNS = (
+    ("trigger hard - easy", "bpo trigger rate hard - easy", "{:+.3f}"),
+    ("auto acc - best forced", "bpo auto accuracy - best forced", "{:+.3f}"),
+    ("auto / thinking tokens", "bpo auto tokens / thinking tokens", "{:.3f}"),
+    ("BPO - annealed auto acc", "bpo auto accuracy - annealed auto accuracy", "{:+.3f}"),
+)
+
+
+def sweep_table(out: str | Path, seeds: list[int]) -> str:
+    """A markdown table of ``scripts/demo_sweep.sh``'s runs ``out/seed-S``: per seed the four targets (a value
+    not met is in bold), the forced-mode trigger rates after BPO (thinking should be 1, non-thinking 0), whether all
+    four are met and the wall time; seeds without a report are listed as not finished."""
+    head = [name for name, _, _ in SWEEP_COLUMNS]
+    head += ["BPO forced thinking / non-thinking trigger", "targets met", "minutes"]
+    lines = ["| seed | " + " | ".join(head) + " |", "|---:|" + "---:|" * len(head)]
+    met_seeds = []
+    for seed in seeds:
+        run = Path(out) / f"seed-{seed}"
+        seconds = (run / "seconds").read_text().strip() if (run / "seconds").exists() else None
+        minutes = f"{int(seconds) / 60:.1f}" if seconds else "-"
+        if not (run / "report.json").exists():
+            lines.append(f"| {seed} | " + " | ".join(["-"] * (len(head) - 1)) + f" | {minutes} |")
+            continue
+        report = json.loads((run / "report.json").read_text())
+        signature = paper_signature(report)
+        cells = []
+        for _, key, fmt in SWEEP_COLUMNS:
+            text = fmt.format(signature[key]["value"])
+            cells.append(text if signature[key]["met"] else f"**{text}**")
+        bpo = report["models"]["bpo"]
+        cells.append(f"{bpo['thinking']['trigger_rate']:.3f} / {bpo['non_thinking']['trigger_rate']:.3f}")
+        met = sum(check["met"] for check in signature.values())
+        met_seeds += [seed] if met == len(signature) else []
+        cells += [f"{met}/{len(signature)}", minutes]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    targets = (
+        "trigger hard - easy >= 0.3, auto acc - best forced >= -0.05, auto / thinking tokens < 1, BPO - annealed > 0"
+    )
+    lines += ["", f"Targets: {targets}. All four met on seeds {met_seeds} of {seeds}."]
+    return "\n".join(lines)

@@ -13,7 +13,9 @@ from helpers import run_two_ranks
 
 from r4b.config import load_config
 from r4b.models.tokenizer import MODE_SUFFIX, load_tokenizer
-from r4b.rollout import Rollout
+from r4b.rl import RolloutBatch, compute_advantages, compute_logprobs
+from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams
+from r4b.rollout.prompts import encode_for_generation, stop_token_ids
 from r4b.synth import write_synthetic
 from r4b.train.bpo import BPOConfig, BPOTrainer, _rollout_metrics, move_decision_tokens, prompt_indices, train_bpo
 
@@ -164,11 +166,93 @@ def test_format_reward_is_added_with_its_weight_and_logged(data, tmp_path):
 
 
 def test_rollout_metrics_by_hand():
-    """Two prompts, g=2: prompt 0 thinking [1, 1] / non-thinking [0, 1]; prompt 1 all 0."""
-    shape = ((3, "thinking"), (5, "thinking"), (1, "non_thinking"), (1, "non_thinking"))
-    row = lambda: [Rollout([1], [2] * n, "", True, mode) for n, mode in shape]
+    """Two prompts, g=2: prompt 0 thinking [1, 1] / non-thinking [0, 1]; prompt 1 all 0. In each prompt the second
+    thinking rollout closes its thought at once and the second non-thinking one opens a late thought: off-mode."""
+    shape = ((3, "thinking", "a\n</think>\n\n3"), (5, "thinking", "</think>\n\n3"),
+             (1, "non_thinking", "\n\n3"), (1, "non_thinking", "\n\n<think>\nb\n</think>\n\n3"))  # fmt: skip
+    row = lambda: [Rollout([1], [2] * n, text, True, mode) for n, mode, text in shape]
     rewards = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     out = _rollout_metrics([row(), row()], rewards, rewards, None)
     assert out["reward"] == pytest.approx(3 / 8) and out["zero_adv_groups"] == 0.5  # prompt 1's 2g are all equal
-    assert out["thinking"] == {"reward": 0.5, "accuracy": 0.5, "response_len": 4.0, "uniform_reward_groups": 1.0}
-    assert out["non_thinking"] == {"reward": 0.25, "accuracy": 0.25, "response_len": 1.0, "uniform_reward_groups": 0.5}
+    assert out["thinking"] == {"reward": 0.5, "accuracy": 0.5, "response_len": 4.0, "trigger_rate": 0.5,
+                               "off_mode": 0.5, "uniform_reward_groups": 1.0}  # fmt: skip
+    assert out["non_thinking"] == {"reward": 0.25, "accuracy": 0.25, "response_len": 1.0, "trigger_rate": 0.0,
+                                   "off_mode": 0.5, "uniform_reward_groups": 0.5}  # fmt: skip
+    auto = [[Rollout([1], [2], "\nc\n</think>\n\n3", True, "auto"), Rollout([1], [2], "\n\n</think>3", True, "auto")]]
+    out = _rollout_metrics(auto, torch.ones(1, 2), torch.ones(1, 2), None)
+    assert out["auto"]["trigger_rate"] == 0.5 and "off_mode" not in out["auto"]  # auto chooses: never off-mode
+
+
+class ScriptedEngine(RolloutEngine):
+    """Issue 16's failure on an easy item, written out: of each prompt's two thinking rollouts the first closes the
+    forced thought at once and answers right, the second thinks until cut off (no answer: wrong); both non-thinking
+    ones answer right. Prompt ids come from the real encoder, so the update trains on them as on generated ones."""
+
+    THOUGHT = "I count the shapes one by one"
+
+    def __init__(self, trainer: BPOTrainer) -> None:
+        self.tokenizer, self.processor = trainer.tokenizer, trainer.processor
+        self.answers = {self.key(Prompt.from_sample(s)): s.answer for s in trainer.prompts}
+        self.stop = stop_token_ids(self.tokenizer)[0]
+
+    @staticmethod
+    def key(prompt: Prompt) -> str:
+        return json.dumps([prompt.messages, [str(image) for image in prompt.images]])
+
+    def generate(self, prompts, *, n, mode, sampling):
+        encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode, suffix=None)
+        out = []
+        for prompt, enc in zip(prompts, encoded, strict=True):
+            answer = self.answers[self.key(prompt)]
+            texts = [f"</think>\n\n{answer}", self.THOUGHT] if mode == "thinking" else [f"\n\n{answer}"]
+            row = []
+            for k in range(n):
+                text = texts[k % len(texts)]
+                ids, finished = self.tokenizer.encode(text, add_special_tokens=False), text != self.THOUGHT
+                row.append(Rollout(list(enc.ids), ids + [self.stop] * finished, text, finished, mode))
+            out.append(row)
+        return out
+
+
+def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
+    """Mean log-prob, under the policy, of ``</think>`` right after the forced ``<think>\n`` (closing at once)."""
+    rows = ScriptedEngine(trainer).generate([Prompt.from_sample(s) for s in samples], n=1, mode="thinking",
+                                            sampling=SamplingParams())  # fmt: skip
+    assert rows[0][0].text.startswith("</think>")
+    images, pad = [s.images for s in samples], trainer.tokenizer.pad_token_id or 0
+    batch = RolloutBatch.from_rollouts(rows, torch.zeros(len(rows), 1), images=images, processor=trainer.processor,
+                                       pad_id=pad)  # fmt: skip
+    return float(compute_logprobs(trainer.model, batch, max_tokens=4096)[:, 0].mean())
+
+
+def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monkeypatch):
+    """Issue 16: with the paper's plain answer reward (reward.off_mode=null) a forced thought closed at once and
+    answered right gets a positive joint advantage, above the real thought's, and three BPO steps make closing at
+    once likelier; scored as a format failure (the default, reward.off_mode=0) it gets no more than the wrong
+    thought (a negative advantage), and the same steps make it less likely: the thinking group keeps thinking."""
+    import r4b.train.bpo as bpo
+
+    seen = []
+    monkeypatch.setattr(bpo, "compute_advantages", lambda *a, **k: seen.append(compute_advantages(*a, **k)) or seen[-1])
+    change = {}
+    for setting in ("null", "0.0"):
+        # no mode-decision credit here: the probe then reads the thinking group's own tokens alone
+        extra = (f"reward.off_mode={setting}", "advantages.mode_decision_credit=false", "data.eval=null")
+        trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / setting, *extra)))
+        trainer.rollout_engine = ScriptedEngine(trainer)
+        probe = trainer.prompts[:4]
+        before, seen[:] = close_at_once_logprob(trainer, probe), []
+        rows = [trainer.step(step) for step in range(3)]
+        change[setting] = close_at_once_logprob(trainer, probe) - before
+        for row in rows:  # seen either way: half the thinking group left its mode
+            assert row["thinking"]["off_mode"] == 0.5 and row["thinking"]["trigger_rate"] == 1 / 2
+            assert row["thinking"]["accuracy"] == 0.5 and row["non_thinking"]["off_mode"] == 0.0
+        assert rows[0]["thinking"]["reward"] == (0.5 if setting == "null" else 0.0)
+        closed, thought = seen[0][:, 0], seen[0][:, 1]  # columns: [closed at once, thought] + 2 non-thinking
+        if setting == "null":
+            assert (closed > 0).all() and (closed > thought).all()
+        else:
+            assert (closed < 0).all() and torch.equal(closed, thought)
+    assert BPOConfig().reward.off_mode == 0.0  # the remedy is the default, and the demo's
+    print(f"log p(</think> | <think>\\n) after 3 steps: {change}")
+    assert change["null"] > 0.05 and change["0.0"] < -0.05, change

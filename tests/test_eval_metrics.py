@@ -14,6 +14,7 @@ from r4b.eval.metrics import (
     summarize,
     think_state,
 )
+from r4b.eval.report import build_report, forced_mode_flags, to_markdown
 from r4b.models.tokenizer import MODE_SUFFIX
 
 # (mode, response) -> (think_state, thinking)
@@ -145,3 +146,25 @@ def test_compute_metrics_by_model_mode_and_group():
     assert list(metrics["m"]["non_thinking"]["by_difficulty"]) == ["(none)"]
     assert metrics["other"]["non_thinking"]["accuracy"] == 1.0
     assert "by_difficulty" not in compute_metrics(records, group_keys=[])["m"]["auto"]
+
+
+def test_report_flags_a_forced_mode_that_leaves_its_mode():
+    """Issue 16: a forced thinking mode whose trigger rate is 0.469 (the model closes the thought at once on 53% of
+    the items) is flagged in report.json and report.md; rates within the tolerance are not."""
+    records = [_record(True, k < 15, 5, mode="thinking", model="bpo") for k in range(32)]  # 15 / 32 = 0.469
+    records += [_record(True, False, 5, mode="non_thinking", model="bpo") for _ in range(32)]
+    records += [_record(True, k < 31, 5, mode="thinking", model="annealed") for k in range(32)]  # 0.969: within 0.05
+    records += [_record(True, k < 4, 5, mode="non_thinking", model="annealed") for k in range(32)]  # 0.125
+    report = build_report(records, benchmark="eval", data="eval.jsonl", settings={})
+    flags = {(f["model"], f["mode"]): f for f in report["forced_mode_flags"]}
+    assert set(flags) == {("bpo", "thinking"), ("annealed", "non_thinking")}
+    assert (
+        flags["bpo", "thinking"]["trigger_rate"] == pytest.approx(15 / 32) and flags["bpo", "thinking"]["expected"] == 1
+    )
+    assert flags["annealed", "non_thinking"]["expected"] == 0
+    markdown = to_markdown(report)
+    assert "forced thinking mode has trigger rate 0.469, expected 1" in markdown
+    assert "forced non_thinking mode has trigger rate 0.125, expected 0" in markdown
+    assert forced_mode_flags(report["models"], tolerance=0.6) == []
+    auto_only = build_report([_record(True, False, 5)], benchmark="eval", data="x", settings={})
+    assert auto_only["forced_mode_flags"] == [] and "Forced modes departing" not in to_markdown(auto_only)

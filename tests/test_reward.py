@@ -2,7 +2,9 @@
 
 import pytest
 
+from r4b.models.tokenizer import MODE_SUFFIX
 from r4b.rl import REWARDS, answer_reward, extract_answer, format_reward
+from r4b.rl.reward import off_mode
 
 
 @pytest.mark.parametrize(
@@ -63,3 +65,25 @@ def test_custom_pattern():
 )
 def test_format_reward(response, expected):
     assert format_reward(response) == expected and REWARDS["format"](response, "4") == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "response", "off"),
+    [
+        ("thinking", "Two and two.\n</think>\n\n4", False),
+        ("thinking", "Two and", False),  # cut inside the thought: still thinking
+        ("thinking", "</think>\n\n4", True),  # issue 16: the forced thought closed at once
+        ("thinking", "\n</think>\n\n4", True),
+        ("thinking", " \n ", True),  # nothing but whitespace, cut off
+        ("non_thinking", "\n\n4", False),
+        ("non_thinking", "\n\n<think>\nlate thought\n</think>\n\n4", True),  # a second, thinking block
+        ("auto", "\n\n</think>\n\n4", False),  # the auto mode chooses: never off-mode
+        ("auto", "\nTwo and two.\n</think>\n\n4", False),
+    ],
+)
+def test_off_mode(mode, response, off):
+    assert off_mode(MODE_SUFFIX[mode] + response, mode) is off
+
+
+def test_off_mode_with_a_replaced_thinking_suffix():
+    assert not off_mode("<think>\nLet me think.\n</think>\n\n4", "thinking")  # the suffix's own text is a thought

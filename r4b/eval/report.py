@@ -6,9 +6,13 @@
      "models": {"<name>": {"<mode>": {"n", "accuracy", "trigger_rate", "mean_tokens", "median_tokens",
                                       "unfinished_rate", "by_difficulty": {"easy": {...same keys}, ...}}}},
      "settings": {"<name>": {"model", "max_new_tokens", "temperature", ...}},
+     "forced_mode_flags": [{"model", "mode", "trigger_rate", "expected", "message"}, ...],
      "definitions": {...}}
 
 The numbers are :func:`r4b.eval.metrics.compute_metrics` over the records of ``predictions.jsonl``.
+``forced_mode_flags`` (:func:`forced_mode_flags`) lists every forced mode whose trigger rate departs from its
+forced value by more than :data:`FORCED_MODE_TOLERANCE` (thinking: 1, non-thinking: 0), e.g. a model that
+closes its forced thought at once (issue 16); ``report.md`` shows them above the tables.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from typing import Any
 
 from r4b.eval.metrics import compute_metrics
 
-__all__ = ["DEFINITIONS", "build_report", "plot_report", "to_markdown", "write_report"]
+__all__ = [
+    "DEFINITIONS",
+    "FORCED_MODE_TOLERANCE",
+    "build_report",
+    "forced_mode_flags",
+    "plot_report",
+    "to_markdown",
+    "write_report",
+]
 
 DEFINITIONS = {
     "accuracy": "share of responses whose final answer (after the last </think>) matches the reference",
@@ -31,6 +43,31 @@ DEFINITIONS = {
     "unfinished_rate": "share of responses cut at max_new_tokens",
 }
 PLOTS = ("accuracy_tokens.png", "trigger_rate.png")
+# The trigger rate a forced mode should have, and how far it may depart before the report flags it.
+FORCED_TRIGGER_RATE = {"thinking": 1.0, "non_thinking": 0.0}
+FORCED_MODE_TOLERANCE = 0.05
+
+
+def forced_mode_flags(
+    models: Mapping[str, Mapping[str, Mapping[str, Any]]], tolerance: float = FORCED_MODE_TOLERANCE
+) -> list[dict[str, Any]]:
+    """One flag per (model, forced mode) whose trigger rate departs from the forced value by more than
+    ``tolerance``: thinking forced with ``<think>\\n`` should think (1), non-thinking forced with
+    ``<think>\\n\\n</think>`` should not (0). A departure means the model leaves the mode it is put in: it no
+    longer follows the format its modes are defined by, and the forced modes stop measuring what they name."""
+    flags = []
+    for name, per_mode in models.items():
+        for mode, expected in FORCED_TRIGGER_RATE.items():
+            rate = per_mode.get(mode, {}).get("trigger_rate")
+            if rate is None or abs(rate - expected) <= tolerance:
+                continue
+            what = "leaves the forced think block empty" if expected else "thinks though forced not to"
+            message = (
+                f"{name}: forced {mode} mode has trigger rate {rate:.3f}, expected {expected:.0f}: the model {what} "
+                f"on {abs(rate - expected):.1%} of the items"
+            )
+            flags.append({"model": name, "mode": mode, "trigger_rate": rate, "expected": expected, "message": message})
+    return flags
 
 
 def build_report(
@@ -54,6 +91,7 @@ def build_report(
         "group_keys": list(group_keys),
         "models": models,
         "settings": {name: dict(settings.get(name, {})) for name in models},
+        "forced_mode_flags": forced_mode_flags(models),
         "definitions": DEFINITIONS,
     }
 
@@ -73,6 +111,14 @@ def to_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     for name, settings in report["settings"].items():
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
         lines.append(f"- **{name}**: {shown}")
+    flags = report.get("forced_mode_flags", forced_mode_flags(report["models"]))
+    if flags:
+        lines += [
+            "",
+            f"**Forced modes departing from their forced trigger rate** (tolerance {FORCED_MODE_TOLERANCE}):",
+            "",
+        ]
+        lines += [f"- ⚠ {flag['message']}" for flag in flags]
     lines += ["", f"## {bench}", ""]
     lines += ["| model | mode | n | accuracy (%) | trigger rate (%) | mean tokens | median tokens | unfinished (%) |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -8,6 +8,10 @@ relative numeric tolerance for plain numbers and normalized string equality as t
 
 :func:`format_reward` (optional; the paper mentions none) checks R-4B's output format instead:
 ``<think>`` first, one closed think block, then a non-empty answer.
+
+:func:`off_mode` tells whether a forced-mode response left its mode (a forced thought closed at once, or a forced
+direct answer that thinks after all); BPO scores such responses as format failures by default
+(``reward.off_mode``, see :func:`r4b.train.bpo.RewardSection`).
 """
 
 from __future__ import annotations
@@ -106,3 +110,21 @@ def format_reward(response: str, answer: str | None = None) -> float:
     if not response.startswith(THINK_OPEN) or response.count(THINK_OPEN) != 1 or response.count(THINK_CLOSE) != 1:
         return 0.0
     return float(bool(response.split(THINK_CLOSE, 1)[1].strip()))
+
+
+def off_mode(full_text: str, mode: str) -> bool:
+    """Whether a forced-mode response (its full text: mode suffix + response) departs from its forced mode.
+
+    - ``thinking`` (suffix ``<think>\\n``): the response does not think, i.e. its think block is empty (it
+      closed ``</think>`` at once, or wrote only whitespace) or malformed (:func:`r4b.eval.metrics.think_state`).
+    - ``non_thinking`` (suffix ``<think>\\n\\n</think>``): the response thinks anyway: its think block has
+      content (a replaced suffix) or it opens a second ``<think>`` after the closed empty one.
+    - ``auto``: never (the mode is the model's choice).
+    """
+    from r4b.eval.metrics import is_thinking  # lazy: r4b.eval.metrics imports this module
+
+    if mode == "thinking":
+        return not is_thinking(full_text)
+    if mode == "non_thinking":
+        return is_thinking(full_text) or THINK_OPEN in full_text.split(THINK_CLOSE, 1)[-1]
+    return False

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
+from r4b.rl.reward import off_mode
 from r4b.rl.update import BPOObjective
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from r4b.train.checkpoint import save_checkpoint
@@ -72,6 +73,13 @@ class RewardSection:
     name: str = "answer"  # a registered reward (r4b.rl.register_reward)
     pattern: str | None = None  # regex for the final answer when there is no \boxed{}
     format_weight: float = 0.0  # > 0 adds weight x the format reward (<think> block closed, then an answer)
+    # The reward of a forced-mode rollout that leaves its mode (r4b.rl.reward.off_mode): a thinking rollout whose
+    # think block is empty (</think> closed at once) or a non-thinking one that thinks anyway, scored as a format
+    # failure whatever its answer. BPO forces both modes so that both stay explored (the R-4B paper); without this,
+    # a thinking rollout that answers directly and is right gets the joint group's advantage, the policy learns to
+    # close forced thoughts at once, and the thinking group stops thinking (issue 16). null: the paper's plain
+    # answer reward (the rollout keeps its score). Only strategy=bpo forces modes; auto rollouts never are off-mode.
+    off_mode: float | None = 0.0
 
 
 @dataclass
@@ -359,6 +367,9 @@ class BPOTrainer:
             formats = torch.tensor([[REWARDS["format"](r.full_text, s.answer) for r in row] for row, s in
                                     zip(rollouts, samples, strict=True)])  # fmt: skip
         rewards = scores if formats is None else scores + config.reward.format_weight * formats
+        off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
+        if config.reward.off_mode is not None:
+            rewards = torch.where(off, torch.tensor(config.reward.off_mode, dtype=rewards.dtype), rewards)
         num_thinking = config.rollout.group_size if config.rollout.strategy == "bpo" else None
         advantages = compute_advantages(
             rewards, config.advantages.grouping, num_thinking=num_thinking, scale_by_std=config.advantages.scale_by_std
@@ -392,7 +403,7 @@ class BPOTrainer:
         )
         timings["update"] = time.perf_counter() - clock
         elapsed = time.perf_counter() - started
-        metrics = {"step": step + 1, **_rollout_metrics(rollouts, rewards, scores, formats), **_scalars(update)}
+        metrics = {"step": step + 1, **_rollout_metrics(rollouts, rewards, scores, formats, off), **_scalars(update)}
         metrics["time"] = timings
         metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
@@ -456,11 +467,22 @@ def train_bpo(config: BPOConfig) -> Path:
 
 
 def _rollout_metrics(
-    rollouts: list[list[Rollout]], rewards: torch.Tensor, scores: torch.Tensor, formats: torch.Tensor | None
+    rollouts: list[list[Rollout]],
+    rewards: torch.Tensor,
+    scores: torch.Tensor,
+    formats: torch.Tensor | None,
+    off: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Per mode: reward, accuracy (the configured reward alone), response length, the share of prompts whose
     responses in that mode all got one reward and, with a format reward, the share of well-formed responses;
-    overall, the share of prompts whose 2g rewards are all equal (zero advantage: no learning signal)."""
+    the thinking trigger rate (r4b.eval.metrics.is_thinking, as in evaluation) and, in the forced modes,
+    ``off_mode``: the share of rollouts that left their mode (``off``, r4b.rl.reward.off_mode: thinking rollouts
+    with an empty think block, non-thinking ones that think); overall, the share of prompts whose 2g rewards are
+    all equal (zero advantage: no learning signal)."""
+    from r4b.eval.metrics import is_thinking
+
+    if off is None:
+        off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
     out: dict[str, Any] = {"reward": float(rewards.mean())}
     columns = [rewards, scores] + ([formats] if formats is not None else [])
     by_mode: dict[str, list[tuple[float, ...]]] = {}
@@ -475,6 +497,10 @@ def _rollout_metrics(
             "accuracy": sum(r[1] >= 1.0 for r in rows) / len(rows),
             "response_len": mean(-1),
         }
+        mine = [(p, k) for p, row in enumerate(rollouts) for k, r in enumerate(row) if r.mode == mode]
+        out[mode]["trigger_rate"] = sum(is_thinking(rollouts[p][k].full_text) for p, k in mine) / len(mine)
+        if mode != "auto":
+            out[mode]["off_mode"] = sum(bool(off[p, k]) for p, k in mine) / len(mine)
         if formats is not None:
             out[mode]["format"] = mean(2)
         # prompts whose responses in this mode all got one reward (under joint grouping they may still

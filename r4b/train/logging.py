@@ -1,4 +1,7 @@
-"""Run logs on the main process: metrics.jsonl, TensorBoard curves and a rich progress line."""
+"""Run logs on the main process: metrics.jsonl, TensorBoard curves and a rich progress line.
+
+Every finite scalar of a step's metrics goes to TensorBoard under its path (``thinking/off_mode``, ``time/rollout``);
+the progress line shows the loss, lr, tokens/s and, in BPO, the reward and each forced mode's off-mode share."""
 
 from __future__ import annotations
 
@@ -68,18 +71,31 @@ class RunLogger:
             for key, value in _scalars(metrics):
                 self.writer.add_scalar(key, value, step)
         if self.progress is not None:
-            status = (
-                f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
-                if "loss" in metrics
-                else ""
-            )
-            self.progress.update(self.task, completed=step, status=status)
+            self.progress.update(self.task, completed=step, status=_status(metrics))
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         if self.writer is not None:
             self.writer.close()
+
+
+# BPO's forced modes on the progress line: the share of rollouts that left their mode (r4b.rl.reward.off_mode).
+OFF_MODE_LABELS = {"thinking": "empty think", "non_thinking": "non-think thinks"}
+
+
+def _status(metrics: dict[str, Any]) -> str:
+    """The progress line's text: loss, lr, tokens/s and, for RL steps, the reward and, per forced mode, the share of
+    rollouts that left it (a thinking rollout with an empty think block, a non-thinking one that thinks)."""
+    if "loss" not in metrics:
+        return ""
+    status = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
+    if "reward" in metrics:
+        status += f"  reward {metrics['reward']:.3f}"
+    for mode, label in OFF_MODE_LABELS.items():
+        if isinstance(metrics.get(mode), dict) and "off_mode" in metrics[mode]:
+            status += f"  {label} {metrics[mode]['off_mode']:.0%}"
+    return status
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = ""):
