@@ -14,6 +14,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from r4b.models import mrope
 from r4b.models.mrope import mm_token_type_ids, packed_mrope_position_ids, packed_vl_forward, use_varlen_attention
 
 VOCAB, IMAGE, VIDEO, VISION_START, VISION_END = 100, 90, 93, 91, 92
@@ -98,7 +99,18 @@ def packed(model, samples, position_ids):
     return out.last_hidden_state[0]
 
 
-def test_packed_forward_and_backward_match_per_sample(model):
+@pytest.fixture(params=["mm_encoder_outputs", "own_scatter"])
+def vision_path(request, monkeypatch):
+    """How packed_vl_forward hands the images over: ``mm_encoder_outputs`` to the model's forward where it takes them
+    (transformers 5.24), else its own scatter into the embeddings and the language model call (5.17; forced here)."""
+    if request.param == "own_scatter":
+        monkeypatch.setattr(mrope, "accepts_mm_encoder_outputs", lambda base: False)
+    elif not mrope.accepts_mm_encoder_outputs(mrope.base_vl_model(request.getfixturevalue("model"))):
+        pytest.skip("this transformers' Qwen-VL forward has no mm_encoder_outputs")
+    return request.param
+
+
+def test_packed_forward_and_backward_match_per_sample(model, vision_path):
     samples = make_samples(model.config)
     n = sum(len(s[0]) for s in samples)
     weights = torch.randn(n, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(2)).to(
@@ -173,3 +185,28 @@ def test_bad_grids_are_reported(model):
         packed_mrope_position_ids(model, [ids], [thw.repeat(2, 1)])
     with pytest.raises(ValueError, match="image_grid_thw_per_sample has 1 entries for 2 samples"):
         packed_mrope_position_ids(model, [ids, ids], [thw])
+
+
+def test_images_change_the_hidden_states(model, vision_path):
+    """The packed forward feeds the images in: other pixel_values, other hidden states in the samples with images
+    (and the same in the text-only one). Transformers 5.17's Qwen-VL forward has no ``mm_encoder_outputs``: handed
+    to it, they vanished into ``**kwargs`` and the hidden states did not depend on the pixels."""
+    samples = make_samples(model.config, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    perturbed = [
+        (ids, thw, None if px is None else px + torch.randn(px.shape, generator=gen).to(DEVICE))
+        for ids, thw, px in samples
+    ]
+    use_varlen_attention(model)
+    positions = packed_mrope_position_ids(model, [s[0] for s in samples], [s[1] for s in samples])
+    with torch.no_grad():
+        hidden, other = packed(model, samples, positions), packed(model, perturbed, positions)
+    start = 0
+    for ids, thw, _ in samples:
+        span = slice(start, start + len(ids))
+        first_image = int((ids == IMAGE).nonzero()[0]) if thw is not None else len(ids)
+        before = slice(start, start + first_image)
+        assert torch.equal(hidden[before], other[before])  # causal: nothing before the first image moves
+        if thw is not None:
+            assert rel_err(other[span], hidden[span]) > 1e-2
+        start += len(ids)

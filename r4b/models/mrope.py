@@ -15,11 +15,15 @@ The vision tower: its attention calls, unless the implementation's name contains
 image (per window for Qwen2.5-VL's window attention) with no cu_seqlens, so ``r4b_varlen`` serves them as one
 bidirectional document each (``module.is_causal`` is False there). But the models forward their own ``**kwargs``
 to the vision tower, so the text's ``cu_seq_lens_q`` would reach it: :func:`packed_vl_forward` therefore runs
-the vision tower first without them and hands its output to the model as ``mm_encoder_outputs``.
+the vision tower first without them and hands its output to the model as ``mm_encoder_outputs`` (transformers
+5.24). Where the model's forward has no such parameter (transformers 5.17, which would swallow it in ``**kwargs``
+and drop the images), :func:`packed_vl_forward` scatters the vision features into the token embeddings itself and
+calls the language model (with Qwen3-VL's deepstack features), as the model's own forward does.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -183,14 +187,60 @@ def packed_vl_forward(
         encoded["image"] = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
     if pixel_values_videos is not None:
         encoded["video"] = base.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+    packing = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    if not accepts_mm_encoder_outputs(base):
+        return _language_model_forward(base, input_ids, position_ids, encoded, **packing, **kwargs)
     return base(
         input_ids=input_ids[None],
         position_ids=position_ids[:, None],
         mm_encoder_outputs=encoded or None,
-        cu_seq_lens_q=cu_seqlens,
-        cu_seq_lens_k=cu_seqlens,
-        max_length_q=max_seqlen,
-        max_length_k=max_seqlen,
         use_cache=False,
+        **packing,
         **kwargs,
+    )
+
+
+def accepts_mm_encoder_outputs(base: PreTrainedModel) -> bool:
+    """Whether the VL base model's forward takes precomputed vision outputs (``mm_encoder_outputs``)."""
+    return "mm_encoder_outputs" in inspect.signature(type(base).forward).parameters
+
+
+def _language_model_forward(
+    base: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor, encoded: dict, **kwargs: Any
+) -> Any:
+    """The model's forward from ``mm_encoder_outputs`` on, where it has no such parameter: each modality's features
+    scattered into its placeholder tokens' embeddings, Qwen3-VL's deepstack features (one tensor per decoder layer
+    they are added to) joined over the vision tokens in sequence order, then the language model."""
+    config = base.config
+    embeds = base.get_input_embeddings()(input_ids[None])
+    masks, deepstack = {}, {}
+    for kind, token_id in (("image", config.image_token_id), ("video", getattr(config, "video_token_id", None))):
+        if kind not in encoded:
+            continue
+        out = encoded[kind]
+        features = torch.cat(list(out.pooler_output)).to(embeds.device, embeds.dtype)
+        mask = input_ids[None] == token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: {features.shape[0]} != {int(mask.sum())}"
+            )
+        embeds = embeds.masked_scatter(mask[..., None], features)
+        masks[kind] = mask
+        layers = getattr(out, "deepstack_features", None)
+        if layers is not None:  # per layer: one [n, H] tensor (5.17) or one per image/video (later versions)
+            deepstack[kind] = [f if torch.is_tensor(f) else torch.cat(list(f)) for f in layers]
+    extra = {}
+    if deepstack:
+        visual = torch.zeros_like(input_ids[None], dtype=torch.bool)
+        for mask in masks.values():
+            visual |= mask
+        layers = []
+        for per_kind in zip(*deepstack.values(), strict=True):
+            joint = per_kind[0].new_zeros(int(visual.sum()), per_kind[0].shape[-1])
+            for kind, features in zip(deepstack, per_kind, strict=True):
+                joint[masks[kind][visual]] = features.to(joint.dtype)
+            layers.append(joint)
+        extra = {"visual_pos_masks": visual, "deepstack_visual_embeds": layers}
+    return base.language_model(
+        input_ids=None, inputs_embeds=embeds, position_ids=position_ids[:, None], use_cache=False, **extra, **kwargs
     )

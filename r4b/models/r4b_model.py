@@ -13,13 +13,17 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import SubConfigSpec
 from transformers.models.llava_onevision.configuration_llava_onevision import LlavaOnevisionConfig
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionModel,
     LlavaOnevisionPreTrainedModel,
 )
+
+try:  # transformers >= 5.2x: composite configs declare their sub-configs' defaults as SubConfigSpec
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.17: a plain ``sub_configs`` table, defaults filled in by ``__post_init__``
+    SubConfigSpec = None
 
 MODEL_TYPE = "rvl"
 ARCHITECTURE = "RForConditionalGeneration"
@@ -29,10 +33,20 @@ class RConfig(LlavaOnevisionConfig):
     """LLaVA-OneVision's config under R-4B's model type; the text model defaults to Qwen3."""
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {  # noqa: RUF012 (a class-level table, as in the parent)
-        **LlavaOnevisionConfig.sub_configs_defaults,
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            **LlavaOnevisionConfig.sub_configs_defaults,
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
+        }
+
+    def __post_init__(self, **kwargs):
+        # Without SubConfigSpec (transformers 5.17) the parent's __post_init__ makes a text config that is None or
+        # a dict without model_type a Qwen2 one: name Qwen3 first (a no-op where sub_configs_defaults already does).
+        if self.text_config is None:
+            self.text_config = {"model_type": "qwen3"}
+        elif isinstance(self.text_config, dict) and "model_type" not in self.text_config:
+            self.text_config = {**self.text_config, "model_type": "qwen3"}
+        super().__post_init__(**kwargs)
 
 
 class RMultiModalProjector(nn.Module):
