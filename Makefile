@@ -50,6 +50,13 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	TRITON_INTERPRET=0 $(BIN)/r4b demo --out $(DEMO_DIR)
 
+# The demo on seeds 0-4 (SEEDS="0 1" to choose), one at a time, then one table of the paper signature per seed
+# (scripts/demo_sweep.sh); a finished seed is kept, so an interrupted sweep resumes.
+SWEEP_DIR ?= runs/demo-sweep
+.PHONY: demo-sweep
+demo-sweep: install
+	OUT=$(SWEEP_DIR) PYTHON=$(BIN)/python scripts/demo_sweep.sh
+
 test: install
 	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -256,3 +256,17 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
     assert BPOConfig().reward.off_mode == 0.0  # the remedy is the default, and the demo's
     print(f"log p(</think> | <think>\\n) after 3 steps: {change}")
     assert change["null"] > 0.05 and change["0.0"] < -0.05, change
+
+
+def test_off_mode_on_the_progress_line_and_in_tensorboard():
+    from r4b.train.logging import _scalars, _status
+
+    row = {"step": 3, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 900.0, "reward": 0.25}
+    row |= {
+        "thinking": {"trigger_rate": 0.47, "off_mode": 0.53},
+        "non_thinking": {"trigger_rate": 0.0, "off_mode": 0.0},
+    }
+    assert _status(row).endswith("reward 0.250  empty think 53%  non-think thinks 0%")
+    assert {"thinking/off_mode": 0.53, "non_thinking/off_mode": 0.0, "thinking/trigger_rate": 0.47}.items() <= dict(
+        _scalars(row)
+    ).items()
