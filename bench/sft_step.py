@@ -52,12 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def full_size_config():
+    """The tiny R-4B's config with Qwen3-0.6B's language model shape and R-4B's vocabulary."""
+    config = tiny_r4b_config()
+    text = config.text_config
+    text.update(QWEN3_0_6B)
+    text.layer_types = ["full_attention"] * text.num_hidden_layers  # sized by the constructor: one per layer
+    return config
+
+
 def build_model(smoke: bool, device: torch.device) -> RForConditionalGeneration:
     if smoke:
         return build_tiny_r4b(seed=0).to(device)
-    config = tiny_r4b_config()
-    text = config.text_config  # Qwen3-0.6B's language model shape, R-4B's vocabulary
-    text.update(QWEN3_0_6B)
+    config = full_size_config()
     with torch.device(device):
         model = RForConditionalGeneration(config)
     return model.to(torch.bfloat16)

@@ -73,3 +73,41 @@ def test_sft_step_benchmark_smoke(tmp_path, monkeypatch):
     assert rows.keys() == {"r4b", "hf-padded"}
     assert rows["r4b"]["tokens"] == rows["hf-padded"]["tokens"] and rows["r4b"]["pad_frac"] == 0
     assert record["ratios"][0]["vs"] == "hf-padded" and record["ratios"][0]["r4b_speedup"] > 0
+
+
+def test_full_size_models_build():
+    """The GPU shapes (bench/sft_step.py's Qwen3-0.6B-sized model, scripts/make_random_model.py's ~1.2B preset)
+    build: on the meta device, so no memory and no time; a config whose per-layer fields do not match the layer
+    count fails here, not on the GPU."""
+    import torch
+
+    from r4b.models.r4b_model import RForConditionalGeneration
+
+    sft_step = _bench_module("sft_step")
+    with torch.device("meta"):
+        model = RForConditionalGeneration(sft_step.full_size_config())
+    assert len(model.model.language_model.layers) == 28
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        make_random_model = importlib.import_module("make_random_model")
+    finally:
+        sys.path.pop(0)
+    model = make_random_model.build_model("1b", device="meta")
+    assert 1.1e9 < sum(p.numel() for p in model.parameters()) < 1.3e9
+    text = model.config.text_config
+    assert (text.num_hidden_layers, len(text.layer_types), text.vocab_size, text.head_dim) == (10, 10, 151936, 128)
+    assert model.config.vision_config.hidden_size // model.config.vision_config.num_attention_heads == 72
+
+
+def test_random_model_directory_loads(tmp_path):
+    """scripts/make_random_model.py writes a directory that model.path loads (the tiny preset: fast)."""
+    from r4b.models.loading import load_model_and_processor
+
+    script = ROOT / "scripts" / "make_random_model.py"
+    out = subprocess.run(
+        [sys.executable, script, "--out", tmp_path / "m", "--preset", "tiny", "--device", "cpu"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model, tokenizer, _ = load_model_and_processor(tmp_path / "m")
+    assert model.config.model_type == "rvl" and len(tokenizer) <= model.config.text_config.vocab_size
