@@ -111,3 +111,27 @@ def test_random_model_directory_loads(tmp_path):
     assert out.returncode == 0, out.stderr
     model, tokenizer, _ = load_model_and_processor(tmp_path / "m")
     assert model.config.model_type == "rvl" and len(tokenizer) <= model.config.text_config.vocab_size
+
+
+def test_cuda_module_imports_torch_before_its_extension(tmp_path):
+    """``import r4b._cuda`` alone works: r4b/_cuda.py imports torch (whose libc10 / libtorch the compiled
+    extension links against) before ``r4b._cuda_ext``. Checked with a stand-in extension that fails unless torch
+    is already loaded; on a CPU the real one is absent and the import raises ImportError (r4b.shared_prefix then
+    runs its torch implementation)."""
+    (tmp_path / "_cuda_ext.py").write_text(
+        "import sys\n"
+        "assert 'torch' in sys.modules, 'the extension was loaded before torch'\n"
+        "pack_shared_prefix = unpack_responses = object()\n"
+    )
+    code = (
+        "import sys, r4b\n"
+        f"r4b.__path__.append({str(tmp_path)!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "import r4b._cuda\n"
+        "print(r4b._cuda.pack_shared_prefix is r4b._cuda_ext.pack_shared_prefix)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    missing = subprocess.run([sys.executable, "-c", "import r4b._cuda"], capture_output=True, text=True)
+    if missing.returncode != 0:  # no CUDA build here: only the extension is missing
+        assert "No module named 'r4b._cuda_ext'" in missing.stderr, missing.stderr
