@@ -41,7 +41,9 @@ mkdir -p "$OUT" "$WORK/logs"
 : >"$LOG"
 : >"$JSONL"
 START=$(date +%s)
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
+# no network there: a library reaching for the Hugging Face Hub fails at once instead of hanging until the limit
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
 
 # step NAME LIMIT CMD...: run CMD in $WORK under min(LIMIT, what is left of the budget) (its whole process
