@@ -139,3 +139,38 @@ def test_autotune_pinning_selects_one_config():
     assert pinned["_bwd_dq_kernel"][0][0] == {"BLOCK_M": 32, "BLOCK_N": 64}
     assert pinned["_logprobs_fwd_kernel"][0][0] == {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 32}
     assert _autotune_configs("1") == full
+
+
+def test_gpu_report_records_steps_and_summarises_runs(tmp_path):
+    """scripts/gpu_report.py, the bookkeeping of scripts/gpu_checks.sh: a step's JSON line carries the line of its
+    output that says most (pytest's result, "wrote ..."), and a run directory's metrics become one JSON line."""
+    report = [sys.executable, str(ROOT / "scripts" / "gpu_report.py")]
+    jsonl = tmp_path / "steps.jsonl"
+    outputs = {
+        "kernel-tests": "collecting\n....F.\n= short test summary =\nFAILED x\n1 failed, 5 passed in 12.31s\n",
+        "fused_loss": "{'impl': 'r4b'}\nwrote /out/fused_loss-h100.json\n",
+        "sft": "step 1\nrun directory: runs/gpu/sft\n",
+    }
+    for name, text in outputs.items():
+        (tmp_path / f"{name}.out").write_text(text)
+        rc = "1" if name == "kernel-tests" else "0"
+        subprocess.run([*report, "record", jsonl, name, "ok", rc, "7", "60", tmp_path / f"{name}.out"], check=True)
+    entries = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(e["step"], e["rc"], e["seconds"], e["limit_s"], e["summary"]) for e in entries] == [
+        ("kernel-tests", 1, 7, 60, "1 failed, 5 passed in 12.31s"),
+        ("fused_loss", 0, 7, 60, "wrote /out/fused_loss-h100.json"),
+        ("sft", 0, 7, 60, "run directory: runs/gpu/sft"),
+    ]
+    table = subprocess.run([*report, "table", jsonl], capture_output=True, text=True, check=True).stdout
+    assert "1 failed, 5 passed" in table and len(table.splitlines()) == 4
+
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "model" / "config.json").write_text("{}")
+    (run_dir / "checkpoint-2").mkdir()
+    metrics = [{"step": 1, "loss": 2.0, "tokens_per_s": 100.0}, {"step": 2, "loss": 1.5, "tokens_per_s": 300.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    out = subprocess.run([*report, "run", run_dir], capture_output=True, text=True, check=True).stdout
+    summary = json.loads(out)
+    assert summary["steps"] == 2 and (summary["loss_first"], summary["loss_last"]) == (2.0, 1.5)
+    assert summary["tokens_per_s_mean"] == 200.0 and summary["exported"] and summary["checkpoints"] == ["checkpoint-2"]
