@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from helpers import rel_err, run_two_ranks
 from PIL import Image
 from transformers import (
-    AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoTokenizer,
     Qwen2_5_VLConfig,
@@ -29,6 +28,9 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+
+# From its module: transformers 5.17's top-level ``AutoImageProcessor`` is a placeholder demanding torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from r4b.config import load_config
