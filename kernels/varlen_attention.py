@@ -18,11 +18,14 @@ its tokens cost, not 2g copies.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import autotune_configs, interpreting, use_triton
 from ._tl_helpers import dot
@@ -369,6 +372,10 @@ def _delta_kernel(
     tl.store(delta_ptr + head * n_total + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
+# cu_seqlens tensor -> (its version, (first, total, longest, shortest)): see remember_cu_seqlens
+_HOST_INFO: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _flags(q: torch.Tensor, causal: bool, segment_ids, bidir_ids) -> dict:
     head_dim = q.shape[-1]
     return {
@@ -495,6 +502,27 @@ def varlen_attention_reference(
     return torch.einsum("hnm,mhd->nhd", probs, vf).to(q.dtype)
 
 
+def remember_cu_seqlens(cu_seqlens: torch.Tensor, values: list[int] | None = None) -> tuple[int, int, int, int]:
+    """``(first, total, longest, shortest)`` of ``cu_seqlens`` (the last two: document lengths), read to the
+    host once per tensor object (and version).
+
+    Every layer of a forward gets the same ``cu_seqlens`` tensor: the first call reads it (one host sync,
+    none when ``values`` -- its host copy, which a packed batch's collate already has -- is given) and
+    later calls reuse the result, so the per-layer checks and the launch grid cost no device sync.
+    """
+    version = cu_seqlens._version
+    hit = _HOST_INFO.get(cu_seqlens)
+    if hit is not None and hit[0] == version and values is None:
+        return hit[1]
+    values = cu_seqlens.tolist() if values is None else [int(x) for x in values]
+    if len(values) < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
+    lengths = [b - a for a, b in itertools.pairwise(values)]
+    info = (values[0], values[-1], max(lengths), min(lengths))
+    _HOST_INFO[cu_seqlens] = (version, info)
+    return info
+
+
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
@@ -504,13 +532,17 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_id
         raise ValueError(
             f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}], got {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(
+            f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype} (cast them to the compute dtype)"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
-    if int(cu_seqlens[-1]) != q.shape[0]:
-        raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} must equal the packed tokens N = {q.shape[0]}")
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    _, total, longest, _ = remember_cu_seqlens(cu_seqlens)  # a host read once per cu_seqlens, not per layer
+    if total != q.shape[0]:
+        raise ValueError(f"cu_seqlens[-1] = {total} must equal the packed tokens N = {q.shape[0]}")
     if max_seqlen < longest:
         raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest document ({longest} tokens)")
     if not causal and (segment_ids is not None or bidir_ids is not None):
@@ -520,7 +552,9 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_id
             raise ValueError(f"{name} must be int32 [N={q.shape[0]}], got {ids.dtype} {tuple(ids.shape)}")
 
 
+@functools.cache
 def _flash_attn_varlen():
+    """flash-attn's varlen function, or None; the import is tried once per process."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -556,7 +590,8 @@ def varlen_attention(
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plain = segment_ids is None and bidir_ids is None
-    flash = _flash_attn_varlen() if q.is_cuda and plain and q.dtype in (torch.float16, torch.bfloat16) else None
+    half = q.dtype in (torch.float16, torch.bfloat16)  # q, k and v share it (checked)
+    flash = _flash_attn_varlen() if q.is_cuda and plain and half else None
     if flash is not None:
         return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
     if use_triton(q, k, v):

@@ -98,11 +98,11 @@ def main() -> None:
     for step in range(start, args.steps):
         rows = batch(step)[rank::world].to(engine.device)
         micro = rows.chunk(args.accum)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
         for ids in micro:
             loss = engine.module(input_ids=ids, labels=ids).loss
             engine.backward(loss / args.accum)
-            total += loss.detach().double().cpu() / args.accum
+            total += loss.detach().double() / args.accum
         if dist.is_initialized():
             dist.all_reduce(total)
             total /= world
@@ -113,8 +113,16 @@ def main() -> None:
             engine.save(args.ckpt)
 
     state = engine.full_state_dict()
+    # the rollout sync's stream (every rank, one tensor at a time, on the device) gives the same weights
+    streamed = {k: v.cpu() for k, v in engine.full_tensors()}
+    streamed_bf16 = {k: v.cpu() for k, v in engine.full_tensors(torch.bfloat16)}
     if is_main_process():
-        torch.save({"losses": losses, "grad_norms": norms, "lrs": lrs, "state": state, "world": world}, args.out)
+        same = set(streamed) == set(state) and all(torch.equal(streamed[k].float(), state[k]) for k in state)
+        same_bf16 = set(streamed_bf16) == set(state) and all(
+            torch.equal(streamed_bf16[k], state[k].to(torch.bfloat16)) for k in state
+        )
+        out = {"losses": losses, "grad_norms": norms, "lrs": lrs, "state": state, "world": world}
+        torch.save(out | {"streamed_equal": same, "streamed_bf16_equal": same_bf16}, args.out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

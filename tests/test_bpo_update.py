@@ -297,3 +297,38 @@ def test_batch_layout_and_errors(tokenizer, model):
     bad = Rollout(batch.prompt_ids[0].tolist(), [], "", True, "thinking")
     with pytest.raises(ValueError, match="empty response"):
         RolloutBatch.from_rollouts([[bad]], [[0.0]])
+
+
+def test_bf16_autocast_update_tracks_fp32(tokenizer, model):
+    """The single engine in bf16 (autocast around the objective; the lm_head operands in bf16, the loss in fp32)
+    gives the fp32 update's loss, KL and gradient norm within bf16's rounding of the log-probs."""
+    batch = make_batch(tokenizer, model, seed=11)
+    old = noisy_logprobs(model, batch, seed=1, scale=0.05)
+    ref = noisy_logprobs(model, batch, seed=2, scale=0.05)
+    config = UpdateConfig(beta=0.01, max_tokens=100, clip_eps_high=0.28)
+    out = {}
+    for precision in ("no", "bf16"):
+        objective = BPOObjective(copy.deepcopy(model).train())
+        engine = build_engine(
+            objective, [{"params": list(objective.parameters()), "lr": 1e-3, "name": "all"}], lambda step: 1.0,
+            EngineConfig(grad_clip=0.0, mixed_precision=precision),
+        )  # fmt: skip
+        out[precision] = policy_update(engine, batch, config, old_logprobs=old, ref_logprobs=ref)
+    fp32, bf16 = out["no"], out["bf16"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=5e-2, abs=5e-3)
+    assert bf16["kl"] == pytest.approx(fp32["kl"], rel=0.2, abs=5e-3)
+    assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=5e-2)
+
+
+def test_padding_forward_is_the_shortest_first_response(tokenizer, model):
+    """A rank without work in a mini-batch runs one zero-weight (prompt, response): the shortest of the plan's
+    chunks' first responses, the same on every rank."""
+    from r4b.rl.batch import chunk_tokens
+    from r4b.rl.update import _padding_chunks, plan_ranks
+
+    batch = make_batch(tokenizer, model, seed=5)
+    plan = plan_ranks(batch, range(batch.num_responses), max_tokens=100, shared=True, world_size=2)
+    (chunk,) = _padding_chunks(plan, batch, True)
+    firsts = [(c.entry, c.responses[:1]) for r in plan for m in r for c in m]
+    costs = [chunk_tokens(batch, e, rs, shared=True) for e, rs in firsts]
+    assert len(chunk.responses) == 1 and (chunk.entry, chunk.responses) == firsts[costs.index(min(costs))]

@@ -112,7 +112,10 @@ def assert_close_run(got: dict, ref: dict, *, atol: float = 1e-5) -> None:
 
 @pytest.mark.parametrize("case", _params(c for c in CASES if c != "single"))
 def test_two_ranks_match_single_process(case, reference, full_run):
-    assert_close_run(full_run(case)[1], reference)
+    full = full_run(case)[1]
+    assert_close_run(full, reference)
+    # Engine.full_tensors (the rollout weight sync; FSDP2: each parameter gathered on the device) = full_state_dict
+    assert full["streamed_equal"] and full["streamed_bf16_equal"]
 
 
 @pytest.mark.parametrize("case", _params(["single", "fsdp2", "zero2-accum2", "zero3"]))

@@ -141,3 +141,15 @@ def test_checkpoints_are_atomic_resume_restores_rng_and_old_ones_are_pruned(tmp_
     state = load_checkpoint(list_checkpoints(tmp_path)[-1], engine)
     assert state == {"step": 3, "epoch": 0} and engine.value == 3
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_padding_micro_batch_is_the_shortest_sample_on_every_rank():
+    """A rank with fewer micro-batches pads with a zero-weight pass over one sample: the global batch's shortest
+    (lowest index among equals), whichever rank asks, not whatever sample comes first."""
+    from r4b.train.batches import StepPlan
+    from r4b.train.sft import padding_sample
+
+    lengths = [50, 9, 30, 9, 70]
+    plan = StepPlan(step=0, epoch=0, micro_batches=(((0, 4), (2,)), ((3, 1),)), loss_tokens=10, tokens=168)
+    assert padding_sample(plan, lengths) == (1,)
+    assert padding_sample(StepPlan(0, 0, (((0,), (2,)), ((4,),)), 1, 150), lengths) == (2,)

@@ -17,8 +17,22 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
 from r4b.kernels import varlen_attention
+from r4b.kernels.varlen_attention import remember_cu_seqlens
 
 ATTENTION_NAME = "r4b_varlen"
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """One dtype for q, k and v. Under autocast, its dtype (what flash-attn's path in transformers does too:
+    Qwen3's q/k RMSNorm and RoPE return fp32 q and k beside a bf16 v). Otherwise the lowest precision among
+    them: v's projection sets the compute dtype, a norm or RoPE in fp32 only widens q and k."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
 def varlen_attention_forward(
@@ -45,18 +59,26 @@ def varlen_attention_forward(
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} has no attention dropout (got {dropout})")
     batch, _, seq_len, _ = query.shape
-    q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value))
+    dtype = _compute_dtype(query, key, value)
+    q, k, v = (
+        t.to(dtype).transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value)
+    )
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
         max_length_q = seq_len
     elif batch != 1:
         raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
+    cu_seqlens = cu_seq_lens_q.to(torch.int32)
+    if max_length_q is None or isinstance(max_length_q, torch.Tensor):
+        # e.g. a vision tower's per-layer (cu_seqlens.diff().max()): the host value comes from the cu_seqlens
+        # read that varlen_attention caches per tensor, not from a device sync in every layer
+        max_length_q = remember_cu_seqlens(cu_seqlens)[2]
     flat = lambda ids: None if ids is None else ids.reshape(-1).to(torch.int32)
     out = varlen_attention(
         q,
         k,
         v,
-        cu_seq_lens_q.to(torch.int32),
+        cu_seqlens,
         int(max_length_q),
         causal=getattr(module, "is_causal", True),
         segment_ids=flat(segment_ids),

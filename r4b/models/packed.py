@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionForConditionalGeneration
 
+from r4b.kernels.varlen_attention import remember_cu_seqlens
+
 from .attention import register_varlen_attention
 
 
@@ -26,6 +28,16 @@ def use_varlen_language_model(model: torch.nn.Module) -> str:
     return name
 
 
+def _vision_dtype(base: torch.nn.Module) -> torch.dtype:
+    """The dtype the vision tower computes in: its first parameter's as its forward sees it (bf16 once FSDP2 has
+    gathered it: that parameter, the patch embedding, belongs to the root unit, gathered before any forward)."""
+    for name in ("visual", "vision_tower"):
+        tower = getattr(base, name, None)
+        if tower is not None:
+            return next(p for p in tower.parameters() if p.is_floating_point()).dtype
+    return torch.float32
+
+
 def _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra) -> None:
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be one packed row [N], got shape {tuple(input_ids.shape)}")
@@ -34,11 +46,16 @@ def _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra) -> No
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {(n,)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+    if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
-    lengths = cu_seqlens.diff()
-    if bool((lengths <= 0).any()) or int(lengths.max()) > max_seqlen:
-        raise ValueError(f"cu_seqlens lengths {lengths.tolist()} must be positive and <= max_seqlen={max_seqlen}")
+    # one host read of cu_seqlens per forward (none when the collate primed it), which every layer's attention reuses
+    first, total, longest, shortest = remember_cu_seqlens(cu_seqlens)
+    if first != 0 or total != n:
+        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
+    if shortest <= 0 or longest > max_seqlen:
+        raise ValueError(
+            f"cu_seqlens lengths {cu_seqlens.diff().tolist()} must be positive and <= max_seqlen={max_seqlen}"
+        )
     for name, ids in extra.items():
         if ids.shape != input_ids.shape:
             raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {(n,)}")
@@ -55,6 +72,7 @@ def packed_hidden_states(
     image_sizes: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     bidir_ids: torch.Tensor | None = None,
+    vision_every_step: bool = False,
 ) -> torch.Tensor:
     """Final hidden states [N, H] of a packed row through an R-4B (or any LLaVA-OneVision) model.
 
@@ -63,6 +81,9 @@ def packed_hidden_states(
     ``image_sizes`` [num_images, 2] cover the row's images in token order; the row must hold exactly
     ``sum(num_image_tokens)`` ``<image>`` tokens. ``segment_ids`` / ``bidir_ids`` [N] reach r4b's varlen
     attention (shared-prefix responses, bidirectional blocks). Switches the language model to ``r4b_varlen``.
+    ``pixel_values`` are cast to the vision tower's parameter dtype. ``vision_every_step``: a row without images
+    still runs the vision tower, on a blank image contributing exactly zero (:func:`r4b.models.forward.
+    vision_dummy_term`), so that every rank of a sharded engine runs the same modules.
     """
     extra = {k: v for k, v in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)) if v is not None}
     _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra)
@@ -75,6 +96,7 @@ def packed_hidden_states(
     if pixel_values is not None:
         if image_sizes is None or image_sizes.shape[0] != pixel_values.shape[0]:
             raise ValueError("pixel_values needs image_sizes [num_images, 2], one row per image")
+        pixel_values = pixel_values.to(_vision_dtype(base))
         features = base.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.dtype)
         if features.shape[0] != num_image_tokens:
@@ -85,6 +107,10 @@ def packed_hidden_states(
         embeds = embeds.masked_scatter(image_mask[:, None], features)
     elif num_image_tokens:
         raise ValueError(f"the row holds {num_image_tokens} <image> tokens but no pixel_values were given")
+    elif vision_every_step:
+        from .forward import vision_dummy_term
+
+        embeds = embeds + vision_dummy_term(model, embeds.device).to(embeds.dtype)
 
     out = base.language_model(
         inputs_embeds=embeds[None],

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
-from r4b.models.forward import packed_final_hidden
+from r4b.models.forward import lm_head_operands, packed_final_hidden
 from r4b.packing import balance_partitions, plan_micro_batches
 from r4b.shared_prefix import unpack_responses
 
@@ -64,9 +64,11 @@ class BPOObjective(nn.Module):
     Any model family of :func:`r4b.models.forward.packed_final_hidden`: R-4B (1-D ``position_ids``,
     ``image_sizes``) or Qwen2.5-VL / Qwen3-VL (``[3, N]`` mRoPE ``position_ids``, ``image_grid_thw``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, vision_every_step: bool = False) -> None:
         super().__init__()
         self.model = model
+        # with several ranks, a micro-batch without images still runs the vision tower (see packed_final_hidden)
+        self.vision_every_step = vision_every_step
 
     def forward(
         self,
@@ -104,8 +106,9 @@ class BPOObjective(nn.Module):
             image_sizes=image_sizes,
             image_grid_thw=image_grid_thw,
             segment_ids=segment_ids,
+            vision_every_step=self.vision_every_step,
         )
-        weight = self.model.lm_head.weight.to(hidden.dtype)
+        hidden, weight = lm_head_operands(self.model, hidden)
         mask = targets >= 0 if loss_mask is None else loss_mask
         if logprobs_only:
             safe = targets.masked_fill(~mask, 0)
@@ -177,7 +180,7 @@ def compute_logprobs(
     with torch.no_grad():
         for index in range(max(len(p) for p in plan)):
             padding = index >= len(mine)  # a forward of no use, so that sharded engines' collectives pair up
-            chunks = mine[index] if not padding else _padding_chunks(plan)
+            chunks = mine[index] if not padding else _padding_chunks(plan, batch, shared_prefix)
             micro = build_micro_batch(batch, chunks, shared=shared_prefix, device=device, pixel_dtype=dtype)
             logp, _ = module(**_model_inputs(micro), temperature=temperature, logprobs_only=True)
             if not padding:
@@ -276,7 +279,8 @@ def policy_update(
     plans = [plan_ranks(batch, m, max_tokens=config.max_tokens, shared=shared, world_size=world_size) for m in minis]
 
     # sums: per-step weighted losses, then token-weighted clip_frac / kl / entropy and their token count
-    sums = torch.zeros(steps + 4, dtype=torch.float64)
+    # on the engine's device (NCCL reduces device tensors only), accumulated there without a host sync
+    sums = torch.zeros(steps + 4, dtype=torch.float64, device=device)
     grad_norms, calls = [], 0
     for epoch in range(config.ppo_epochs):
         for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
@@ -286,7 +290,7 @@ def policy_update(
             denominator = mini_tokens if config.loss_agg_mode == "token-mean" else len(mini)
             for index in range(max(len(p) for p in plan)):
                 padding = index >= len(mine)
-                chunks = mine[index] if not padding else _padding_chunks(plan)
+                chunks = mine[index] if not padding else _padding_chunks(plan, batch, shared)
                 micro = build_micro_batch(
                     batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
@@ -298,15 +302,14 @@ def policy_update(
                 engine.backward(loss * (share * world_size))
                 calls += 1
                 if not padding:
-                    sums[step] += share * float(loss.detach())
+                    sums[step] += share * loss.detach().double()
                     for j, name in enumerate(("clip_frac", "kl", "entropy")):
-                        sums[steps + j] += float(metrics[name]) * micro.loss_tokens
+                        sums[steps + j] += metrics[name].detach().double() * micro.loss_tokens
                     sums[steps + 3] += micro.loss_tokens
             grad_norms.append(float(engine.step()))
     if world_size > 1 and dist.is_available() and dist.is_initialized():
-        reduced = sums.to(device)
-        dist.all_reduce(reduced)
-        sums = reduced.cpu()
+        dist.all_reduce(sums)
+    sums = sums.cpu()
     tokens = max(float(sums[steps + 3]), 1.0)
     out: dict[str, Any] = {
         "loss": float(sums[:steps].mean()),
@@ -330,7 +333,9 @@ def policy_update(
     return out
 
 
-def _padding_chunks(plan: list[list[list[Chunk]]]) -> list[Chunk]:
-    """The smallest forward a rank without work makes to keep collectives paired: one response of some chunk."""
-    chunk = next(c for rank in plan for micro in rank for c in micro)
-    return [Chunk(chunk.entry, chunk.responses[:1])]
+def _padding_chunks(plan: list[list[list[Chunk]]], batch: RolloutBatch, shared: bool) -> list[Chunk]:
+    """The forward a rank without work makes to keep collectives paired: the shortest (prompt, first response) of
+    the plan's chunks (the first among equals), the same whichever rank pads. Images or not, the vision tower
+    runs (:class:`BPOObjective` with ``vision_every_step``), so the choice changes no collective."""
+    firsts = [Chunk(c.entry, c.responses[:1]) for rank in plan for micro in rank for c in micro]
+    return [min(firsts, key=lambda c: chunk_tokens(batch, c.entry, c.responses, shared=shared))]

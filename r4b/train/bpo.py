@@ -37,7 +37,6 @@ from r4b.train.logging import RunLogger
 from r4b.train.runtime import export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft import ModelSection, OptimSection
-from r4b.train.weight_sync import broadcast_state_dict
 
 STRATEGIES = ("bpo", "grpo")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -232,7 +231,7 @@ class BPOTrainer:
         self.rollout_stale = not self.shares_policy  # a resumed engine holds other weights than the copy
         rollout_source = self._rollout_source(model)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.policy.beta > 0 else None
-        objective = BPOObjective(model.train())
+        objective = BPOObjective(model.train(), vision_every_step=self.world_size > 1)
         lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
         modules = [m for m in config.model.train if lrs[m] > 0]
         steps = config.train.steps
@@ -268,8 +267,7 @@ class BPOTrainer:
         if not self.rollout_stale and not self.rollout_engine.needs_weights:
             return
         self.rollout_stale = False
-        state = self.engine.full_state_dict()
-        pairs = broadcast_state_dict(state, self.engine.device) if self.world_size > 1 else state.items()
+        pairs = self.engine.full_tensors(dtype=_weights_dtype(self.rollout_engine))  # one at a time, collective
         self.rollout_engine.load_weights((name.removeprefix("model."), tensor) for name, tensor in pairs)
 
     def _rollout_source(self, model: torch.nn.Module) -> torch.nn.Module | str:
@@ -459,6 +457,17 @@ class BPOTrainer:
         if config.train.export:
             export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)
         return self.run_dir
+
+
+def _weights_dtype(engine: RolloutEngine) -> torch.dtype | None:
+    """The dtype the rollout engine keeps its weights in (the synced tensors are cast to it on the training
+    device, never gathered in fp32 to one rank's CPU): its ``weights_dtype`` if it says, a transformers engine's
+    model's, else None (the training dtype; the engine's loader casts)."""
+    dtype = getattr(engine, "weights_dtype", None)
+    model = getattr(engine, "model", None)
+    if dtype is None and isinstance(model, torch.nn.Module):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return dtype
 
 
 def train_bpo(config: BPOConfig) -> Path:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,6 +55,9 @@ class EngineConfig:
     grad_clip: float = 1.0  # 0 = off
     mixed_precision: str = "no"  # "no" | "bf16" (bf16 params/compute; fp32 master weights)
     activation_checkpointing: bool = False
+    # how long a rank may wait in one collective (process-group timeout): other ranks wait in a barrier while
+    # rank 0 exports the model or writes a checkpoint, far longer than NCCL's default of 10 minutes allows
+    timeout_minutes: float = 120.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -72,31 +76,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+DEFAULT_TIMEOUT_MINUTES = EngineConfig.timeout_minutes
+
+
+def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
     """Initialize torch.distributed from torchrun's env (RANK/WORLD_SIZE/LOCAL_RANK); return (rank, world_size).
 
-    Backend nccl on CUDA, gloo on the CPU. Without torchrun's env this is a no-op returning (0, 1).
-    Idempotent: an already initialized process group is reused.
+    Backend nccl on CUDA, gloo on the CPU, with a collective timeout of ``timeout_minutes`` (default
+    ``EngineConfig.timeout_minutes``: ranks wait in a barrier while rank 0 exports or saves). Without torchrun's
+    env this is a no-op returning (0, 1). Idempotent: an already initialized process group is reused.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = _timeout(timeout_minutes)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
-def _ensure_process_group() -> None:
+def _timeout(minutes: float | None) -> timedelta:
+    minutes = DEFAULT_TIMEOUT_MINUTES if minutes is None else minutes
+    if not minutes > 0:
+        raise ValueError(f"engine.timeout_minutes must be positive, got {minutes}")
+    return timedelta(minutes=minutes)
+
+
+def _ensure_process_group(timeout_minutes: float | None = None) -> None:
     """The distributed engines need a process group; outside torchrun make a one-process one."""
-    init_distributed()
+    init_distributed(timeout_minutes)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=_timeout(timeout_minutes),
+        )
 
 
 def is_main_process() -> bool:
@@ -201,6 +223,10 @@ def _enable_activation_checkpointing(model: nn.Module, layer_classes: tuple[type
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_classes))
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def _grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
@@ -254,6 +280,20 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full unsharded fp32 model state dict (CPU tensors) on rank 0; None on other ranks (collective)."""
+
+    def full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full model state on every rank as ``(name, tensor)`` pairs on :attr:`device`, one tensor at a time,
+        floating-point ones cast to ``dtype`` (None: as trained); every rank must consume all pairs (collective).
+        What refreshes rollout weights. This default gathers rank 0's :meth:`full_state_dict` and broadcasts it
+        tensor by tensor; the single and FSDP2 engines stream without it."""
+        from r4b.train.weight_sync import broadcast_state_dict
+
+        state = self.full_state_dict()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            yield from broadcast_state_dict(state, self.device, dtype)
+            return
+        for name, tensor in state.items():  # type: ignore[union-attr]
+            yield name, _cast(tensor.to(self.device), dtype)
 
 
 class _TorchOptimEngine(Engine):
@@ -321,6 +361,10 @@ class SingleEngine(_TorchOptimEngine):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.module.state_dict().items():
+            yield name, _cast(tensor.detach(), dtype)
+
 
 class FSDP2Engine(_TorchOptimEngine):
     """FSDP2 (``fully_shard``): each decoder layer (``_no_split_modules`` classes) is a unit, then the root.
@@ -333,19 +377,26 @@ class FSDP2Engine(_TorchOptimEngine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        _ensure_process_group()
+        _ensure_process_group(config.timeout_minutes)
         self.config = config
         layer_classes = _decoder_layer_classes(model)
         if config.activation_checkpointing:
             _enable_activation_checkpointing(model, layer_classes)
         mesh = init_device_mesh(_device().type, (dist.get_world_size(),))
         kwargs: dict[str, Any] = {"mesh": mesh}
+        root_kwargs: dict[str, Any] = {"mesh": mesh}
         if config.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # The root (the loss objective) must not round its inputs: the RL update passes fp32 old/ref
+            # log-probs and advantages, and the importance ratio and KL need them in fp32. The layers still cast
+            # their float inputs; pixel values are cast to the vision tower's dtype by the packed forward.
+            root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         layers = [m for m in model.modules() if isinstance(m, layer_classes) and m is not model]
         for layer in layers:
             fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
+        fully_shard(model, **root_kwargs)
         self.module = model
         self.layers_sharded = len(layers)
         super().__init__(groups, lr_lambda, betas, weight_decay, eps)
@@ -382,6 +433,17 @@ class FSDP2Engine(_TorchOptimEngine):
             return None
         return {k: v.detach().float().cpu() for k, v in sd.items()}
 
+    def full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter gathered on the device (``DTensor.full_tensor()``, an all-gather every rank makes in the
+        same order) and cast: never the whole model in fp32 on rank 0's CPU."""
+        from torch.distributed.tensor import DTensor
+
+        for name, tensor in self.module.state_dict().items():
+            tensor = tensor.detach()
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            yield name, _cast(tensor.to(self.device), dtype)
+
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage 2 or 3) around a torch AdamW; LambdaLR owned here, not by DeepSpeed.
@@ -403,7 +465,7 @@ class DeepSpeedEngine(Engine):
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute, once per
             # machine) used only by inference_all_reduce; training collectives go through torch's gloo.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        _ensure_process_group()
+        _ensure_process_group(config.timeout_minutes)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.config = config
         self._groups = groups

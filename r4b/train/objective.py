@@ -14,15 +14,17 @@ import torch
 from torch import nn
 
 from r4b.kernels import fused_linear_cross_entropy
-from r4b.models.forward import packed_final_hidden
+from r4b.models.forward import lm_head_operands, packed_final_hidden
 
 
 class PackedSFTObjective(nn.Module):
     """``forward(**packed batch) -> sum of token cross-entropies`` (fp32) over the labelled tokens."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, vision_every_step: bool = False) -> None:
         super().__init__()
         self.model = model
+        # with several ranks, a micro-batch without images still runs the vision tower (see packed_final_hidden)
+        self.vision_every_step = vision_every_step
 
     def forward(
         self,
@@ -44,6 +46,7 @@ class PackedSFTObjective(nn.Module):
             pixel_values=pixel_values,
             image_sizes=image_sizes,
             image_grid_thw=image_grid_thw,
+            vision_every_step=self.vision_every_step,
         )
-        weight = self.model.lm_head.weight
-        return fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, reduction="sum")
+        hidden, weight = lm_head_operands(self.model, hidden)
+        return fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")

@@ -25,7 +25,7 @@ def seed_everything(seed: int) -> None:
 def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int, Path]:
     """Join the process group (under torchrun), create the run directory with its config.yaml, seed.
     Returns (rank, world size, run directory)."""
-    init_distributed()
+    init_distributed(getattr(getattr(config, "engine", None), "timeout_minutes", None))  # engine.timeout_minutes
     rank, world_size = world()
     run_dir = Path(output_dir)
     if rank == 0:

@@ -125,7 +125,7 @@ def train_sft(config: SFTConfig) -> Path:
         total_steps = min(total_steps, config.train.max_steps)
 
     lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
-    objective = PackedSFTObjective(model)
+    objective = PackedSFTObjective(model, vision_every_step=world_size > 1)
     engine = build_engine(
         objective,
         parameter_groups(objective, lrs, config.model.train),
@@ -159,20 +159,29 @@ def train_sft(config: SFTConfig) -> Path:
     return run_dir
 
 
+def padding_sample(plan: StepPlan, lengths: list[int]) -> tuple[int]:
+    """The zero-weight micro-batch of a rank with fewer micro-batches: the global batch's shortest sample (the
+    lowest index among equals), the same whichever rank pads. Images or not, the vision tower runs (objectives
+    with ``vision_every_step``), so the choice changes no collective."""
+    samples = {i for r in plan.micro_batches for m in r for i in m}
+    return (min(samples, key=lambda i: (lengths[i], i)),)
+
+
 def _train_step(engine, dataset: SFTDataset, plan: StepPlan, rank: int, world: int) -> dict:
     started = time.perf_counter()
     mine = plan.for_rank(rank)
     # Gradients are averaged over ranks: scale so their average is sum / (labelled tokens of the global batch).
     scale = world / max(1, plan.loss_tokens)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # on the engine's device: NCCL reduces device tensors only (and the sum needs no host sync per micro-batch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for index in range(plan.micro_steps):
         padding = index >= len(mine)  # this rank has fewer micro-batches: a zero-weight pass keeps collectives paired
-        samples = mine[index] if not padding else next(m for r in plan.micro_batches for m in r)[:1]
+        samples = mine[index] if not padding else padding_sample(plan, dataset.lengths)
         batch = dataset.collate(samples, engine.device)
         loss = engine.module(**batch)
         engine.backward(loss * (0.0 if padding else scale))
         if not padding:
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
     lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())
     grad_norm = engine.step()
     if world > 1:

@@ -11,11 +11,12 @@ __all__ = ["broadcast_state_dict"]
 
 
 def broadcast_state_dict(
-    state: dict[str, torch.Tensor] | None, device: torch.device
+    state: dict[str, torch.Tensor] | None, device: torch.device, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``state`` (given on rank 0, None elsewhere) on every rank as ``(name, tensor)`` pairs on ``device``, one
     tensor at a time: a consumer that loads each pair before taking the next (``RolloutEngine.load_weights``)
     never holds more than one extra tensor. Every rank must consume all pairs (each is a collective).
+    ``dtype``: floating-point tensors are sent in it (e.g. the rollout engine's), others as they are.
 
     Names, shapes and dtypes go as one small object broadcast; the data go tensor by tensor with
     ``dist.broadcast`` (NCCL on GPUs), never as one pickled blob of the whole model.
@@ -23,12 +24,13 @@ def broadcast_state_dict(
     main = dist.get_rank() == 0
     if main and state is None:
         raise ValueError("rank 0 must hold the state dict to broadcast")
-    layout = [[(name, tuple(t.shape), t.dtype) for name, t in state.items()] if main else None]  # type: ignore[union-attr]
+    cast = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype
+    layout = [[(name, tuple(t.shape), cast(t)) for name, t in state.items()] if main else None]  # type: ignore[union-attr]
     dist.broadcast_object_list(layout, src=0)
-    for name, shape, dtype in layout[0]:
+    for name, shape, sent in layout[0]:
         if main:
-            tensor = state[name].to(device=device, dtype=dtype).contiguous()  # type: ignore[index]
+            tensor = state[name].to(device=device, dtype=sent).contiguous()  # type: ignore[index]
         else:
-            tensor = torch.empty(shape, dtype=dtype, device=device)
+            tensor = torch.empty(shape, dtype=sent, device=device)
         dist.broadcast(tensor, src=0)
         yield name, tensor
