@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from r4b.kernels.varlen_attention import remember_cu_seqlens
+
 try:
     from r4b import _cuda
 except ImportError:  # no CUDA build (a CPU machine): the torch implementation does the same work
@@ -82,6 +84,13 @@ class PackedGroups:
     @property
     def num_responses(self) -> int:
         return self.response_lengths.numel()
+
+
+def _on_device_cu_seqlens(bounds: list[int], device: torch.device | str) -> Tensor:
+    """``cu_seqlens`` on ``device``, its host values handed to the attention's cache (no device read per forward)."""
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+    remember_cu_seqlens(cu_seqlens, bounds)
+    return cu_seqlens
 
 
 def pack_shared_prefix(
@@ -217,7 +226,7 @@ def pack_shared_prefix_reference(
     return PackedGroups(
         **cols,
         loss_mask=cols["targets"] != IGNORE_INDEX,
-        cu_seqlens=torch.tensor([0, *itertools.accumulate(doc_lengths)], dtype=torch.int32, device=device),
+        cu_seqlens=_on_device_cu_seqlens([0, *itertools.accumulate(doc_lengths)], device),
         max_seqlen=max(doc_lengths),
         response_starts=torch.tensor(starts, dtype=torch.long, device=device),
         response_lengths=lengths.to(device),
@@ -361,7 +370,7 @@ def _plan(prompts: Sequence[Tensor], lengths: Tensor, groups: Tensor, *, shared:
         response_lengths=lengths_d,
         group_index=groups_d,
         segment_index=segments,
-        cu_seqlens=torch.cat([doc_starts, torch.tensor([num_tokens])]).to(device, torch.int32),
+        cu_seqlens=_on_device_cu_seqlens([*doc_starts.tolist(), num_tokens], device),
         num_tokens=num_tokens,
         max_seqlen=int(doc_lengths.max()),
         max_segment_len=max(int(segment_lengths.max()), int(prompt_lengths.max()) - 1),

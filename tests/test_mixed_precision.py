@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 from datetime import timedelta
@@ -129,6 +130,20 @@ def test_cu_seqlens_is_read_once_not_per_layer(monkeypatch):
     assert reads == ["tolist"]  # once for the new tensor
     fresh[2] = 9  # an in-place change is seen (the tensor's version)
     assert _varlen.remember_cu_seqlens(fresh)[1] == 9
+
+
+def test_packings_hand_their_host_cu_seqlens_to_the_attention():
+    """The packed batches (shared-prefix, unshared) come with cu_seqlens already known on the host."""
+    from r4b.shared_prefix import pack_shared_prefix, pack_unshared
+
+    args = ([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], torch.tensor([[6, 7], [8, 0], [9, 9]]),
+            torch.tensor([2, 1, 2]), torch.tensor([0, 0, 1]), torch.zeros(3))  # fmt: skip
+    for pack in (pack_shared_prefix, pack_unshared):
+        packed = pack(*args)
+        expected = packed.cu_seqlens.tolist()
+        hit = _varlen._HOST_INFO.get(packed.cu_seqlens)
+        shortest = min(b - a for a, b in itertools.pairwise(expected))
+        assert hit is not None and hit[1] == (0, expected[-1], packed.max_seqlen, shortest)
 
 
 def test_flash_attn_import_is_tried_once():

@@ -6,6 +6,7 @@ The trainer builds an engine with :func:`build_engine` and then only calls::
     engine.backward(loss)                         # once per micro-batch
     grad_norm = engine.step()                     # once per global step: clip, optimizer, scheduler, zero grads
     engine.lrs(); engine.save(dir); engine.load(dir); engine.full_state_dict()
+    engine.full_tensors(dtype)                    # (name, tensor) on the device, one at a time: the rollout sync
 
 Every engine uses AdamW (``torch.optim.AdamW``; DeepSpeed wraps the same torch optimizer in its ZeRO
 optimizer, so all engines produce the same numbers) and a ``LambdaLR`` schedule: each group's lr is its

@@ -12,6 +12,7 @@ import torch
 from r4b.data import DataReport, EncodedSample, ImageProcessor, collate_packed, encode_samples, load_images, read_jsonl
 from r4b.data.encode import IGNORE_INDEX
 from r4b.data.pack import overlong_error
+from r4b.kernels.varlen_attention import remember_cu_seqlens
 
 
 @dataclass
@@ -79,7 +80,7 @@ class SFTDataset:
             "input_ids": packed.input_ids.to(device),
             "position_ids": packed.position_ids,
             "targets": packed.labels.to(device),
-            "cu_seqlens": packed.cu_seqlens.to(device),
+            "cu_seqlens": packed.cu_seqlens.to(device),  # host values handed to the attention's cache below
             "max_seqlen": packed.max_seqlen,
         }
         vision: dict[str, torch.Tensor] = {}
@@ -97,4 +98,5 @@ class SFTDataset:
             ids = [packed.input_ids[a:b] for a, b in pairwise(packed.cu_seqlens.tolist())]
             batch["position_ids"] = self.processor.packed_position_ids(ids, per_sample)
         batch["position_ids"] = batch["position_ids"].to(device)
+        remember_cu_seqlens(batch["cu_seqlens"], packed.cu_seqlens.tolist())  # no device read in the forward
         return batch
