@@ -19,7 +19,7 @@ COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
 KERNEL_TESTS := tests/test_linear_logprobs.py tests/test_losses.py tests/test_liger_parity.py \
 	tests/test_bad_input.py tests/test_varlen_attention.py
 
-.PHONY: install demo test test-triton-compat check-cuda lint format clean
+.PHONY: install demo test test-triton-compat test-transformers-compat check-cuda lint format clean
 
 # $(call make-venv,DIR,EXTRA_REQUIREMENTS)
 define make-venv
@@ -42,6 +42,24 @@ $(VENV)/.native: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
 $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(COMPAT_VENV),"triton==$(TRITON_COMPAT)" "numpy<2.3")
+
+# The oldest transformers r4b supports (the GPU image's, the lower bound in pyproject.toml): the model, data, SFT,
+# BPO and eval tests again on it, less the two-process runs (the engines' code does not depend on transformers; the
+# model forward they run is the one-process one) and the R-4B SFT/BPO tests of resuming, logging and checkpoints.
+TRANSFORMERS_COMPAT ?= 5.17.0
+TRANSFORMERS_VENV := .venv-transformers$(TRANSFORMERS_COMPAT)
+TRANSFORMERS_TESTS := tests/test_transformers_compat.py tests/test_r4b_model.py tests/test_mrope.py \
+	tests/test_hf_attention.py tests/test_liger_patches.py tests/test_tokenizer.py tests/test_data_encode.py \
+	tests/test_rollout.py tests/test_eval.py tests/test_sft_qwen_vl.py tests/test_bpo_qwen_vl.py \
+	tests/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \
+	tests/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode
+
+$(TRANSFORMERS_VENV)/.installed: pyproject.toml setup.py
+	$(call make-venv,$(TRANSFORMERS_VENV),"transformers==$(TRANSFORMERS_COMPAT)")
+
+test-transformers-compat: $(TRANSFORMERS_VENV)/.installed
+	TRITON_INTERPRET=$(INTERPRET) $(TRANSFORMERS_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \
+		-k "not two_processes and not two_fsdp2_processes" $(TRANSFORMERS_TESTS)
 
 # The end-to-end demo on the embedded tiny model: synthetic data, annealing, BPO and GRPO, evaluation.
 # On a CPU it runs the kernels' torch references (fast); the Triton interpreter is for the tests.
