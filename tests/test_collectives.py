@@ -10,7 +10,7 @@ the one-process checks):
 
 - FSDP2 in bf16, with a micro-batch without an image on one rank (the vision tower still runs on every rank,
   on a blank image contributing zero; without it the ranks' parameter gathers pair up wrongly and the run
-  fails or hangs until the process-group timeout, ``engine.timeout_minutes``, set short here);
+  fails or hangs until the process-group timeout, ``engine.timeout_minutes``, set to minutes here);
 - the BPO update's fp32 inputs (old / ref log-probs, advantages) reach the objective's forward in fp32, not
   rounded to bf16 by FSDP2's input casting;
 - the bf16 runs track the fp32 one-process run within :data:`LOSS_RTOL`.
@@ -281,7 +281,7 @@ def test_sft_fsdp2_bf16_two_ranks_one_without_images(data, tmp_path, monkeypatch
     )
     two = [
         "--config", config, f"output_dir={tmp_path / 'two' / 'run'}", *common, "engine.kind=fsdp2",
-        "engine.mixed_precision=bf16", "engine.timeout_minutes=1.5",
+        "engine.mixed_precision=bf16", "engine.timeout_minutes=3",
     ]  # fmt: skip
     bf16 = _run("sft", two, tmp_path / "two", ranks=2)
     reports = _reports(tmp_path / "two")
@@ -307,7 +307,7 @@ def test_bpo_fsdp2_bf16_two_ranks_keeps_rl_inputs_fp32(data, tmp_path, monkeypat
     )
     two = [
         "--config", config, f"output_dir={tmp_path / 'two' / 'run'}", *common, "engine.kind=fsdp2",
-        "engine.mixed_precision=bf16", "engine.timeout_minutes=1.5",
+        "engine.mixed_precision=bf16", "engine.timeout_minutes=3",
     ]  # fmt: skip
     bf16 = _run("bpo", two, tmp_path / "two", ranks=2)
     for report in _reports(tmp_path / "two"):
