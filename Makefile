@@ -101,4 +101,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) $(TRANSFORMERS_VENV) build *.egg-info
