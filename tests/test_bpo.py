@@ -228,14 +228,15 @@ def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
 def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monkeypatch):
     """Issue 16: with the paper's plain answer reward (reward.off_mode=null) a forced thought closed at once and
     answered right gets a positive joint advantage, above the real thought's, and three BPO steps make closing at
-    once likelier; scored as a format failure (the default, reward.off_mode=0) it gets no more than the wrong
-    thought (a negative advantage), and the same steps make it less likely: the thinking group keeps thinking."""
+    once likelier; scored as a format failure below a wrong answer (the default, reward.off_mode=-1) it gets a
+    negative advantage below the wrong thought's, and the same steps make it less likely: the thinking group keeps
+    thinking. (reward.off_mode=0, a wrong answer's reward, ties it with the wrong thought: too weak in the demo.)"""
     import r4b.train.bpo as bpo
 
     seen = []
     monkeypatch.setattr(bpo, "compute_advantages", lambda *a, **k: seen.append(compute_advantages(*a, **k)) or seen[-1])
     change = {}
-    for setting in ("null", "0.0"):
+    for setting in ("null", "-1.0"):
         # no mode-decision credit here: the probe then reads the thinking group's own tokens alone
         extra = (f"reward.off_mode={setting}", "advantages.mode_decision_credit=false", "data.eval=null")
         trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / setting, *extra)))
@@ -247,15 +248,22 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
         for row in rows:  # seen either way: half the thinking group left its mode
             assert row["thinking"]["off_mode"] == 0.5 and row["thinking"]["trigger_rate"] == 1 / 2
             assert row["thinking"]["accuracy"] == 0.5 and row["non_thinking"]["off_mode"] == 0.0
-        assert rows[0]["thinking"]["reward"] == (0.5 if setting == "null" else 0.0)
+        assert rows[0]["thinking"]["reward"] == (0.5 if setting == "null" else -0.5)  # [1 or -1, 0] per prompt
         closed, thought = seen[0][:, 0], seen[0][:, 1]  # columns: [closed at once, thought] + 2 non-thinking
         if setting == "null":
             assert (closed > 0).all() and (closed > thought).all()
         else:
-            assert (closed < 0).all() and torch.equal(closed, thought)
-    assert BPOConfig().reward.off_mode == 0.0  # the remedy is the default, and the demo's
+            assert (closed < 0).all() and (closed < thought).all()
+    assert BPOConfig().reward.off_mode == -1.0  # the remedy is the default, and the demo's
     print(f"log p(</think> | <think>\\n) after 3 steps: {change}")
-    assert change["null"] > 0.05 and change["0.0"] < -0.05, change
+    # reward.min_thought_chars: the scripted thought (29 characters) is too short for 30, so every thinking rollout
+    # is off-mode and scores -1
+    extra = ("reward.min_thought_chars=30", "data.eval=null", "rollout.max_new_tokens=8")
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "min", *extra)))
+    trainer.rollout_engine = ScriptedEngine(trainer)
+    row = trainer.step(0)
+    assert row["thinking"]["off_mode"] == 1.0 and row["thinking"]["reward"] == -1.0
+    assert change["null"] > 0.05 and change["-1.0"] < -0.05, change
 
 
 def test_off_mode_on_the_progress_line_and_in_tensorboard():

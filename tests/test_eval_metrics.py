@@ -27,6 +27,7 @@ CASES = [
     ("auto", "The answer</think>5", "malformed", False),
     ("thinking", "Two plus three.\n</think>\n\n5", "thought", True),
     ("thinking", "</think>\n\n5", "empty", False),  # forced thinking, but the model closed at once
+    ("thinking", "<think></think>\n\n5", "empty", False),  # a nested tag is no reasoning (a BPO policy wrote this)
     ("thinking", "Two plus", "unclosed", True),
     ("non_thinking", "\n\n5", "empty", False),
     ("non_thinking", "\n\n<think>\nlate thought\n</think>\n\n5", "empty", False),  # the first </think> closes

@@ -4,7 +4,7 @@ import pytest
 
 from r4b.models.tokenizer import MODE_SUFFIX
 from r4b.rl import REWARDS, answer_reward, extract_answer, format_reward
-from r4b.rl.reward import off_mode
+from r4b.rl.reward import off_mode, thought
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,7 @@ def test_format_reward(response, expected):
         ("thinking", "</think>\n\n4", True),  # issue 16: the forced thought closed at once
         ("thinking", "\n</think>\n\n4", True),
         ("thinking", " \n ", True),  # nothing but whitespace, cut off
+        ("thinking", "<think></think>\n\n4", True),  # only a nested tag: the form of a thought, no reasoning
         ("non_thinking", "\n\n4", False),
         ("non_thinking", "\n\n<think>\nlate thought\n</think>\n\n4", True),  # a second, thinking block
         ("auto", "\n\n</think>\n\n4", False),  # the auto mode chooses: never off-mode
@@ -87,3 +88,11 @@ def test_off_mode(mode, response, off):
 
 def test_off_mode_with_a_replaced_thinking_suffix():
     assert not off_mode("<think>\nLet me think.\n</think>\n\n4", "thinking")  # the suffix's own text is a thought
+
+
+def test_off_mode_minimum_thought_length():
+    short, full = "<think>\nIt is 4.\n</think>\n\n4", "<think>\nThe number in the picture is 4.\n</think>\n\n4"
+    assert thought(short) == "It is 4." and thought("<think>\n<think>a</think>b") == "a" and thought("4") == ""
+    assert not off_mode(short, "thinking") and off_mode(short, "thinking", min_thought_chars=20)
+    assert not off_mode(full, "thinking", min_thought_chars=20)
+    assert not off_mode("<think>\n\n</think>\n\n4", "non_thinking", min_thought_chars=20)  # thinking mode only

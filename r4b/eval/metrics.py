@@ -9,7 +9,8 @@ Definitions (the same in every mode, computed from the text, so a broken mode su
   or a stop token, inside the thought).
 - **Thinking** (:func:`think_state`): the full text starts with ``<think>`` directly followed by a newline
   (R-4B's format: ``<think>\\n`` opens both a thought and the empty ``<think>\\n\\n</think>``), and the think
-  block holds non-whitespace content. So ``<think>\\n\\n</think>`` (an empty think) is not thinking; an
+  block holds non-whitespace content besides ``<think>`` tags (``<think>\\n<think></think>`` is empty: a policy
+  can learn to write that to look thinking). So ``<think>\\n\\n</think>`` (an empty think) is not thinking; an
   unclosed block with content is thinking (and has no answer, so it is wrong); a text without a leading
   ``<think>``, or whose ``<think>`` is not followed by a newline (``<think>The answer``), is *malformed*
   and not thinking.
@@ -69,7 +70,7 @@ def think_state(text: str) -> str:
     if not text.startswith(THINK_OPEN + "\n"):
         return "malformed"
     block, closed, _ = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
-    if not block.strip():
+    if not block.replace(THINK_OPEN, "").strip():  # a nested <think> tag is no reasoning
         return "empty"
     return "thought" if closed else "unclosed"
 

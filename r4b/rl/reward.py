@@ -112,11 +112,21 @@ def format_reward(response: str, answer: str | None = None) -> float:
     return float(bool(response.split(THINK_CLOSE, 1)[1].strip()))
 
 
-def off_mode(full_text: str, mode: str) -> bool:
+def thought(full_text: str) -> str:
+    """The reasoning of a full text: its think block (after the first ``<think>``, up to the first ``</think>`` or
+    the end) without ``<think>`` tags, stripped; empty when there is none."""
+    if not full_text.startswith(THINK_OPEN):
+        return ""
+    return full_text[len(THINK_OPEN) :].partition(THINK_CLOSE)[0].replace(THINK_OPEN, "").strip()
+
+
+def off_mode(full_text: str, mode: str, *, min_thought_chars: int = 1) -> bool:
     """Whether a forced-mode response (its full text: mode suffix + response) departs from its forced mode.
 
     - ``thinking`` (suffix ``<think>\\n``): the response does not think, i.e. its think block is empty (it
-      closed ``</think>`` at once, or wrote only whitespace) or malformed (:func:`r4b.eval.metrics.think_state`).
+      closed ``</think>`` at once, wrote only whitespace or only ``<think>`` tags) or malformed
+      (:func:`r4b.eval.metrics.think_state`), or its reasoning (:func:`thought`) is shorter than
+      ``min_thought_chars`` characters.
     - ``non_thinking`` (suffix ``<think>\\n\\n</think>``): the response thinks anyway: its think block has
       content (a replaced suffix) or it opens a second ``<think>`` after the closed empty one.
     - ``auto``: never (the mode is the model's choice).
@@ -124,7 +134,7 @@ def off_mode(full_text: str, mode: str) -> bool:
     from r4b.eval.metrics import is_thinking  # lazy: r4b.eval.metrics imports this module
 
     if mode == "thinking":
-        return not is_thinking(full_text)
+        return not is_thinking(full_text) or len(thought(full_text)) < min_thought_chars
     if mode == "non_thinking":
         return is_thinking(full_text) or THINK_OPEN in full_text.split(THINK_CLOSE, 1)[-1]
     return False

@@ -72,13 +72,16 @@ class RewardSection:
     name: str = "answer"  # a registered reward (r4b.rl.register_reward)
     pattern: str | None = None  # regex for the final answer when there is no \boxed{}
     format_weight: float = 0.0  # > 0 adds weight x the format reward (<think> block closed, then an answer)
-    # The reward of a forced-mode rollout that leaves its mode (r4b.rl.reward.off_mode): a thinking rollout whose
-    # think block is empty (</think> closed at once) or a non-thinking one that thinks anyway, scored as a format
-    # failure whatever its answer. BPO forces both modes so that both stay explored (the R-4B paper); without this,
-    # a thinking rollout that answers directly and is right gets the joint group's advantage, the policy learns to
-    # close forced thoughts at once, and the thinking group stops thinking (issue 16). null: the paper's plain
-    # answer reward (the rollout keeps its score). Only strategy=bpo forces modes; auto rollouts never are off-mode.
-    off_mode: float | None = 0.0
+    # The reward of a forced-mode rollout that leaves its mode (r4b.rl.reward.off_mode), whatever its answer: a
+    # thinking rollout whose think block is empty (</think> closed at once) or a non-thinking one that thinks anyway.
+    # BPO forces both modes so that both stay explored (the R-4B paper); with the plain answer reward a thinking
+    # rollout that answers directly gets the group's advantage when right, the policy learns to close forced thoughts
+    # at once and the thinking group stops thinking (issue 16). -1, a penalty below a wrong answer's 0, stopped that
+    # in the demo where 0 did not; null: the paper's plain answer reward. Auto rollouts (grpo) are never off-mode.
+    off_mode: float | None = -1.0
+    # A forced thought shorter than this many characters (its reasoning without tags, stripped) is off-mode too: a
+    # one-word "thought" before </think> keeps the form of thinking without its exploration.
+    min_thought_chars: int = 1
 
 
 @dataclass
@@ -365,7 +368,9 @@ class BPOTrainer:
             formats = torch.tensor([[REWARDS["format"](r.full_text, s.answer) for r in row] for row, s in
                                     zip(rollouts, samples, strict=True)])  # fmt: skip
         rewards = scores if formats is None else scores + config.reward.format_weight * formats
-        off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
+        least = config.reward.min_thought_chars
+        off = [[off_mode(r.full_text, r.mode, min_thought_chars=least) for r in row] for row in rollouts]
+        off = torch.tensor(off, dtype=torch.bool)
         if config.reward.off_mode is not None:
             rewards = torch.where(off, torch.tensor(config.reward.off_mode, dtype=rewards.dtype), rewards)
         num_thinking = config.rollout.group_size if config.rollout.strategy == "bpo" else None
