@@ -10,17 +10,26 @@ Depends on torch and triton only, so any trainer can import it::
 CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch
 references in ``r4b.kernels.reference`` unless ``TRITON_INTERPRET=1`` is set
 (then the Triton kernels run in Triton's CPU interpreter, as the tests do).
+
+The fused losses take ``method=``: ``"recompute"`` (Triton logits, recomputed in the backward; the
+default unless ``R4B_FUSED_LOSS_METHOD`` says otherwise), ``"cublas"`` or ``"cublas-fast"`` (cuBLAS
+logits per token chunk, gradients made in the forward: ``r4b.kernels.fused_grad``).
 """
 
+from . import fused_grad
+from .fused_grad import DEFAULT_CHUNK_BYTES, METHODS
 from .linear_logprobs import DEFAULT_CHUNK_ELEMENTS, linear_logprobs
 from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
 from .reference import LOSS_AGG_MODES
 from .varlen_attention import varlen_attention
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CHUNK_ELEMENTS",
     "LOSS_AGG_MODES",
+    "METHODS",
     "bpo_loss_from_logprobs",
+    "fused_grad",
     "fused_linear_bpo_loss",
     "fused_linear_cross_entropy",
     "linear_logprobs",

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import fused_grad, reference
 from ._backend import autotune_configs, interpreting, use_triton
 from ._tl_helpers import dot
 
@@ -375,6 +375,8 @@ def linear_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_elements: int | None = None,
+    method: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token ``log softmax(hidden @ weight.T / temperature)[n, targets[n]]`` in fp32.
 
@@ -387,6 +389,11 @@ def linear_logprobs(
     fp32 ``lm_head`` beside bf16 activations); the cast is differentiable.
     A NaN or inf in a row of ``hidden`` yields NaN for that row only.
 
+    ``method`` (default ``$R4B_FUSED_LOSS_METHOD``, else ``"recompute"``): ``"cublas"`` /
+    ``"cublas-fast"`` compute forward-only calls (under ``torch.no_grad()``, or neither input requiring
+    grad) as cuBLAS logits per token chunk of at most ``chunk_bytes`` plus a Triton row kernel
+    (``r4b.kernels.fused_grad``); calls that need gradients always take ``"recompute"``.
+
     Returns ``(logprobs[N], entropy[N] or None)``, both fp32 and differentiable
     in ``hidden`` and ``weight``.
     """
@@ -395,11 +402,20 @@ def linear_logprobs(
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if chunk_elements is not None and chunk_elements < 1:
         raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    method = fused_grad.resolve_method(method)
     shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     weight = weight.to(hidden.dtype)
-    if use_triton(hidden, weight):
+    forward_only = not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    if method != "recompute" and forward_only and use_triton(hidden, weight):
+        logprobs, entropy = fused_grad.logprobs_forward_only(
+            hidden, weight, targets, temperature=temperature, with_entropy=with_entropy, chunk_bytes=chunk_bytes,
+            **{k: v for k, v in fused_grad.method_options(method).items() if k == "logits_fp32"},
+        )  # fmt: skip
+    elif use_triton(hidden, weight):
         logprobs, entropy = _LinearLogprobs.apply(hidden, weight, targets, temperature, with_entropy, chunk_elements)
     else:
         logprobs, entropy = reference.linear_logprobs_reference(

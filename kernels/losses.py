@@ -7,9 +7,13 @@ whose gradient reaches the kernel as one scalar per token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .linear_logprobs import linear_logprobs
+from . import fused_grad
+from ._backend import use_triton
+from .linear_logprobs import check_logprob_inputs, linear_logprobs
 from .reference import LOSS_AGG_MODES
 
 
@@ -61,6 +65,35 @@ def _aggregation_weights(
     return maskf / (norm_len * num_seqs)
 
 
+def _bpo_token_terms(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token_loss, clipped, unclipped, kl) per token; differentiable in ``logp``."""
+    # Masked tokens get neutral inputs so that garbage there (inf, NaN) cannot
+    # leak NaN into the gradient through a 0 * inf.
+    detached = logp.detach()
+    old = detached if old_logprobs is None else torch.where(mask, old_logprobs.to(logp.dtype), detached)
+    adv = torch.where(mask, advantages.to(logp.dtype), 0.0)
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    if ref_logprobs is not None:
+        delta = torch.where(mask, ref_logprobs.to(logp.dtype), detached) - logp
+        kl = torch.exp(delta) - delta - 1.0
+        token_loss = token_loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    return token_loss, clipped, unclipped, kl
+
+
 def bpo_loss_from_logprobs(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -90,21 +123,9 @@ def bpo_loss_from_logprobs(
 
     logp = logprobs
     mask = torch.ones_like(logp, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
-    # Masked tokens get neutral inputs so that garbage there (inf, NaN) cannot
-    # leak NaN into the gradient through a 0 * inf.
-    detached = logp.detach()
-    old = detached if old_logprobs is None else torch.where(mask, old_logprobs.to(logp.dtype), detached)
-    adv = torch.where(mask, advantages.to(logp.dtype), 0.0)
-    ratio = torch.exp(logp - old)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    if ref_logprobs is not None:
-        delta = torch.where(mask, ref_logprobs.to(logp.dtype), detached) - logp
-        kl = torch.exp(delta) - delta - 1.0
-        token_loss = token_loss + beta * kl
-    else:
-        kl = torch.zeros_like(logp)
+    token_loss, clipped, unclipped, kl = _bpo_token_terms(
+        logp, advantages, mask, old_logprobs, ref_logprobs, clip_eps_low, clip_eps_high, beta
+    )
 
     weights = _aggregation_weights(seq_ids, mask, loss_agg_mode, norm_len)
     loss = (token_loss * weights).sum()
@@ -136,6 +157,8 @@ def fused_linear_bpo_loss(
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
     chunk_elements: int | None = None,
+    method: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BPO/GRPO policy loss from final hidden states, never building [N, V] logits.
 
@@ -147,6 +170,11 @@ def fused_linear_bpo_loss(
     ``loss_agg_mode`` follows verl; ``seq-mean-token-sum-norm`` (Dr. GRPO)
     divides each sequence's sum by ``norm_len``, which it requires.
 
+    ``method`` (default: ``$R4B_FUSED_LOSS_METHOD``, else ``"recompute"``): ``"recompute"``, the Triton
+    forward and a backward that recomputes the logits (``linear_logprobs``; ``chunk_elements``);
+    ``"cublas"`` / ``"cublas-fast"``, cuBLAS logits per token chunk of at most ``chunk_bytes`` with the
+    gradients made in the forward and kept until backward (``r4b.kernels.fused_grad``).
+
     Returns the scalar loss (fp32) and detached token-mean metrics
     ``clip_frac``, ``kl`` and ``entropy``.
     """
@@ -157,14 +185,45 @@ def fused_linear_bpo_loss(
         beta=beta, loss_agg_mode=loss_agg_mode, norm_len=norm_len, clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high,
     )  # fmt: skip
+    method = fused_grad.resolve_method(method)
     mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    safe_targets = targets.masked_fill(~mask, 0)
+    aggregation = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta)
+    if method != "recompute" and _cublas_applies(hidden, weight, safe_targets, temperature, chunk_bytes):
+        flat_mask = mask.reshape(-1)
+        weights = _aggregation_weights(seq_ids.reshape(-1), flat_mask, loss_agg_mode, norm_len)
+        adv = advantages.reshape(-1)
+        old = None if old_logprobs is None else old_logprobs.reshape(-1)
+        ref = None if ref_logprobs is None else ref_logprobs.reshape(-1)
+
+        def token_grad(logp_chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+            """d loss / d logp of the chunk's tokens: autograd through the same O(C) token terms."""
+            with torch.enable_grad():
+                lp = logp_chunk.detach().requires_grad_()
+                token_loss = _bpo_token_terms(
+                    lp, adv[rows], flat_mask[rows], None if old is None else old[rows],
+                    None if ref is None else ref[rows], clip_eps_low, clip_eps_high, beta,
+                )[0]  # fmt: skip
+                (grad,) = torch.autograd.grad((token_loss * weights[rows]).sum(), lp)
+            return grad
+
+        logprobs, entropy, carrier = _cublas_forward(
+            hidden, weight, safe_targets, token_grad, temperature, True, method, chunk_bytes
+        )
+        loss, metrics = bpo_loss_from_logprobs(
+            logprobs, advantages, seq_ids=seq_ids, loss_mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, entropy=entropy, loss_agg_mode=loss_agg_mode, norm_len=norm_len,
+            **aggregation,
+        )  # fmt: skip
+        return loss + carrier, metrics
     logprobs, entropy = linear_logprobs(
         hidden,
         weight,
-        targets.masked_fill(~mask, 0),
+        safe_targets,
         temperature=temperature,
         with_entropy=True,
         chunk_elements=chunk_elements,
+        method="recompute",
     )
     return bpo_loss_from_logprobs(
         logprobs,
@@ -190,21 +249,66 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_elements: int | None = None,
+    method: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, never building the logits.
 
     Matches ``torch.nn.functional.cross_entropy`` except that a batch whose
     targets are all ``ignore_index`` gives 0 with ``reduction="mean"`` (torch
     gives NaN): a packed micro-batch without supervised tokens must not poison
-    gradient accumulation. Returns fp32.
+    gradient accumulation. Returns fp32. ``method`` and ``chunk_bytes`` as in ``fused_linear_bpo_loss``;
+    ``reduction="none"`` always takes ``"recompute"`` (the per-token gradient is unknown in the forward).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    method = fused_grad.resolve_method(method)
     valid = targets != ignore_index
-    logp, _ = linear_logprobs(hidden, weight, targets.masked_fill(~valid, 0), chunk_elements=chunk_elements)
+    safe_targets = targets.masked_fill(~valid, 0)
+    if (
+        method != "recompute"
+        and reduction != "none"
+        and _cublas_applies(hidden, weight, safe_targets, 1.0, chunk_bytes)
+    ):
+        count = valid.sum().clamp(min=1)
+        scale = -valid.reshape(-1).to(torch.float32)
+        if reduction == "mean":
+            scale = scale / count
+
+        def token_grad(logp_chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+            return scale[rows]
+
+        logp, _, carrier = _cublas_forward(hidden, weight, safe_targets, token_grad, 1.0, False, method, chunk_bytes)
+        losses = torch.where(valid, -logp, 0.0)
+        total = losses.sum() if reduction == "sum" else losses.sum() / count
+        return total + carrier
+    logp, _ = linear_logprobs(hidden, weight, safe_targets, chunk_elements=chunk_elements, method="recompute")
     losses = torch.where(valid, -logp, 0.0)
     if reduction == "none":
         return losses
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / valid.sum().clamp(min=1)
+
+
+def _cublas_applies(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_bytes: int | None
+) -> bool:
+    """Validate the inputs; True where the cuBLAS methods run (where Triton would: CUDA, or the CPU interpreter)."""
+    check_logprob_inputs(hidden, weight, targets)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    return use_triton(hidden, weight.to(hidden.dtype))
+
+
+def _cublas_forward(hidden, weight, targets, token_grad, temperature, with_entropy, method, chunk_bytes):
+    """fused_grad.fused_loss_forward on flattened inputs: (logp, entropy, carrier) shaped like ``targets``."""
+    shape = targets.shape
+    logp, entropy, carrier = fused_grad.fused_loss_forward(
+        hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), targets.reshape(-1), token_grad,
+        temperature=temperature, with_entropy=with_entropy, chunk_bytes=chunk_bytes,
+        **fused_grad.method_options(method),
+    )  # fmt: skip
+    return logp.view(shape), None if entropy is None else entropy.view(shape), carrier
