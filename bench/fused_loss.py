@@ -8,12 +8,19 @@ beta * k3 KL to a reference, token-mean) and forward-only log-probs (old and
 reference policies), with the peak memory each adds over its inputs, and the
 achieved TFLOP/s against the measured bf16 matmul rate (2·N·H·V FLOPs forward,
 6·N·H·V forward+backward). Writes bench/results/fused_loss-<device>-<date>.json.
+
+r4b runs three ways in the same run: ``r4b`` (method "recompute": Triton logits, recomputed in the
+backward), ``r4b-cublas`` and ``r4b-cublas-fast`` (cuBLAS logits per token chunk, gradients made in the
+forward; r4b.kernels.fused_grad). The cuBLAS rows are skipped where that path cannot run (CPU tensors
+without TRITON_INTERPRET). ``ratios`` compares each r4b row (``base``) with every competitor;
+``method_ratios`` the cuBLAS rows with ``r4b``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,7 +45,8 @@ from common import (
     write_results,
 )
 
-from r4b.kernels import bpo_loss_from_logprobs, fused_linear_bpo_loss, linear_logprobs
+from r4b.kernels import bpo_loss_from_logprobs, fused_grad, fused_linear_bpo_loss, linear_logprobs
+from r4b.kernels._backend import use_triton
 
 BETA, EPS_LOW, EPS_HIGH, TEMPERATURE = 0.04, 0.2, 0.28, 1.0
 
@@ -65,11 +73,11 @@ def materialized_bpo_loss(hidden, weight, targets, batch):
     )[0]  # fmt: skip
 
 
-def r4b_bpo_loss(hidden, weight, targets, batch):
+def r4b_bpo_loss(hidden, weight, targets, batch, method="recompute", chunk_bytes=None):
     return fused_linear_bpo_loss(
         hidden, weight, targets, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
         old_logprobs=batch["old"], ref_logprobs=batch["ref"], clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
-        beta=BETA, temperature=TEMPERATURE,
+        beta=BETA, temperature=TEMPERATURE, method=method, chunk_bytes=chunk_bytes,
     )[0]  # fmt: skip
 
 
@@ -113,8 +121,18 @@ def make_batch(n: int, h: int, v: int, seq_len: int, dtype: torch.dtype, device:
     return hidden, weight, targets, batch
 
 
-def r4b_logprob_values(hidden, weight, targets):
-    return linear_logprobs(hidden, weight, targets)[0]
+def r4b_logprob_values(hidden, weight, targets, method="recompute", chunk_bytes=None):
+    return linear_logprobs(hidden, weight, targets, method=method, chunk_bytes=chunk_bytes)[0]
+
+
+# The r4b rows: today's Triton recompute path and the cuBLAS methods of r4b.kernels.fused_grad.
+R4B_IMPLS = {"r4b": "recompute", "r4b-cublas": "cublas", "r4b-cublas-fast": "cublas-fast"}
+
+
+def cublas_runs() -> bool:
+    """Whether the cuBLAS methods run here (elsewhere they would time the torch reference again)."""
+    probe = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+    return use_triton(probe)
 
 
 def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -122,8 +140,15 @@ def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
     dropped (liger compiles its chunk function on a GPU) and the torch.compile ones compile for this size alone.
     A competitor that fails to build is timed as a stand-in raising its error (an error row)."""
     torch._dynamo.reset()
-    fwd_bwd = {"r4b": r4b_bpo_loss, "torch": materialized_bpo_loss}
-    fwd_only = {"r4b": r4b_logprob_values, "torch": materialized_logprob_values}
+    fwd_bwd = {"r4b": r4b_bpo_loss}
+    fwd_only = {"r4b": r4b_logprob_values}
+    if cublas_runs():
+        for name, method in R4B_IMPLS.items():
+            if method != "recompute":
+                fwd_bwd[name] = functools.partial(r4b_bpo_loss, method=method, chunk_bytes=args.chunk_bytes)
+                fwd_only[name] = functools.partial(r4b_logprob_values, method=method, chunk_bytes=args.chunk_bytes)
+    fwd_bwd["torch"] = materialized_bpo_loss
+    fwd_only["torch"] = materialized_logprob_values
     if args.compile:
         fwd_bwd["torch.compile"] = build_competitor(compile_fresh, materialized_bpo_loss)
         fwd_only["torch.compile"] = build_competitor(compile_fresh, materialized_logprob_values)
@@ -144,7 +169,12 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"impl": "all", "mode": "-", "N": n, "error": error_text(err)})
             print(rows[-1], flush=True)
             free_device_memory()
-    return {"matmul_tflops": ceiling, "rows": rows, "ratios": ratios_to_r4b(rows)}
+    return {
+        "matmul_tflops": ceiling,
+        "rows": rows,
+        "ratios": ratios_to_r4b(rows),
+        "method_ratios": method_ratios(rows),
+    }
 
 
 def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, ceiling: float) -> list[dict]:
@@ -172,23 +202,55 @@ def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, 
                 row["peak_gib"] = peak_gib(call)
                 row["tflops"] = mult * flops / (row["ms"] * 1e-3) / 1e12
                 row["frac_of_matmul"] = row["tflops"] / ceiling
+            if R4B_IMPLS.get(name, "recompute") != "recompute":
+                row.update(cublas_plan(n, args, R4B_IMPLS[name], with_grad=mode == "fwd+bwd"))
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
+def cublas_plan(n: int, args: argparse.Namespace, method: str, *, with_grad: bool) -> dict:
+    """The chunking a cuBLAS row ran with and the peak fused_grad.peak_bytes predicts for it (GiB), without the
+    gradients themselves: train_step frees the previous ones first, as peak_gib measures."""
+    dtype = getattr(torch, args.dtype)
+    options = fused_grad.method_options(method)
+    rows = fused_grad.chunk_rows(n, args.vocab, dtype, with_grad, args.chunk_bytes, options["logits_fp32"])
+    peak = fused_grad.peak_bytes(
+        n, args.hidden, args.vocab, dtype, need_hidden=with_grad, need_weight=with_grad,
+        chunk_bytes=args.chunk_bytes, include_grads=False, **options,
+    )  # fmt: skip
+    return {"chunk_rows": rows, "chunks": math.ceil(n / rows), "predicted_peak_gib": peak / 2**30}
+
+
 def ratios_to_r4b(rows: list[dict]) -> list[dict]:
-    """competitor time / r4b time and r4b memory / competitor memory, same mode and size, same run."""
-    ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == "r4b" and "ms" in r and "error" not in r}
+    """competitor time / r4b time and r4b memory / competitor memory, same mode and size, same run, for each r4b
+    row (``base``: r4b, r4b-cublas, r4b-cublas-fast) against each competitor (``vs``)."""
     out = []
-    for r in rows:
-        base = ours.get((r["mode"], r["N"]))
-        if r["impl"] == "r4b" or base is None or "ms" not in r or "error" in r:
-            continue
-        mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
-        out.append(
-            {"mode": r["mode"], "N": r["N"], "vs": r["impl"], "r4b_speedup": r["ms"] / base["ms"], "r4b_mem_ratio": mem}
-        )
+    for base_impl in R4B_IMPLS:
+        ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == base_impl and "ms" in r and "error" not in r}
+        for r in rows:
+            base = ours.get((r["mode"], r["N"]))
+            if r["impl"] in R4B_IMPLS or base is None or "ms" not in r or "error" in r:
+                continue
+            mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
+            speedup = r["ms"] / base["ms"]
+            out.append(
+                {"mode": r["mode"], "N": r["N"], "base": base_impl, "vs": r["impl"], "r4b_speedup": speedup,
+                 "r4b_mem_ratio": mem}
+            )  # fmt: skip
+    return out
+
+
+def method_ratios(rows: list[dict]) -> list[dict]:
+    """Each cuBLAS r4b row against the ``r4b`` (recompute) row: time ratio and memory ratio, same run."""
+    timed = {(r["impl"], r["mode"], r["N"]): r for r in rows if "ms" in r and "error" not in r}
+    out = []
+    for (impl, mode, n), r in timed.items():
+        base = timed.get(("r4b", mode, n))
+        if impl in R4B_IMPLS and impl != "r4b" and base is not None:
+            mem = r.get("peak_gib") and base.get("peak_gib") and r["peak_gib"] / base["peak_gib"]
+            out.append({"mode": mode, "N": n, "method": impl, "speedup_vs_r4b": base["ms"] / r["ms"],
+                        "mem_vs_r4b": mem})  # fmt: skip
     return out
 
 
@@ -203,6 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=None, help="chunk budget of the r4b-cublas rows (default: fused_grad's)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -216,10 +281,14 @@ def main(argv=None) -> int:
     payload = run(args)
     payload["environment"] = environment(("liger-kernel",))
     payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    columns = ["impl", "mode", "N", "ms", "peak_gib", "tflops", "frac_of_matmul", "error"]
+    columns = ["impl", "mode", "N", "ms", "peak_gib", "tflops", "frac_of_matmul", "chunks", "predicted_peak_gib"]
+    columns.append("error")
     print_table(f"fused BPO loss, {payload['environment']['device']}, matmul {payload['matmul_tflops']:.3g} TFLOP/s",
                 payload["rows"], columns)  # fmt: skip
-    print_table("r4b vs competitors (same run)", payload["ratios"], ["mode", "N", "vs", "r4b_speedup", "r4b_mem_ratio"])
+    print_table("r4b vs competitors (same run)", payload["ratios"],
+                ["mode", "N", "base", "vs", "r4b_speedup", "r4b_mem_ratio"])  # fmt: skip
+    print_table("cuBLAS methods vs r4b (same run)", payload["method_ratios"],
+                ["mode", "N", "method", "speedup_vs_r4b", "mem_vs_r4b"])  # fmt: skip
     path = write_results("fused_loss", payload, *([args.out] if args.out else []))
     print(f"wrote {path}")
     return 0
