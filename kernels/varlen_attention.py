@@ -372,7 +372,7 @@ def _delta_kernel(
     tl.store(delta_ptr + head * n_total + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
-# cu_seqlens tensor -> (its version, (first, total, longest, shortest)): see remember_cu_seqlens
+# cu_seqlens tensor -> (its version, (first, total, longest, shortest), its values): see remember_cu_seqlens
 _HOST_INFO: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -519,8 +519,14 @@ def remember_cu_seqlens(cu_seqlens: torch.Tensor, values: list[int] | None = Non
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
     lengths = [b - a for a, b in itertools.pairwise(values)]
     info = (values[0], values[-1], max(lengths), min(lengths))
-    _HOST_INFO[cu_seqlens] = (version, info)
+    _HOST_INFO[cu_seqlens] = (version, info, values)
     return info
+
+
+def cu_seqlens_host_values(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, from the same once-per-tensor read as :func:`remember_cu_seqlens`."""
+    remember_cu_seqlens(cu_seqlens)
+    return _HOST_INFO[cu_seqlens][2]
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids) -> None:

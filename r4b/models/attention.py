@@ -8,6 +8,9 @@ call: ``cu_seq_lens_q`` / ``max_length_q`` (the names flash-attn's path uses),
 plus r4b's ``segment_ids`` (shared-prefix responses) and ``bidir_ids``
 (bidirectional image blocks). Without ``cu_seq_lens_q`` each row is one
 document. A padding mask is refused: pack instead of padding.
+
+The kernel that runs it is chosen per call by :mod:`r4b.models.attention_backends` (``R4B_ATTENTION_BACKEND``:
+``auto``, ``r4b``, ``flex`` or ``fa2``); FlexAttention's block mask is built once per packed batch.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-from r4b.kernels import varlen_attention
 from r4b.kernels.varlen_attention import remember_cu_seqlens
+
+from .attention_backends import attention_backend, flex_rows_attention, packed_attention, resolve_backend
 
 ATTENTION_NAME = "r4b_varlen"
 
@@ -60,6 +64,13 @@ def varlen_attention_forward(
         raise ValueError(f"{ATTENTION_NAME} has no attention dropout (got {dropout})")
     batch, _, seq_len, _ = query.shape
     dtype = _compute_dtype(query, key, value)
+    causal = getattr(module, "is_causal", True)
+    backend = attention_backend()
+    if cu_seq_lens_q is None and segment_ids is None and bidir_ids is None:
+        kind = resolve_backend(backend, query, causal=causal, segment_ids=None, bidir_ids=None)
+        if kind == "flex":  # each row one document: no packing, no block mask (a causal one cached per length)
+            q, k, v = (t.to(dtype) for t in (query, key, value))
+            return flex_rows_attention(q, k, v, causal=causal, softmax_scale=scaling).transpose(1, 2), None
     q, k, v = (
         t.to(dtype).transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value)
     )
@@ -68,22 +79,24 @@ def varlen_attention_forward(
         max_length_q = seq_len
     elif batch != 1:
         raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
-    cu_seqlens = cu_seq_lens_q.to(torch.int32)
+    cu_seqlens = cu_seq_lens_q if cu_seq_lens_q.dtype == torch.int32 else cu_seq_lens_q.to(torch.int32)
     if max_length_q is None or isinstance(max_length_q, torch.Tensor):
         # e.g. a vision tower's per-layer (cu_seqlens.diff().max()): the host value comes from the cu_seqlens
         # read that varlen_attention caches per tensor, not from a device sync in every layer
         max_length_q = remember_cu_seqlens(cu_seqlens)[2]
     flat = lambda ids: None if ids is None else ids.reshape(-1).to(torch.int32)
-    out = varlen_attention(
+    out = packed_attention(
         q,
         k,
         v,
         cu_seqlens,
         int(max_length_q),
-        causal=getattr(module, "is_causal", True),
+        causal=causal,
         segment_ids=flat(segment_ids),
         bidir_ids=flat(bidir_ids),
         softmax_scale=scaling,
+        backend=backend,
+        cache_ids=(segment_ids, bidir_ids),  # the objects every layer receives: the block mask's cache key
     )
     return out.view(batch, seq_len, *out.shape[1:]), None
 

@@ -1,0 +1,272 @@
+"""Which kernel runs the packed attention of ``r4b_varlen``: r4b's Triton kernel, FlexAttention or torch's FA2 varlen.
+
+The setting, first match wins: :func:`use_attention_backend` (a context manager) or
+:func:`set_attention_backend`, then the environment variable ``R4B_ATTENTION_BACKEND``, then ``auto``.
+
+- ``r4b``: :func:`r4b.kernels.varlen_attention` (its own dispatch: flash-attn for plain masks where installed).
+- ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built from the same ``cu_seqlens`` /
+  ``segment_ids`` / ``bidir_ids``, compiled on CUDA (eager elsewhere: forward only on the CPU).
+- ``fa2``: torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11,
+  CUDA, fp16/bf16) for masks without segment or bidir ids; every other call runs r4b's kernel.
+- ``auto`` (the default) follows the latest H100 figures (shared/measurements/h100-2026-11-27): on CUDA, FA2
+  varlen for plain causal documents in fp16/bf16 (when torch has it), FlexAttention for shared-prefix,
+  bidir and full (vision) masks, r4b's kernel for the rest; on the CPU, r4b's kernel (the Triton interpreter
+  or the torch reference), as before.
+
+The block mask is built once per packed micro-batch, not per layer: it is cached on the ``cu_seqlens`` tensor
+object that every layer of a forward receives (as r4b's host copy of ``cu_seqlens`` is), together with the
+segment / bidir id tensors it was built from. ``BUILDS`` counts the builds (the tests read it).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from r4b.kernels import varlen_attention
+from r4b.kernels.varlen_attention import cu_seqlens_host_values
+
+BACKENDS = ("auto", "r4b", "flex", "fa2")
+ENV_VAR = "R4B_ATTENTION_BACKEND"
+BUILDS: collections.Counter = collections.Counter()  # "flex-block-mask", "tile-schedule": builds so far
+
+_override: list[str] = []  # use_attention_backend, innermost last
+_setting: list[str] = []  # set_attention_backend
+# cu_seqlens tensor -> {key: (version, id tensors kept alive, value)}: masks built for that packed batch
+_PER_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_PER_SHAPE: collections.OrderedDict = collections.OrderedDict()  # rows without cu_seqlens: (kind, T, ...) -> mask
+_MAX_PER_BATCH = 8
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r} (setting or ${ENV_VAR})")
+    return name
+
+
+def attention_backend() -> str:
+    """The backend setting now: the innermost :func:`use_attention_backend`, else :func:`set_attention_backend`'s,
+    else ``$R4B_ATTENTION_BACKEND``, else ``auto``."""
+    if _override:
+        return _override[-1]
+    if _setting:
+        return _setting[0]
+    return _check(os.environ.get(ENV_VAR, "auto").strip() or "auto")
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Set the process-wide backend (``None``: back to ``$R4B_ATTENTION_BACKEND`` / ``auto``)."""
+    _setting.clear()
+    if name is not None:
+        _setting.append(_check(name))
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str) -> Iterator[str]:
+    """Run the enclosed forwards (and their backwards, which reuse what the forward chose) on ``name``."""
+    _override.append(_check(name))
+    try:
+        yield name
+    finally:
+        _override.pop()
+
+
+@functools.cache
+def fa2_varlen():
+    """torch's FA2 varlen function (torch >= 2.11), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _flex():
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:
+        return None
+    return module
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(_flex().flex_attention)
+
+
+def resolve_backend(
+    name: str, q: torch.Tensor, *, causal: bool, segment_ids: torch.Tensor | None, bidir_ids: torch.Tensor | None
+) -> str:
+    """The kernel that runs one call: ``r4b``, ``flex`` or ``fa2``."""
+    _check(name)
+    plain = segment_ids is None and bidir_ids is None
+    fa2_ok = q.is_cuda and plain and q.dtype in (torch.float16, torch.bfloat16) and fa2_varlen() is not None
+    if name == "fa2":
+        return "fa2" if fa2_ok else "r4b"
+    if name == "flex":
+        if _flex() is None:
+            raise RuntimeError("attention backend 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        return "flex"
+    if name == "r4b" or not q.is_cuda:
+        return "r4b"
+    if fa2_ok and causal:
+        return "fa2"  # plain causal documents: FA2 varlen (0.99 / 4.13 ms against r4b's 1.61 / 4.40 at 16k)
+    if (not plain or not causal) and _flex() is not None:
+        return "flex"  # shared prefix (2.6-2.8x), vision tiles (1.3-2.0x): FlexAttention is faster today
+    return "r4b"
+
+
+def _cached(cu_seqlens: torch.Tensor, key: tuple, ids: tuple, build):
+    """``build()`` once per (cu_seqlens tensor, key, id tensors), while none of them changed in place."""
+    entries = _PER_BATCH.get(cu_seqlens)
+    if entries is None:
+        entries = _PER_BATCH[cu_seqlens] = {}
+    full_key = (*key, *(None if t is None else id(t) for t in ids))
+    version = (cu_seqlens._version, *(None if t is None else t._version for t in ids))
+    hit = entries.get(full_key)
+    if hit is not None and hit[0] == version:
+        return hit[2]
+    value = build()
+    if len(entries) >= _MAX_PER_BATCH:
+        entries.pop(next(iter(entries)))
+    entries[full_key] = (version, ids, value)  # ids kept alive with the entry: their id() cannot be reused
+    return value
+
+
+def flex_block_mask(
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    block_size: int = 128,
+    cache_ids: tuple = (),
+):
+    """FlexAttention's block mask of r4b's mask contract over one packed row (cached per ``cu_seqlens`` object).
+
+    ``cache_ids``: the caller's id tensors as every layer receives them (the cache keys on their identity);
+    ``segment_ids`` / ``bidir_ids`` are their flat int32 forms."""
+    key = ("flex", causal, block_size, segment_ids is None, bidir_ids is None)
+
+    def build():
+        BUILDS["flex-block-mask"] += 1
+        flex = _flex()
+        values = cu_seqlens_host_values(cu_seqlens)
+        n = values[-1]
+        device = cu_seqlens.device
+        lengths = cu_seqlens.diff().long()
+        doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
+        seg = segment_ids.long() if segment_ids is not None else None
+        bid = bidir_ids.long() if bidir_ids is not None else None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = doc[q_idx] == doc[kv_idx]
+            if not causal:
+                return same
+            see = kv_idx <= q_idx
+            if seg is not None:
+                see = see & ((seg[kv_idx] == 0) | (seg[kv_idx] == seg[q_idx]))
+            if bid is not None:
+                see = see | ((bid[q_idx] == bid[kv_idx]) & (bid[kv_idx] != 0))
+            return same & see
+
+        return flex.create_block_mask(
+            mask_mod, None, None, n, n, device=device, BLOCK_SIZE=block_size, _compile=device.type == "cuda"
+        )
+
+    return _cached(cu_seqlens, key, tuple(cache_ids) or (segment_ids, bidir_ids), build)
+
+
+def _flex_rows_mask(seq_len: int, device: torch.device, block_size: int):
+    """The causal block mask of rows of ``seq_len`` tokens (calls without cu_seqlens), cached per shape."""
+    key = ("flex-rows", seq_len, str(device), block_size)
+    hit = _PER_SHAPE.get(key)
+    if hit is None:
+        BUILDS["flex-block-mask"] += 1
+        flex = _flex()
+        hit = flex.create_block_mask(
+            lambda b, h, q, k: k <= q, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=block_size
+        )
+        _PER_SHAPE[key] = hit
+        while len(_PER_SHAPE) > 16:
+            _PER_SHAPE.popitem(last=False)
+    _PER_SHAPE.move_to_end(key)
+    return hit
+
+
+def _flex_call(q, k, v, block_mask, scale):
+    """q [B, Hq, T, D], k / v [B, Hkv, T, D] -> [B, Hq, T, D]."""
+    fn = _compiled_flex() if q.is_cuda else _flex().flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flex_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    cache_ids: tuple = (),
+) -> torch.Tensor:
+    """:func:`r4b.kernels.varlen_attention`'s contract (q [N, Hq, D], k / v [N, Hkv, D]) on FlexAttention."""
+    if not causal and (segment_ids is not None or bidir_ids is not None):
+        raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
+    mask = flex_block_mask(cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, cache_ids=cache_ids)
+    out = _flex_call(*(t.transpose(0, 1)[None] for t in (q, k, v)), mask, softmax_scale)
+    return out[0].transpose(0, 1)
+
+
+def fa2_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, softmax_scale=None):
+    """Plain documents (causal or full) on torch's FA2 varlen kernel: q [N, Hq, D], k / v [N, Hkv, D]."""
+    return fa2_varlen()(
+        q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=softmax_scale,
+        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+    cache_ids: tuple = (),
+) -> torch.Tensor:
+    """:func:`r4b.kernels.varlen_attention` on the backend ``backend`` (``None``: :func:`attention_backend`)."""
+    kind = resolve_backend(
+        backend or attention_backend(), q, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids
+    )
+    if kind == "fa2":
+        return fa2_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+    if kind == "flex":
+        return flex_varlen_attention(
+            q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
+            softmax_scale=softmax_scale, cache_ids=cache_ids,
+        )  # fmt: skip
+    return varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
+        softmax_scale=softmax_scale,
+    )  # fmt: skip
+
+
+def flex_rows_attention(query, key, value, *, causal: bool, softmax_scale=None) -> torch.Tensor:
+    """Rows without packing (each row one document): query [B, Hq, T, D] -> [B, Hq, T, D] on FlexAttention."""
+    mask = _flex_rows_mask(query.shape[2], query.device, 128) if causal else None
+    return _flex_call(query, key, value, mask, softmax_scale)

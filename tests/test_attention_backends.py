@@ -1,0 +1,155 @@
+"""The attention backends of r4b_varlen (r4b, FlexAttention, torch's FA2 varlen) against the float64 reference."""
+
+import types
+
+import pytest
+import torch
+from helpers import DEVICE, rel_err
+from test_varlen_attention import packed_documents
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from r4b.kernels.varlen_attention import varlen_attention_reference
+from r4b.models import attention_backends as ab
+from r4b.models import register_varlen_attention
+
+LENGTHS = [7, 41, 1, 29]  # ragged, one single-token document
+MASKS = {
+    "causal": lambda seg, bidir: {},
+    "shared-prefix": lambda seg, bidir: {"segment_ids": seg},
+    "shared-prefix+bidir": lambda seg, bidir: {"segment_ids": seg, "bidir_ids": bidir},
+    "bidir": lambda seg, bidir: {"bidir_ids": bidir},
+    "full": lambda seg, bidir: {"causal": False},
+}
+
+
+def inputs(dtype, *, seed=0, heads=(4, 2), head_dim=24):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(LENGTHS)
+    return [torch.randn(n, h, head_dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for h in (heads[0],
+            heads[1], heads[1])]  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("backend", ["r4b", "flex"])
+def test_backend_forward_matches_reference(backend, mask):
+    """float64 on the CPU (FlexAttention eager; its backward needs CUDA), fp32 on a GPU with the backward."""
+    dtype = torch.float32 if DEVICE == "cuda" else torch.float64
+    cu, seg, bidir = packed_documents(LENGTHS, seed=len(mask), responses_in=(1, 3), bidir_in=(1, 3))
+    kw = MASKS[mask](seg, bidir)
+    q, k, v = inputs(dtype)
+    grad = DEVICE == "cuda"
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    out = ab.packed_attention(q, k, v, cu, max(LENGTHS), backend=backend, **kw)
+    q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
+    ref = varlen_attention_reference(q64, k64, v64, cu, max(LENGTHS), **kw)
+    assert out.dtype == dtype and rel_err(out, ref) < 1e-5
+    if grad:
+        g = torch.randn_like(ref)
+        (out.double() * g).sum().backward()
+        (ref * g).sum().backward()
+        for name, ours, theirs in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+            assert rel_err(ours.grad, theirs.grad) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or ab.fa2_varlen() is None, reason="torch's FA2 varlen needs CUDA, torch>=2.11")
+@pytest.mark.parametrize("causal", [True, False])
+def test_fa2_varlen_matches_reference(causal):
+    cu, _, _ = packed_documents(LENGTHS, seed=3)
+    q, k, v = (t.requires_grad_() for t in inputs(torch.bfloat16, head_dim=64))
+    assert ab.resolve_backend("fa2", q, causal=causal, segment_ids=None, bidir_ids=None) == "fa2"
+    out = ab.packed_attention(q, k, v, cu, max(LENGTHS), causal=causal, backend="fa2")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = varlen_attention_reference(q64, k64, v64, cu, max(LENGTHS), causal=causal)
+    assert rel_err(out, ref) < 2e-2
+    g = torch.randn_like(ref)
+    (out.double() * g).sum().backward()
+    (ref * g).sum().backward()
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):
+        assert rel_err(ours.grad, theirs.grad) < 4e-2
+
+
+def test_auto_follows_the_h100_figures(monkeypatch):
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    cuda_fp32 = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    cpu = torch.zeros(1)
+    seg = torch.zeros(1, dtype=torch.int32)
+    pick = lambda name, q, causal=True, **ids: ab.resolve_backend(
+        name, q, causal=causal, segment_ids=ids.get("seg"), bidir_ids=ids.get("bidir")
+    )
+    monkeypatch.setattr(ab, "fa2_varlen", lambda: object())
+    assert pick("auto", cuda_bf16) == "fa2"  # plain causal documents
+    assert pick("auto", cuda_fp32) == "r4b"  # FA2 takes fp16/bf16 only
+    assert pick("auto", cuda_bf16, seg=seg) == "flex"  # shared prefix
+    assert pick("auto", cuda_bf16, bidir=seg) == "flex"
+    assert pick("auto", cuda_bf16, causal=False) == "flex"  # vision tiles
+    assert pick("auto", cpu) == pick("auto", cpu, seg=seg) == "r4b"  # the CPU: as before
+    assert pick("fa2", cuda_bf16, seg=seg) == "r4b"  # fa2: plain masks only, r4b's kernel for the rest
+    assert pick("fa2", cpu) == "r4b"
+    assert pick("flex", cpu, seg=seg) == "flex" and pick("r4b", cuda_bf16) == "r4b"
+    monkeypatch.setattr(ab, "fa2_varlen", lambda: None)  # torch < 2.11
+    assert pick("auto", cuda_bf16) == "r4b"
+
+
+def test_setting_precedence(monkeypatch):
+    monkeypatch.delenv(ab.ENV_VAR, raising=False)
+    assert ab.attention_backend() == "auto"
+    monkeypatch.setenv(ab.ENV_VAR, "flex")
+    assert ab.attention_backend() == "flex"
+    ab.set_attention_backend("fa2")
+    try:
+        assert ab.attention_backend() == "fa2"
+        with ab.use_attention_backend("r4b"):
+            assert ab.attention_backend() == "r4b"
+        assert ab.attention_backend() == "fa2"
+    finally:
+        ab.set_attention_backend(None)
+    assert ab.attention_backend() == "flex"
+    monkeypatch.setenv(ab.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        ab.attention_backend()
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Qwen3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(DEVICE).double()
+    model.set_attn_implementation(register_varlen_attention())
+    return model
+
+
+def test_block_mask_built_once_per_forward_and_same_hidden_states(model):
+    """A 3-layer model on FlexAttention: one block-mask build per packed batch, whatever the layers; the hidden
+    states equal r4b's backend's."""
+    cu, seg, _ = packed_documents(LENGTHS, seed=4, responses_in=(1, 3))
+    ids = torch.randint(0, 97, (sum(LENGTHS),), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    positions = torch.cat([torch.arange(n, device=DEVICE) for n in LENGTHS])
+    batch = dict(input_ids=ids[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=max(LENGTHS), max_length_k=max(LENGTHS), segment_ids=seg[None])  # fmt: skip
+    hidden = {}
+    for backend in ("r4b", "flex"):
+        before = ab.BUILDS["flex-block-mask"]
+        with ab.use_attention_backend(backend), torch.no_grad():
+            hidden[backend] = model.model(**batch).last_hidden_state
+            model.model(**batch)  # the same micro-batch again (activation-checkpoint recompute): no new build
+        assert ab.BUILDS["flex-block-mask"] - before == (backend == "flex")
+    assert rel_err(hidden["flex"], hidden["r4b"]) < 1e-10
+    before = ab.BUILDS["flex-block-mask"]
+    with ab.use_attention_backend("flex"), torch.no_grad():
+        model.model(**{**batch, "cu_seq_lens_q": cu.clone(), "cu_seq_lens_k": None})  # a new micro-batch
+    assert ab.BUILDS["flex-block-mask"] - before == 1
+
+
+def test_unpacked_rows_on_flex(model):
+    """Without cu_seq_lens_q each row is one document (a causal block mask per length, cached)."""
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        with ab.use_attention_backend("r4b"):
+            ref = model.model(input_ids=ids).last_hidden_state
+        with ab.use_attention_backend("flex"):
+            out = model.model(input_ids=ids).last_hidden_state
+    assert rel_err(out, ref) < 1e-10
