@@ -19,7 +19,8 @@ PAIRS = [("bnpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("dr_grpo", "s
 @pytest.mark.parametrize(("liger_type", "our_mode"), PAIRS)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("on_policy", [True, False], ids=["on-policy", "off-policy"])
-def test_matches_liger(liger_type, our_mode, beta, on_policy):
+@pytest.mark.parametrize("method", ["recompute", "cublas"])
+def test_matches_liger(liger_type, our_mode, beta, on_policy, method):
     batch, seq_len, hidden_size, vocab = 3, 13, 40, 70
     temperature, eps_low, eps_high = 0.9, 0.2, 0.28
     gen = torch.Generator().manual_seed(hash((liger_type, beta, on_policy)) % 1000)
@@ -71,6 +72,8 @@ def test_matches_liger(liger_type, our_mode, beta, on_policy):
         temperature=temperature,
         loss_agg_mode=our_mode,
         norm_len=seq_len,
+        method=method,
+        chunk_bytes=17 * vocab * 4,  # "cublas": three token chunks (17, 17, 5 rows)
     )
     loss.backward()
 
