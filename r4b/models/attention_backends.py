@@ -16,6 +16,10 @@ The setting, first match wins: :func:`use_attention_backend` (a context manager)
 The block mask is built once per packed micro-batch, not per layer: it is cached on the ``cu_seqlens`` tensor
 object that every layer of a forward receives (as r4b's host copy of ``cu_seqlens`` is), together with the
 segment / bidir id tensors it was built from. ``BUILDS`` counts the builds (the tests read it).
+
+``BUILD_SCHEDULE`` (``R4B_ATTENTION_SCHEDULE=1``): the r4b backend also fetches the exact tile schedule
+(:mod:`r4b.kernels.attention_schedule`), built on the device once per packed batch and shared by every layer.
+No kernel walks it yet (issue 12, item 2), so it is off by default: it is the hand-off those kernels will take.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from r4b.kernels import varlen_attention
+from r4b.kernels.attention_schedule import schedule_for
 from r4b.kernels.varlen_attention import cu_seqlens_host_values
 
 BACKENDS = ("auto", "r4b", "flex", "fa2")
@@ -42,6 +47,7 @@ _setting: list[str] = []  # set_attention_backend
 _PER_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _PER_SHAPE: collections.OrderedDict = collections.OrderedDict()  # rows without cu_seqlens: (kind, T, ...) -> mask
 _MAX_PER_BATCH = 8
+BUILD_SCHEDULE = os.environ.get("R4B_ATTENTION_SCHEDULE", "0") == "1"
 
 
 def _check(name: str) -> str:
@@ -260,6 +266,10 @@ def packed_attention(
             q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
             softmax_scale=softmax_scale, cache_ids=cache_ids,
         )  # fmt: skip
+    if BUILD_SCHEDULE:
+        schedule_for(
+            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, cache_ids=tuple(cache_ids)
+        )
     return varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
         softmax_scale=softmax_scale,

@@ -1,0 +1,160 @@
+"""The tile schedule against a brute-force scan of the dense mask, tile by tile, on random layouts."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import DEVICE
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from r4b.kernels import attention_schedule as sched
+from r4b.kernels.varlen_attention import attention_mask_reference
+from r4b.models import attention_backends as ab
+from r4b.models import register_varlen_attention
+
+
+def random_layout(gen, *, docs: int, max_len: int):
+    """Documents of ragged lengths (some of one token); in about half of them a prompt with 0-16 responses and
+    a bidir block inside the prompt; bidir blocks elsewhere too."""
+    lengths, seg, bidir, block = [], [], [], 0
+    for _ in range(docs):
+        kind = int(torch.randint(0, 4, (1,), generator=gen))
+        n = 1 if kind == 0 else int(torch.randint(2, max_len, (1,), generator=gen))
+        s = torch.zeros(n, dtype=torch.int32)
+        b = torch.zeros(n, dtype=torch.int32)
+        if kind >= 2 and n > 3:
+            prompt = int(torch.randint(1, n, (1,), generator=gen))
+            responses = int(torch.randint(0, 17, (1,), generator=gen))
+            if responses and n - prompt >= 1:
+                cuts = torch.randint(prompt, n, (responses - 1,), generator=gen).sort().values.tolist()
+                for k, (a, z) in enumerate(zip([prompt, *cuts], [*cuts, n], strict=True), start=1):
+                    s[a:z] = k  # an empty response (a == z) leaves no token
+            if prompt > 2:  # an image inside the prompt
+                a = int(torch.randint(0, prompt - 1, (1,), generator=gen))
+                z = int(torch.randint(a + 1, prompt + 1, (1,), generator=gen))
+                block += 1
+                b[a:z] = block
+        elif kind == 1 and n > 2:
+            a = int(torch.randint(0, n - 1, (1,), generator=gen))
+            block += 1
+            b[a : a + int(torch.randint(1, n - a + 1, (1,), generator=gen))] = block
+        lengths.append(n)
+        seg.append(s)
+        bidir.append(b)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return cu.to(DEVICE), torch.cat(seg).to(DEVICE), torch.cat(bidir).to(DEVICE)
+
+
+def brute_force(cu, bm, bn, **mask_kw):
+    """(query tile, key tile) -> full? for every non-empty tile, scanning the dense mask tile by tile."""
+    mask = attention_mask_reference(cu.cpu(), **{k: v.cpu() for k, v in mask_kw.items() if k != "causal"},
+                                    causal=mask_kw.get("causal", True))  # fmt: skip
+    out, qt, kt = {}, 0, 0
+    bounds = cu.tolist()
+    for start, end in itertools.pairwise(bounds):
+        length = end - start
+        q_tiles = range(0, length, bm)
+        k_tiles = range(0, length, bn)
+        for a, i0 in enumerate(q_tiles):
+            for c, j0 in enumerate(k_tiles):
+                tile = torch.zeros(bm, bn, dtype=torch.bool)
+                part = mask[start + i0 : start + min(i0 + bm, length), start + j0 : start + min(j0 + bn, length)]
+                tile[: part.shape[0], : part.shape[1]] = part
+                if tile.any():
+                    out[(qt + a, kt + c)] = bool(tile.all())
+        qt += len(q_tiles)
+        kt += len(k_tiles)
+    return out, int(mask.sum())
+
+
+def listed(schedule: sched.TileSchedule):
+    fwd, bwd = {}, {}
+    offs, tiles, full = schedule.kv_offsets.tolist(), schedule.kv_tiles.tolist(), schedule.kv_full.tolist()
+    for t in range(len(offs) - 1):
+        row = tiles[offs[t] : offs[t + 1]]
+        assert row == sorted(row)
+        fwd.update({(t, u): f for u, f in zip(row, full[offs[t] : offs[t + 1]], strict=True)})
+    offs, tiles, full = schedule.q_offsets.tolist(), schedule.q_tiles.tolist(), schedule.q_full.tolist()
+    for u in range(len(offs) - 1):
+        col = tiles[offs[u] : offs[u + 1]]
+        assert col == sorted(col)
+        bwd.update({(t, u): f for t, f in zip(col, full[offs[u] : offs[u + 1]], strict=True)})
+    return fwd, bwd
+
+
+MASKS = ["causal", "shared-prefix", "shared-prefix+bidir", "bidir", "full"]
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), (128, 64)], ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+def test_schedule_equals_brute_force(mask, blocks):
+    gen = torch.Generator().manual_seed(hash((mask, blocks)) % 1000)
+    for trial in range(3):
+        cu, seg, bidir = random_layout(gen, docs=int(torch.randint(1, 12, (1,), generator=gen)), max_len=150)
+        kw = {
+            "causal": {},
+            "shared-prefix": {"segment_ids": seg},
+            "shared-prefix+bidir": {"segment_ids": seg, "bidir_ids": bidir},
+            "bidir": {"bidir_ids": bidir},
+            "full": {"causal": False},
+        }[mask]
+        schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
+        expected, pairs = brute_force(cu, *blocks, **kw)
+        fwd, bwd = listed(schedule)
+        assert fwd == expected, (mask, trial)
+        assert bwd == expected, (mask, trial)
+        assert int(schedule.visible_pairs) == pairs
+        assert schedule.kv_tiles.device == cu.device
+        stats = schedule.stats()
+        assert stats["nonempty_tiles"] == len(expected)
+        assert stats["full_tiles"] == sum(expected.values())
+
+
+def test_shared_prefix_by_hand():
+    """One document of 8: prompt [0, 4) with a bidir block [1, 4), responses [4, 6) and [6, 8); 2 x 2 tiles."""
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    seg = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2], dtype=torch.int32, device=DEVICE)
+    bidir = torch.tensor([0, 1, 1, 1, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE)
+    s = sched.build_tile_schedule(cu, segment_ids=seg, bidir_ids=bidir, block_m=2, block_n=2)
+    fwd, _ = listed(s)
+    # query tile 0 (tokens 0, 1): key tile 0 partial (0 does not see 1), key tile 1 (2, 3) partial (1 sees them)
+    assert fwd[(0, 0)] is False and fwd[(0, 1)] is False and (0, 2) not in fwd
+    assert fwd[(1, 1)] is True  # tokens 2, 3 see each other through the block
+    assert fwd[(2, 0)] is True and fwd[(3, 0)] is True  # responses see the prompt in full
+    assert (3, 2) not in fwd  # response 2 never sees response 1
+    assert fwd[(3, 3)] is False  # causal within response 2
+
+
+def test_current_kernel_stats_shared_prefix():
+    """The current kernel visits every non-empty tile with segments but loops over all of the document's."""
+    cu = torch.tensor([0, 64], dtype=torch.int32, device=DEVICE)
+    seg = torch.tensor([0] * 16 + [k for k in range(1, 7) for _ in range(8)], dtype=torch.int32, device=DEVICE)
+    bidir = torch.tensor([0] * 4 + [1] * 8 + [0] * 52, dtype=torch.int32, device=DEVICE)
+    stats = sched.current_kernel_stats(cu, segment_ids=seg, bidir_ids=bidir, block_m=8, block_n=8)
+    assert stats["q_tiles"] == stats["k_tiles"] == 8 and stats["idle_programs"] == 0
+    assert stats["iterated_tiles"] == 64  # bidir drops the causal bound
+    assert stats["visited_tiles"] == stats["nonempty_tiles"]
+    plain = sched.current_kernel_stats(cu, block_m=8, block_n=8)
+    assert plain["iterated_tiles"] == plain["visited_tiles"] == plain["nonempty_tiles"] == 36
+
+
+def test_schedule_built_once_per_model_forward(monkeypatch):
+    """Every layer asks for the schedule; one build per packed batch whatever the number of layers."""
+    config = Qwen3Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(DEVICE).double()
+    model.set_attn_implementation(register_varlen_attention())
+    monkeypatch.setattr(ab, "BUILD_SCHEDULE", True)
+    gen = torch.Generator().manual_seed(1)
+    for forward in range(2):
+        cu, seg, _ = random_layout(gen, docs=4, max_len=30)
+        n = int(cu[-1])
+        positions = torch.cat([torch.arange(int(b - a), device=DEVICE) for a, b in itertools.pairwise(cu)])
+        before = sched.BUILDS["count"]
+        with torch.no_grad():
+            model.model(input_ids=torch.randint(0, 97, (1, n), generator=gen).to(DEVICE), position_ids=positions[None],
+                        cu_seq_lens_q=cu, max_length_q=int(cu.diff().max()), segment_ids=seg[None])  # fmt: skip
+        assert sched.BUILDS["count"] - before == 1, forward
