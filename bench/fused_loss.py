@@ -13,7 +13,8 @@ r4b runs three ways in the same run: ``r4b`` (method "recompute": Triton logits,
 backward), ``r4b-cublas`` and ``r4b-cublas-fast`` (cuBLAS logits per token chunk, gradients made in the
 forward; r4b.kernels.fused_grad). The cuBLAS rows are skipped where that path cannot run (CPU tensors
 without TRITON_INTERPRET). ``ratios`` compares each r4b row (``base``) with every competitor;
-``method_ratios`` the cuBLAS rows with ``r4b``.
+``method_ratios`` the cuBLAS rows with ``r4b``; ``accuracy`` (at the first size) each r4b method's loss,
+gradients and log-probs against the materialized loss on the same inputs in fp32.
 """
 
 from __future__ import annotations
@@ -174,7 +175,62 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
         "ratios": ratios_to_r4b(rows),
         "method_ratios": method_ratios(rows),
+        "accuracy": accuracy(args.sizes[0], args) if args.accuracy else [],
     }
+
+
+class _no_tf32:
+    """True fp32 products for the reference, whatever the process-wide TF32 setting."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().float(), expected.detach().float()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def accuracy(n: int, args: argparse.Namespace) -> list[dict]:
+    """Each r4b method in the benchmark's dtype against the materialized loss on the same inputs in fp32 (true
+    fp32 products): relative error of the loss, d_hidden and d_weight, and the largest log-prob error."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    try:
+        hidden, weight, targets, batch = make_batch(
+            n, args.hidden, args.vocab, args.seq_len, getattr(torch, args.dtype), device
+        )
+        h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+        with _no_tf32():
+            loss_ref = materialized_bpo_loss(h32, w32, targets, batch)
+            loss_ref.backward()
+            with torch.no_grad():
+                logp_ref = materialized_logprob_values(h32, w32, targets)
+        h32.requires_grad_(False)
+    except Exception as err:
+        free_device_memory()
+        return [{"impl": "reference", "N": n, "error": error_text(err)}]
+    methods = {name: m for name, m in R4B_IMPLS.items() if m == "recompute" or cublas_runs()}
+    for name, method in methods.items():
+        row = {"impl": name, "N": n, "dtype": args.dtype}
+        with error_row(row):
+            hidden.grad = weight.grad = None
+            loss = r4b_bpo_loss(hidden, weight, targets, batch, method=method, chunk_bytes=args.chunk_bytes)
+            loss.backward()
+            row["loss_rel_err"] = abs(loss.item() - loss_ref.item()) / max(abs(loss_ref.item()), 1e-30)
+            row["d_hidden_rel_err"] = _rel_err(hidden.grad, h32.grad)
+            row["d_weight_rel_err"] = _rel_err(weight.grad, w32.grad)
+            with torch.no_grad():
+                logp = r4b_logprob_values(hidden, weight, targets, method=method, chunk_bytes=args.chunk_bytes)
+            row["logprob_max_abs_err"] = float((logp - logp_ref).abs().max())
+        rows.append(row)
+        print(row, flush=True)
+    free_device_memory()
+    return rows
 
 
 def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, ceiling: float) -> list[dict]:
@@ -266,6 +322,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument(
+        "--no-accuracy", dest="accuracy", action="store_false", help="skip the accuracy rows (first size only)"
+    )
+    parser.add_argument(
         "--chunk-bytes", type=int, default=None, help="chunk budget of the r4b-cublas rows (default: fused_grad's)"
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
@@ -287,6 +346,9 @@ def main(argv=None) -> int:
                 payload["rows"], columns)  # fmt: skip
     print_table("r4b vs competitors (same run)", payload["ratios"],
                 ["mode", "N", "base", "vs", "r4b_speedup", "r4b_mem_ratio"])  # fmt: skip
+    print_table(f"accuracy against the fp32 materialized loss ({args.dtype} inputs)", payload["accuracy"],
+                ["impl", "N", "loss_rel_err", "d_hidden_rel_err", "d_weight_rel_err", "logprob_max_abs_err",
+                 "error"])  # fmt: skip
     print_table("cuBLAS methods vs r4b (same run)", payload["method_ratios"],
                 ["mode", "N", "method", "speedup_vs_r4b", "mem_vs_r4b"])  # fmt: skip
     path = write_results("fused_loss", payload, *([args.out] if args.out else []))
