@@ -48,7 +48,8 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 # model forward they run is the one-process one) and the R-4B SFT/BPO tests of resuming, logging and checkpoints.
 TRANSFORMERS_COMPAT ?= 5.17.0
 TRANSFORMERS_VENV := .venv-transformers$(TRANSFORMERS_COMPAT)
-TRANSFORMERS_TESTS := tests/test_transformers_compat.py tests/test_r4b_model.py tests/test_mrope.py \
+TRANSFORMERS_TESTS := tests/test_transformers_compat.py tests/test_r4b_model.py tests/test_export_standalone.py \
+	tests/test_mrope.py \
 	tests/test_hf_attention.py tests/test_liger_patches.py tests/test_tokenizer.py tests/test_data_encode.py \
 	tests/test_rollout.py tests/test_eval.py tests/test_sft_qwen_vl.py tests/test_bpo_qwen_vl.py \
 	tests/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \

@@ -74,6 +74,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]
         runs[name] = train_bpo(config)
     models = {"annealed": sft / "model", "bpo": runs["bpo"] / "model", "grpo": runs["grpo"] / "model"}
     report = evaluate(models, data / "eval.jsonl", out / "eval", max_new_tokens=24 if quick else 96, batch_size=64)
+    from r4b.models.model_card import update_model_card
+
+    for name, path in models.items():  # each export's card gets its per-mode table
+        update_model_card(path, report, name)
     report["paper_signature"] = paper_signature(report)
     report["seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=2))

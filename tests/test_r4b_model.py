@@ -266,3 +266,32 @@ def test_loading_a_checkpoint_in_a_fresh_process_warns_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "to instantiate a model of type" not in done.stderr, done.stderr
+
+
+def test_released_layout_with_a_transformers_4_config_and_auto_map_loads(tmp_path):
+    """A directory as the released R-4B ships it: a transformers 4.x config.json (``torch_dtype``, ``rope_theta``
+    in the text config, ``auto_map`` to the release's own remote code, absent here) beside R-4B's weights.
+    r4b's loader reads it with r4b's classes, ignoring the auto_map."""
+    model, tokenizer, _ = load_model_and_processor(None, seed=6)
+    save_model(model, tmp_path, tokenizer)
+    for name in ("configuration_r4b.py", "modeling_r4b.py", "image_processing_r4b.py", "processing_r4b.py"):
+        (tmp_path / name).unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config |= {"torch_dtype": "float32", "transformers_version": "4.55.0"}
+    config["auto_map"] = {"AutoConfig": "configuration_r.RConfig", "AutoModel": "modeling_r.RForConditionalGeneration"}
+    text = config["text_config"]
+    text["rope_theta"] = text.pop("rope_parameters")["rope_theta"]
+    text |= {"rope_scaling": None, "torch_dtype": "float32"}
+    text.pop("dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    again, _, processor = load_model_and_processor(tmp_path)
+    assert type(again) is RForConditionalGeneration
+    assert again.config.text_config.model_type == "qwen3"
+    state = again.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    samples, vision = make_samples(processor, [(5, [(40, 90)])])
+    with torch.no_grad():
+        got = again(input_ids=samples[0][None], **vision).logits
+        expected = model(input_ids=samples[0][None], **vision).logits
+    assert torch.equal(got, expected)

@@ -11,6 +11,7 @@ from .checkpoint import (
 )
 from .image_processing import RImageProcessor
 from .loading import load_model_and_processor, save_model
+from .model_card import update_model_card, write_model_card
 from .packed import packed_hidden_states, use_varlen_language_model
 from .r4b_model import RConfig, RForConditionalGeneration, RModel, RMultiModalProjector, register_r4b_model
 from .tiny import build_tiny_r4b, tiny_r4b_config
@@ -35,5 +36,7 @@ __all__ = [
     "save_model",
     "save_pretrained_r4b",
     "tiny_r4b_config",
+    "update_model_card",
     "use_varlen_language_model",
+    "write_model_card",
 ]

@@ -5,7 +5,10 @@ R-4B's safetensors (transformers >= 4.52 layout, the one vLLM's ``RForConditiona
 linear_1,linear_2}.*``, ``model.image_newline`` and ``lm_head.weight`` (absent when the embeddings are tied).
 transformers 5 keeps the SigLIP tower without its ``vision_model`` level in memory and strips that prefix on
 load by itself, so a directory written here loads with plain ``AutoModelForImageTextToText.from_pretrained``
-once :func:`register_r4b_model` has run (importing ``r4b.models`` runs it). The older layout
+once :func:`register_r4b_model` has run (importing ``r4b.models`` runs it) and, without r4b, with
+``trust_remote_code=True``: :func:`save_pretrained_r4b` copies the remote code of :mod:`r4b.models.hub`
+(configuration, modeling, image processing and processing files importing only torch and transformers) and
+writes the ``auto_map`` entries that point to it, as the released R-4B does. The older layout
 (``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*``, ``image_newline``,
 ``language_model.lm_head.*``) loads through :func:`load_r4b`, which adds the renames. Note that stock
 ``model.save_pretrained`` of a model built from scratch writes the vision tower without ``vision_model.``: use
@@ -15,12 +18,14 @@ once :func:`register_r4b_model` has run (importing ``r4b.models`` runs it). The 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
+from .hub import CONFIG_AUTO_MAP, HUB_DIR, REMOTE_CODE_FILES
 from .r4b_model import ARCHITECTURE, MODEL_TYPE, RForConditionalGeneration, register_r4b_model
 
 VISION_PREFIX, VISION_PREFIX_ON_DISK = "model.vision_tower.", "model.vision_tower.vision_model."
@@ -75,9 +80,10 @@ def save_pretrained_r4b(
     processor=None,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write config.json (``architectures: [RForConditionalGeneration]``, ``model_type: rvl``), generation
-    config, safetensors shards under R-4B's key names and, if given, the tokenizer and the image processor's
-    preprocessor_config.json. Byte-identical on re-save."""
+    """Write config.json (``architectures: [RForConditionalGeneration]``, ``model_type: rvl``, ``auto_map`` to the
+    remote code), generation config, safetensors shards under R-4B's key names, the remote code files
+    (:data:`~r4b.models.hub.REMOTE_CODE_FILES`) and, if given, the tokenizer and the image processor's
+    preprocessor_config.json / processor_config.json. Byte-identical on re-save."""
     if model.config.model_type != MODEL_TYPE:
         raise ValueError(f"expected a model of type {MODEL_TYPE!r}, got {model.config.model_type!r}")
     out = Path(save_directory)
@@ -85,7 +91,9 @@ def save_pretrained_r4b(
     for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
         stale.unlink()  # shards of an earlier, differently sharded save
     model.config.architectures = [ARCHITECTURE]
+    model.config.auto_map = dict(CONFIG_AUTO_MAP)
     model.config.save_pretrained(out)
+    copy_remote_code(out)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     save_torch_state_dict(r4b_state_dict(model), out, max_shard_size=max_shard_size, metadata={"format": "pt"})
@@ -94,6 +102,12 @@ def save_pretrained_r4b(
     if processor is not None:
         processor.save_pretrained(out)
     return out
+
+
+def copy_remote_code(directory: str | Path) -> None:
+    """Copy the export's ``trust_remote_code`` files (:mod:`r4b.models.hub`) into ``directory``."""
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(HUB_DIR / name, Path(directory) / name)
 
 
 def checkpoint_keys(directory: str | Path) -> list[str]:

@@ -4,20 +4,24 @@ Pixels come from transformers' own ``LlavaOnevisionImageProcessorPil`` (PIL + nu
 (the whole image resized to one tile) followed by the AnyRes tiles of the best grid pinpoint. Every image is
 tiled, as LLaVA-OneVision does for a single image (``batch_num_images`` is never passed to the model).
 :meth:`RImageProcessor.num_image_tokens` replays LLaVA-OneVision's ``pack_image_features`` on shapes alone
-(grid choice, unpadding, ``anyres_max_N`` downscale, one newline per row), reusing transformers' helpers.
+(grid choice, unpadding, ``anyres_max_N`` downscale, one newline per row): the count of
+:mod:`r4b.models.hub.image_processing_r4b`, the export's remote code, so r4b and a user without r4b expand
+``<image>`` alike.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+from .hub import PROCESSOR_AUTO_MAP
+from .hub.image_processing_r4b import image_token_count, max_num_patches
 
 # SigLIP's normalisation (R-4B's vision tower is SigLIP2-so400m).
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -37,15 +41,13 @@ class RImageProcessor:
         image_mean: Sequence[float] = SIGLIP_MEAN,
         image_std: Sequence[float] = SIGLIP_STD,
     ) -> None:
-        if not (vision_aspect_ratio.startswith("anyres_max_") and vision_aspect_ratio[11:].isdigit()):
-            raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}")
         for pin in image_grid_pinpoints:
             if len(pin) != 2 or pin[0] % image_size or pin[1] % image_size:
                 raise ValueError(f"image_grid_pinpoints entry {pin} is not a multiple of the tile size {image_size}")
         self.image_size, self.patch_size = image_size, patch_size
         self.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints]
         self.vision_aspect_ratio = vision_aspect_ratio
-        self.max_num_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+        self.max_num_patches = max_num_patches(vision_aspect_ratio)
         self._pil = LlavaOnevisionImageProcessorPil(
             size={"height": image_size, "width": image_size},
             image_grid_pinpoints=self.image_grid_pinpoints,
@@ -80,11 +82,17 @@ class RImageProcessor:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write preprocessor_config.json (transformers' LlavaOnevisionImageProcessor format) and
         processor_config.json, which makes ``AutoProcessor`` (what vLLM's ``rvl`` model loads) build a
-        ``LlavaOnevisionProcessor`` with R-4B's token counts. Written by hand: constructing that processor
-        needs torchvision, which r4b does not."""
+        ``LlavaOnevisionProcessor`` with R-4B's token counts, and with ``trust_remote_code=True`` the export's own
+        ``RProcessor`` (both files' ``auto_map``, :mod:`r4b.models.hub`). Written by hand: constructing the
+        LLaVA-OneVision processor needs torchvision, which r4b does not."""
         self._pil.save_pretrained(str(directory))
+        path = Path(directory) / "preprocessor_config.json"
+        saved = json.loads(path.read_text())
+        saved["auto_map"] = dict(PROCESSOR_AUTO_MAP)
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         side = self.image_size // self.patch_size
         processor = {
+            "auto_map": dict(PROCESSOR_AUTO_MAP),
             "processor_class": "LlavaOnevisionProcessor",
             "num_image_tokens": side * side,
             "vision_feature_select_strategy": "full",
@@ -116,11 +124,11 @@ class RImageProcessor:
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """The number of features (= ``<image>`` tokens) LLaVA-OneVision's ``pack_image_features`` makes of an image."""
-        side = self.image_size // self.patch_size  # patches per tile side
-        rows, cols = get_anyres_image_grid_shape([height, width], self.image_grid_pinpoints, self.image_size)
-        grid = torch.empty(0, rows * side, cols * side)
-        _, cur_h, cur_w = unpad_image(grid, [height, width]).shape
-        ratio = math.sqrt(cur_h * cur_w / (self.max_num_patches * side**2))
-        if ratio > 1.1:
-            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
-        return side * side + cur_h * (cur_w + 1)  # base tile + unpadded grid with one newline per row
+        return image_token_count(
+            height,
+            width,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            image_grid_pinpoints=self.image_grid_pinpoints,
+            vision_aspect_ratio=self.vision_aspect_ratio,
+        )

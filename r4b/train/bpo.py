@@ -461,6 +461,16 @@ class BPOTrainer:
             logger.close()
         if config.train.export:
             export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)
+            if self.main:
+                from r4b.models.model_card import write_model_card
+
+                write_model_card(
+                    self.run_dir / "model",
+                    stage=config.rollout.strategy,
+                    config=config,
+                    run_dir=self.run_dir,
+                    data_files=config.data.prompts,
+                )
         return self.run_dir
 
 

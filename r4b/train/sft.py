@@ -156,6 +156,12 @@ def train_sft(config: SFTConfig) -> Path:
         logger.close()
     if config.train.export:
         export_model(engine, model, tokenizer, run_dir / "model", main)
+        if main:
+            from r4b.models.model_card import write_model_card
+
+            write_model_card(
+                run_dir / "model", stage="sft", config=config, run_dir=run_dir, data_files=config.data.train
+            )
     return run_dir
 
 
