@@ -1,4 +1,4 @@
-"""Packed varlen attention: r4b against flash-attn, FlexAttention and SDPA with a dense mask.
+"""Packed varlen attention: r4b against flash-attn (or torch's FA2 varlen), FlexAttention and SDPA with a dense mask.
 
     python bench/attention.py             # H100 sizes: 8k-64k packed tokens, head_dim 128, GQA 32/8, bf16
     python bench/attention.py --smoke     # tiny sizes on a CPU: a check that it runs
@@ -12,7 +12,14 @@ Two tables:
 2. a BPO batch (per group: a 1,024-token image prompt and 2g = 16 responses of
    ~300 tokens): shared-prefix packing (each prompt once) against unshared
    packing (each response with its own copy of the prompt): tokens and time.
-Writes bench/results/attention-<device>-<date>.json.
+3. tile efficiency of r4b's current forward kernel per layout (its tiles at 128 x 64), against the exact
+   tile schedule (r4b.kernels.attention_schedule): tiles visited (computed) against non-empty tiles, loop
+   steps, idle programs, and visible pairs against visited pairs.
+
+Competitors: ``r4b`` (the Triton kernel), ``r4b-auto`` (what the ``r4b_varlen`` plug-in runs under
+``R4B_ATTENTION_BACKEND=auto``), ``flash-attn`` where installed, else ``torch-fa2`` (torch's FlashAttention-2
+varlen kernel, ``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11, plain masks only), ``flex``,
+``sdpa-dense-mask``. Writes bench/results/attention-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from common import (
 )
 
 from r4b.kernels import varlen_attention
+from r4b.kernels.attention_schedule import current_kernel_stats
 from r4b.kernels.varlen_attention import attention_mask_reference
+from r4b.models.attention_backends import fa2_varlen, packed_attention
 
 
 class Layout:
@@ -159,6 +168,41 @@ def flash_attn_fn(layout: Layout):
     return lambda q, k, v: flash_attn_varlen_func(q, k, v, layout.cu, layout.cu, max_len, max_len, causal=layout.causal)
 
 
+def torch_fa2_fn(layout: Layout):
+    """torch's own FA2 varlen kernel, timed where flash-attn itself is not installed."""
+    if layout.seg is not None or layout.bidir is not None or fa2_varlen() is None or not layout.cu.is_cuda:
+        return None
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return None  # the flash-attn row times FlashAttention-2 already
+    max_len = max(layout.lengths)
+    window = (-1, 0) if layout.causal else (-1, -1)
+    return lambda q, k, v: fa2_varlen()(
+        q, k, v, layout.cu, layout.cu, max_len, max_len, window_size=window, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def r4b_auto_fn(layout: Layout):
+    """What the r4b_varlen model plug-in runs with R4B_ATTENTION_BACKEND=auto (its block mask built once)."""
+    max_len = max(layout.lengths)
+    return lambda q, k, v: packed_attention(
+        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
+        backend="auto",
+    )  # fmt: skip
+
+
+def tile_efficiency(layout: Layout, mask: str, block_m: int = 128, block_n: int = 64) -> dict:
+    """The current forward kernel's tiles (at its first config, 128 x 64) against the exact schedule."""
+    stats = current_kernel_stats(
+        layout.cu, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
+        block_m=block_m, block_n=block_n,
+    )  # fmt: skip
+    return {"mask": mask, "tokens": layout.n, **stats}
+
+
 def r4b_fn(layout: Layout):
     max_len = max(layout.lengths)
     return lambda q, k, v: varlen_attention(
@@ -200,7 +244,13 @@ def time_impl(name: str, fn, layout: Layout, args, extra: dict) -> list[dict]:
 def competitors(layout: Layout, args) -> dict:
     """The implementations for one layout; one that fails to build is timed as a stand-in raising its error."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    impls = {"r4b": build_competitor(r4b_fn, layout), "flash-attn": build_competitor(flash_attn_fn, layout)}
+    impls = {
+        "r4b": build_competitor(r4b_fn, layout),
+        "flash-attn": build_competitor(flash_attn_fn, layout),
+        "torch-fa2": build_competitor(torch_fa2_fn, layout),
+    }
+    if device == "cuda":  # on the CPU, auto is r4b's kernel itself
+        impls["r4b-auto"] = build_competitor(r4b_auto_fn, layout)
     if args.flex:
         impls["flex"] = build_competitor(flex_attention_fn, layout, device)
     if layout.n <= args.sdpa_max_tokens:
@@ -210,7 +260,7 @@ def competitors(layout: Layout, args) -> dict:
 
 def run(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    mask_rows = []
+    mask_rows, tile_rows = [], []
     for n_tokens in args.sizes:
         for mask_name, layout in (
             ("causal-docs", causal_documents(n_tokens, args.doc_len)),
@@ -222,6 +272,8 @@ def run(args) -> dict:
                 layout.to(device)
                 extra = {"mask": mask_name, "visible_pairs": layout.visible_pairs()}
                 impls = competitors(layout, args)
+                tile_rows.append(tile_efficiency(layout, mask_name))
+                print(tile_rows[-1], flush=True)
             except Exception as err:  # this layout could not be set up: one error row, the next layout
                 mask_rows.append({"impl": "all", "mask": mask_name, "tokens": layout.n, "error": error_text(err)})
                 free_device_memory()
@@ -234,7 +286,7 @@ def run(args) -> dict:
         layout = bpo_groups(args.bpo_groups, args.prompt, args.image, 16, args.response, shared=shared).to(device)
         extra = {"mask": "shared-prefix" if shared else "unshared", "visible_pairs": layout.visible_pairs()}
         bpo_rows += time_impl("r4b", r4b_fn(layout), layout, args, extra)
-    return {"rows": mask_rows, "bpo_rows": bpo_rows, "ratios": ratios(mask_rows, bpo_rows)}
+    return {"rows": mask_rows, "bpo_rows": bpo_rows, "ratios": ratios(mask_rows, bpo_rows), "tiles": tile_rows}
 
 
 def ratios(mask_rows: list[dict], bpo_rows: list[dict]) -> list[dict]:
@@ -291,6 +343,9 @@ def main(argv=None) -> int:
     columns = ["impl", "mask", "tokens", "mode", "ms", "peak_gib", "tflops", "error"]
     print_table(f"varlen attention, {payload['environment']['device']}", payload["rows"], columns)
     print_table("BPO batch: shared-prefix vs unshared packing (r4b)", payload["bpo_rows"], columns)
+    tile_columns = ["mask", "tokens", "q_tiles", "nonempty_tiles", "full_tiles", "visited_tiles", "iterated_tiles",
+                    "idle_programs", "visited_per_nonempty", "visible_per_visited_pairs", "full_share"]  # fmt: skip
+    print_table("tile efficiency of r4b's forward kernel (128 x 64 tiles)", payload["tiles"], tile_columns)
     print_table("ratios (same run)", payload["ratios"], ["mask", "tokens", "mode", "vs", "r4b_speedup", "token_ratio"])
     path = write_results("attention", payload, *([args.out] if args.out else []))
     print(f"wrote {path}")
