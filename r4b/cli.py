@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -85,6 +86,25 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from r4b.data.prepare import load_data_tools, prepare
+
+    tokenizer, processor = load_data_tools(args.model, args.tokenizer)
+    manifest = prepare(
+        args.data,
+        args.out,
+        tokenizer,
+        processor,
+        workers=args.workers,
+        on_error=args.on_error,
+        mask_empty_think=not args.no_mask_empty_think,
+        overwrite=args.overwrite,
+    )
+    keys = ("samples", "tokens", "seconds", "workers")
+    print(json.dumps({"out": str(args.out), **{k: manifest[k] for k in keys}}))
+    return 0
+
+
 def _add_stage(commands, name: str, help: str, run) -> argparse.ArgumentParser:
     stage = commands.add_parser(name, help=help, description=help)
     stage.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -113,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--eval", type=int, default=128, help="held-out evaluation items")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
+    prep = data.add_parser(
+        "prepare", help="validate, tokenize and index JSONL once, in parallel, into a prepared DIR for data.train"
+    )
+    prep.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSONL files, in training order")
+    prep.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    prep.add_argument("--model", help="model directory whose tokenizer and processor to use (default: the tiny model)")
+    prep.add_argument("--tokenizer", help="tokenizer directory (as model.tokenizer)")
+    prep.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
+    prep.add_argument("--no-mask-empty-think", action="store_true", help="as data.mask_empty_think=false")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing prepared DIR")
+    prep.set_defaults(run=_prepare)
     _add_stage(commands, "sft", "bi-mode annealing: packed SFT over thinking and non-thinking samples", _sft)
     _add_stage(commands, "bpo", "BPO: RL with g thinking + g non-thinking rollouts per prompt (joint advantages)", _bpo)
     from r4b.curate import add_parser as add_curate

@@ -7,17 +7,21 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 
 from r4b.data import DataReport, EncodedSample, ImageProcessor, collate_packed, encode_samples, load_images, read_jsonl
 from r4b.data.encode import IGNORE_INDEX
 from r4b.data.pack import overlong_error
+from r4b.data.prepare import is_prepared
+from r4b.data.prepared import open_prepared
+from r4b.errors import InputError
 from r4b.kernels.varlen_attention import remember_cu_seqlens
 
 
 @dataclass
 class SFTDataset:
-    samples: list[EncodedSample]
+    samples: Sequence[EncodedSample]  # a list, or PreparedSamples (memory-mapped) for a prepared DIR
     processor: ImageProcessor | None
     report: DataReport
 
@@ -35,6 +39,8 @@ class SFTDataset:
         """Read, validate and encode every file; bad or over-long samples raise or are counted (``on_error``)."""
         if not paths:
             raise ValueError("no training data: set data.train to one or more JSONL files")
+        if any(is_prepared(path) for path in paths):
+            return cls._from_prepared(paths, tokenizer, processor, max_tokens, on_error, mask_empty_think)
         report = DataReport()
         encoded: list[EncodedSample] = []
         for path in paths:
@@ -58,13 +64,44 @@ class SFTDataset:
             raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}:\n{report}")
         return cls(kept, processor, report)
 
+    @classmethod
+    def _from_prepared(cls, paths, tokenizer, processor, max_tokens, on_error, mask_empty_think) -> SFTDataset:
+        """Prepared DIRs (``r4b data prepare``): the lengths index is read, samples stay memory-mapped; the same
+        samples, order, over-long handling and report as the JSONL they were made from."""
+        if not all(is_prepared(path) for path in paths):
+            raise InputError(f"data.train mixes prepared DIRs and JSONL files: {', '.join(map(str, paths))}")
+        samples, report = open_prepared(paths, tokenizer, processor, mask_empty_think=mask_empty_think)
+        if on_error == "raise" and report.num_skipped:
+            first = next(iter(report.examples.values()), ["?"])[0]
+            raise InputError(
+                f"{', '.join(map(str, paths))}: prepared with {report.num_skipped} skipped record(s) "
+                f"(first: {first}); set data.on_error=skip to train on the rest"
+            )
+        lengths = np.asarray(samples.lengths)
+        over = np.flatnonzero(lengths > max_tokens)
+        if len(over) and on_error == "raise":
+            raise overlong_error(samples[int(over[0])], max_tokens)
+        for index in over[: report.max_examples]:
+            report.skip(overlong_error(samples[int(index)], max_tokens))
+        if len(over) > report.max_examples:
+            report.add("overlong", "", len(over) - report.max_examples)  # examples already full: counted only
+        samples = samples.filtered(np.flatnonzero(lengths <= max_tokens)) if len(over) else samples
+        report.loaded = len(samples)
+        if not len(samples):
+            raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}:\n{report}")
+        return cls(samples, processor, report)
+
     @property
     def lengths(self) -> list[int]:
+        if hasattr(self.samples, "lengths"):  # a prepared DIR: from its index, no sample read
+            return self.samples.lengths
         return [sample.length for sample in self.samples]
 
     @property
     def loss_tokens(self) -> list[int]:
         """Labelled tokens of each sample after the next-token shift (the first token is never a target)."""
+        if hasattr(self.samples, "loss_tokens"):
+            return self.samples.loss_tokens
         return [sum(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in self.samples]
 
     def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, Any]:

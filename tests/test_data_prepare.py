@@ -1,0 +1,132 @@
+"""`r4b data prepare` and training on a prepared DIR: same samples, report and losses as the JSONL; any worker count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from r4b.cli import main
+from r4b.config import load_config
+from r4b.data.prepare import MANIFEST, load_data_tools, prepare, processor_fingerprint, tokenizer_fingerprint
+from r4b.errors import InputError
+from r4b.synth import write_synthetic
+from r4b.train.sft import SFTConfig, train_sft
+from r4b.train.sft_data import SFTDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo" / "sft.yaml"
+
+
+@pytest.fixture(autouse=True)
+def torch_reference_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return load_data_tools(None, None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The synthetic annealing set plus a bad line and a blank line in the middle."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, n_sft=40, n_rl=2, n_eval=2, seed=0)
+    lines = (out / "sft.jsonl").read_text().splitlines()
+    lines[7:7] = ['{"messages": [], "mode": "thinking"}', ""]
+    (out / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    return out / "mixed.jsonl"
+
+
+def _same(a, b) -> None:
+    assert (a.input_ids, a.labels, a.image_token_counts, a.mode, a.source) == (
+        b.input_ids,
+        b.labels,
+        b.image_token_counts,
+        b.mode,
+        b.source,
+    )
+    assert [Path(p).resolve() for p in a.images] == [Path(p).resolve() for p in b.images]
+
+
+def test_prepared_dir_holds_the_jsonl_samples_and_report_whatever_the_workers(data, tools, tmp_path):
+    tokenizer, processor = tools
+    one = prepare([data], tmp_path / "one", tokenizer, processor, workers=1, shard_lines=9)
+    two = prepare([data], tmp_path / "two", tokenizer, processor, workers=2, shard_lines=9)
+    assert one["shards"] == two["shards"] and len(one["shards"]) == 5
+    for name in [*one["shards"], "lengths.npy", "loss_tokens.npy", "data_report.json"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    kwargs = {"max_tokens": 60, "on_error": "skip"}  # some synthetic samples are over 60 tokens
+    jsonl = SFTDataset.from_files([str(data)], tokenizer, processor, **kwargs)
+    prepared = SFTDataset.from_files([str(tmp_path / "two")], tokenizer, processor, **kwargs)
+    assert 0 < jsonl.report.skipped["overlong"] < 40 and jsonl.report.skipped["bad_type"] == 1
+    assert prepared.report.to_dict() == jsonl.report.to_dict()
+    assert f"{data}:8" in json.dumps(prepared.report.to_dict())  # file:line of the bad record
+    assert prepared.lengths == jsonl.lengths and prepared.loss_tokens == jsonl.loss_tokens
+    assert len(prepared.samples) == len(jsonl.samples)
+    for a, b in zip(prepared.samples, jsonl.samples, strict=True):
+        _same(a, b)
+    batch_a, batch_b = prepared.collate([0, 3, 5], "cpu"), jsonl.collate([0, 3, 5], "cpu")
+    assert batch_a.keys() == batch_b.keys()
+    for key, value in batch_a.items():
+        assert value.equal(batch_b[key]) if hasattr(value, "equal") else value == batch_b[key], key
+    # on_error=raise refuses a DIR whose preparation skipped records, as it refuses the bad JSONL line
+    with pytest.raises(InputError, match="skipped record"):
+        SFTDataset.from_files([str(tmp_path / "two")], tokenizer, processor, max_tokens=4096)
+
+
+def test_another_tokenizer_or_processor_is_refused_naming_the_dir(data, tools, tmp_path):
+    tokenizer, processor = tools
+    prepare([data], tmp_path / "p", tokenizer, processor, workers=1)
+    from r4b.models.image_processing import RImageProcessor
+
+    other = RImageProcessor(
+        image_size=processor.image_size,
+        patch_size=processor.patch_size,
+        image_grid_pinpoints=processor.image_grid_pinpoints,
+        image_mean=(0.1, 0.2, 0.3),
+    )
+    assert processor_fingerprint(other) != processor_fingerprint(processor)
+    with pytest.raises(InputError, match=f"^{tmp_path / 'p'}: prepared with another image processor") as error:
+        SFTDataset.from_files([str(tmp_path / "p")], tokenizer, other, max_tokens=4096, on_error="skip")
+    assert "\n" not in str(error.value)
+    manifest = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer_fingerprint(tokenizer)
+    manifest["tokenizer_sha256"] = "0" * 64
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="prepared with another tokenizer"):
+        SFTDataset.from_files([str(tmp_path / "p")], tokenizer, processor, max_tokens=4096, on_error="skip")
+
+
+def test_cli_prepares_and_training_gives_the_jsonl_losses(data, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--data", str(data), "--out", str(out), "--workers", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["samples"] == 40 and np.load(out / "lengths.npy").shape == (40,)
+    assert main(["data", "prepare", "--data", str(data), "--out", str(out)]) == 2  # never over a DIR silently
+
+    def run(train: Path, name: str) -> list[tuple]:
+        config = load_config(
+            SFTConfig,
+            DEMO,
+            [
+                f"output_dir={tmp_path / name}",
+                f"data.train=[{train}]",
+                "data.on_error=skip",
+                "train.global_batch_samples=12",
+                "train.max_steps=2",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.export=false",
+            ],
+        )
+        rows = [json.loads(line) for line in (train_sft(config) / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"], r["loss_tokens"], r["tokens"]) for r in rows]
+
+    from_jsonl = run(data, "jsonl")
+    assert len(from_jsonl) == 2
+    assert run(out, "run-prepared") == from_jsonl
+    assert json.loads((tmp_path / "run-prepared" / "data_report.json").read_text())["skipped"] == {"bad_type": 1}
