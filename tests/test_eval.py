@@ -326,3 +326,23 @@ def test_loaded_models_generate_on_the_gpu_by_default(monkeypatch):
     runner._engine("tiny", batch_size=2, seed=0, device=None, dtype=None)
     runner._engine("tiny", batch_size=2, seed=0, device="cpu", dtype=None)
     assert moved == ["cuda", "cpu"]
+
+
+def test_cli_adds_its_table_to_an_r4b_model_card(synth, tmp_path, capsys):
+    """r4b eval on an r4b export updates its model card; a directory without an r4b card is never written."""
+    from r4b.models.checkpoint import save_pretrained_r4b
+    from r4b.models.model_card import read_card_data, write_model_card
+
+    model, tokenizer, processor = load_model_and_processor(None, seed=0)
+    carded, plain = tmp_path / "carded", tmp_path / "plain"
+    for directory in (carded, plain):
+        save_pretrained_r4b(model, directory, tokenizer, processor=processor)
+    write_model_card(carded, stage="sft", config={"model": {"path": None}}, run_dir=tmp_path)
+    plain_files = {p.name: p.read_bytes() for p in plain.iterdir() if p.is_file()}
+    argv = ["eval", "--model", str(carded), "--model", str(plain), "--data", str(synth / "eval.jsonl"),
+            "--modes", "auto", "--max-new-tokens", "2", "--limit", "2", "--out", str(tmp_path / "out"),
+            "--no-progress", "--no-plots"]  # fmt: skip
+    assert _cli(argv) == 0
+    assert read_card_data(carded)["eval"]["modes"]["auto"]["accuracy"] is not None
+    assert "model card:" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in plain.iterdir() if p.is_file()} == plain_files

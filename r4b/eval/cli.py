@@ -39,6 +39,9 @@ def _run(args: argparse.Namespace) -> int:
     if names and len(names) != len(args.model):
         raise EvalError(f"{len(names)} --name for {len(args.model)} --model; give one --name per --model or none")
     names = names or [model_name(spec) for spec in args.model]
+    from r4b.errors import output_dir
+
+    output_dir(args.out, "--out", create=False)  # checked before a model loads
     if len(set(names)) != len(names):
         raise EvalError(f"model names {names} clash; tell them apart with --name (one per --model)")
     report = evaluate(
@@ -56,7 +59,22 @@ def _run(args: argparse.Namespace) -> int:
                 f"median {m['median_tokens']:.1f} (n={m['n']})"
             )
     print(f"report: {args.out}/report.md")
+    _update_model_cards(dict(zip(names, args.model, strict=True)), report)
     return 0
+
+
+def _update_model_cards(models: dict[str, str], report: dict[str, Any]) -> None:
+    """Add the per-mode table to the card of every evaluated r4b export (a directory whose README.md is an r4b
+    model card); other directories, e.g. a released model's, are never written to."""
+    from r4b.models.model_card import read_card_data, update_model_card
+
+    for name, spec in models.items():
+        if spec == "tiny" or read_card_data(spec) is None:
+            continue
+        try:
+            print(f"model card: {update_model_card(spec, report, name=name)}")
+        except OSError as error:  # a read-only model directory: the report still stands
+            print(f"model card of {spec} not updated: {error}")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
