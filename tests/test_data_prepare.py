@@ -130,3 +130,17 @@ def test_cli_prepares_and_training_gives_the_jsonl_losses(data, tmp_path, capsys
     assert len(from_jsonl) == 2
     assert run(out, "run-prepared") == from_jsonl
     assert json.loads((tmp_path / "run-prepared" / "data_report.json").read_text())["skipped"] == {"bad_type": 1}
+
+
+def test_data_pipeline_benchmark_smoke(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import data_pipeline
+
+    assert data_pipeline.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("data_pipeline-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["workers"] for r in rows if r["what"] == "prepare"] == [1, 2]
+    assert {r["format"] for r in rows if r["what"] == "startup"} == {"jsonl", "prepared"}
+    assert all(r["samples"] == 60 for r in rows if r["what"] == "startup")
