@@ -99,6 +99,7 @@ def _prepare(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         mask_empty_think=not args.no_mask_empty_think,
         overwrite=args.overwrite,
+        image_root=args.image_root,
     )
     keys = ("samples", "tokens", "seconds", "workers")
     print(json.dumps({"out": str(args.out), **{k: manifest[k] for k in keys}}))
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data.add_parser(
         "prepare", help="validate, tokenize and index JSONL once, in parallel, into a prepared DIR for data.train"
     )
-    prep.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSONL files, in training order")
+    prep.add_argument(
+        "--data", nargs="+", required=True, metavar="FILE", help="JSONL, or LLaVA/ShareGPT .json, in training order"
+    )
+    prep.add_argument("--image-root", help="directory image paths are relative to (default: each file's own)")
     prep.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     prep.add_argument("--model", help="model directory whose tokenizer and processor to use (default: the tiny model)")

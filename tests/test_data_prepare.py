@@ -144,3 +144,38 @@ def test_data_pipeline_benchmark_smoke(tmp_path):
     assert [r["workers"] for r in rows if r["what"] == "prepare"] == [1, 2]
     assert {r["format"] for r in rows if r["what"] == "startup"} == {"jsonl", "prepared"}
     assert all(r["samples"] == 60 for r in rows if r["what"] == "startup")
+
+
+def test_llava_json_gives_the_samples_of_the_same_jsonl(data, tools, tmp_path):
+    tokenizer, processor = tools
+    records = [json.loads(line) for line in data.read_text().splitlines()[:6]]
+    image = next(r for r in records if r.get("images"))["images"][0]
+    llava = [
+        {"id": "a", "image": str(data.parent / image), "conversations": [
+            {"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "7"}]},
+        {"id": "b", "conversations": [
+            {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "<think>\n2 and 2.\n</think>\n\n4"}]},
+        {"id": "c", "conversations": [{"from": "robot", "value": "?"}]},
+    ]  # fmt: skip
+    same = [
+        {"messages": [{"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "7"}],
+         "images": [str(data.parent / image)], "mode": "non_thinking"},
+        {"messages": [{"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "<think>\n2 and 2.\n</think>\n\n4"}], "mode": "thinking"},
+    ]  # fmt: skip
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same))
+    prepare([tmp_path / "llava.json"], tmp_path / "a", tokenizer, processor, workers=2, shard_lines=1)
+    report = json.loads((tmp_path / "a" / "data_report.json").read_text())
+    assert report["loaded"] == 2 and report["skipped"] == {"bad_type": 1}
+    assert report["examples"]["bad_type"][0].startswith(f"{tmp_path / 'llava.json'}:3: field 'conversations[0]'")
+    jsonl = SFTDataset.from_files([str(tmp_path / "same.jsonl")], tokenizer, processor, max_tokens=4096)
+    prepared = SFTDataset.from_files([str(tmp_path / "a")], tokenizer, processor, max_tokens=4096, on_error="skip")
+    assert [s.mode for s in prepared.samples] == ["non_thinking", "thinking"]
+    for a, b in zip(prepared.samples, jsonl.samples, strict=True):
+        assert (a.input_ids, a.labels, a.image_token_counts, a.images) == (
+            b.input_ids,
+            b.labels,
+            b.image_token_counts,
+            [Path(p).resolve() for p in b.images],
+        )

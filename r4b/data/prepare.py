@@ -35,6 +35,7 @@ import numpy as np
 
 from r4b.data.encode import IGNORE_INDEX, encode_samples
 from r4b.data.errors import DataError
+from r4b.data.llava import from_llava
 from r4b.data.report import DataReport
 from r4b.data.schema import _decode, _load_json, parse_sample
 from r4b.errors import InputError
@@ -126,6 +127,13 @@ def _plan_shards(paths: Sequence[str], shard_lines: int) -> list[_Shard]:
     for path in paths:
         if not Path(path).is_file():
             raise DataError(str(path), "no such file", reason="missing_file", kind="file")
+        if path.endswith(".json"):  # LLaVA / ShareGPT: one list of records, shards of records (inherited by workers)
+            records = _load_llava(path)
+            _STATE.setdefault("llava", {})[path] = records
+            for start in range(0, len(records), shard_lines):
+                count = min(shard_lines, len(records) - start)
+                shards.append(_Shard(len(shards), str(path), start, start + 1, count))
+            continue
         offset, line, start, start_line = 0, 0, 0, 1
         with open(path, "rb") as handle:
             for raw in handle:
@@ -141,6 +149,48 @@ def _plan_shards(paths: Sequence[str], shard_lines: int) -> list[_Shard]:
 
 # Set in the parent before the workers fork (and in-process for one worker): what every shard needs.
 _STATE: dict[str, Any] = {}
+
+
+def _load_llava(path: str) -> list[Any]:
+    try:
+        records = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        detail = f"not a JSON file of LLaVA records: {error}"
+        raise DataError(path, detail, reason="malformed_json", kind="file") from None
+    if not isinstance(records, list):
+        raise DataError(path, "a LLaVA / ShareGPT .json file holds a list of records", reason="bad_type", kind="file")
+    return records
+
+
+def _read_shard(shard: _Shard, on_error: str, report: DataReport) -> list[Any]:
+    """The shard's samples, validated by r4b.data.schema; bad records raise or are counted in ``report``."""
+    path = Path(shard.path)
+    root = Path(_STATE["image_root"]) if _STATE.get("image_root") else path.parent
+    samples = []
+    llava = _STATE.get("llava", {}).get(shard.path)
+    handle = None if llava is not None else path.open("rb")
+    try:
+        if handle is not None:
+            handle.seek(shard.offset)
+        for number in range(shard.first_line, shard.first_line + shard.lines):
+            where = f"{path}:{number}"
+            try:
+                if llava is not None:
+                    record = from_llava(llava[number - 1], where)
+                else:
+                    raw = handle.readline()
+                    if not raw.strip():
+                        continue
+                    record = _load_json(_decode(raw, where), where)
+                samples.append(parse_sample(record, where=where, root=root))
+            except DataError as error:
+                if on_error == "raise":
+                    raise
+                report.skip(error)
+    finally:
+        if handle is not None:
+            handle.close()
+    return samples
 
 
 def _features():
@@ -163,21 +213,8 @@ def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.n
 
     tokenizer, processor = _STATE["tokenizer"], _STATE["processor"]
     on_error, out = _STATE["on_error"], _STATE["out"]
-    path = Path(shard.path)
-    samples, report = [], DataReport()
-    with path.open("rb") as handle:
-        handle.seek(shard.offset)
-        for number in range(shard.first_line, shard.first_line + shard.lines):
-            raw = handle.readline()
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                samples.append(parse_sample(_load_json(_decode(raw, where), where), where=where, root=path.parent))
-            except DataError as error:
-                if on_error == "raise":
-                    raise
-                report.skip(error)
+    report = DataReport()
+    samples = _read_shard(shard, on_error, report)
     report.loaded = len(samples)
     encoded, encode_report = encode_samples(
         samples, tokenizer, processor, mask_empty_think=_STATE["mask_empty_think"], on_error=on_error
@@ -212,11 +249,14 @@ def prepare(
     mask_empty_think: bool = True,
     shard_lines: int = SHARD_LINES,
     overwrite: bool = False,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prepare ``paths`` (JSONL) into the DIR ``out``; returns the manifest.
 
     ``on_error="skip"`` counts bad records in data_report.json (training then applies its own ``data.on_error``
     to that report); ``"raise"`` stops at the first bad record in input order, whatever ``workers`` is.
+    ``paths`` ending in ``.json`` are LLaVA / ShareGPT lists of records (:mod:`r4b.data.llava`). Image paths are
+    relative to ``image_root`` when given, else to each file's directory.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -230,11 +270,11 @@ def prepare(
             raise InputError(f"{out}: exists and is not empty (--overwrite replaces a prepared DIR)")
         shutil.rmtree(out)
     started = time.perf_counter()
-    shards = _plan_shards([str(p) for p in paths], shard_lines)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    _STATE.update(tokenizer=tokenizer, processor=processor, on_error=on_error, out=out)
+    _STATE.update(tokenizer=tokenizer, processor=processor, on_error=on_error, out=out, image_root=image_root)
     _STATE["mask_empty_think"] = mask_empty_think
     try:
+        shards = _plan_shards([str(p) for p in paths], shard_lines)
+        (out / "data").mkdir(parents=True, exist_ok=True)
         if workers == 1 or len(shards) <= 1:
             results = [_prepare_shard(shard) for shard in shards]
         else:
