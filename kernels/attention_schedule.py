@@ -20,9 +20,22 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import triton
+import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .varlen_attention import cu_seqlens_host_values
+from ._backend import interpreting
+from ._tl_helpers import dot
+from .varlen_attention import (
+    _DELTA_ROWS,
+    _LOG2E,
+    _delta_kernel,
+    _flags,
+    _load_rows,
+    _store_rows,
+    _visible,
+    cu_seqlens_host_values,
+)
 
 BUILDS = {"count": 0}  # schedule builds so far (the tests count them)
 _CHUNK_ELEMENTS = 1 << 24  # pairs checked per chunk of candidate tiles
@@ -255,3 +268,339 @@ def current_kernel_stats(
         "visible_per_nonempty_pairs": stats["visible_pairs"] / max(1, stats["nonempty_tiles"] * pairs_per_tile),
         "full_share": stats["full_tiles"] / max(1, stats["nonempty_tiles"]),
     }
+
+
+# --- kernels walking the schedule (issue 12, item 2): a first version, checked on the CPU only ---------------
+#
+# One program per (query tile, head) for the forward and dQ, per (key tile, kv head) for dK/dV: no idle
+# programs. Each walks its list in two branch-free loops, the partial tiles (mask arithmetic) then the full
+# ones (none). Tile sizes are the schedule's (fixed, not autotuned); the head dim is padded to a power of two.
+
+
+def kernel_lists(schedule: TileSchedule) -> dict:
+    """Each list with its partial tiles first, then its full ones, and where the full ones start (cached)."""
+    cached = getattr(schedule, "_kernel_lists", None)
+    if cached is not None:
+        return cached
+    out = {}
+    for name, offsets, tiles, full, n_other in (
+        ("kv", schedule.kv_offsets, schedule.kv_tiles, schedule.kv_full, schedule.k_doc.numel()),
+        ("q", schedule.q_offsets, schedule.q_tiles, schedule.q_full, schedule.q_doc.numel()),
+    ):
+        offsets = offsets.long()
+        rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+        order = torch.argsort(rows * 2 * (n_other + 1) + full.long() * (n_other + 1) + tiles.long())
+        partial = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
+        partial.index_add_(0, rows, (~full).long())
+        out[name] = (offsets.to(torch.int32), tiles[order].contiguous(), (offsets[:-1] + partial).to(torch.int32))
+    schedule._kernel_lists = out
+    return out
+
+
+@triton.jit
+def _sched_fwd_tile(
+    acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
+    stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = (start + offs_n).to(tl.int64)
+    if MASKED:  # noqa: SIM108 (constexpr)
+        kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :] & (offs_n >= 0)[:, None]
+    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+    s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
+    if MASKED:
+        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sched_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    n_total, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    doc = tl.load(q_doc_ptr + tile)
+    m0 = tl.load(q_start_ptr + tile)
+    start = tl.load(cu_ptr + doc)
+    seqlen = tl.load(cu_ptr + doc + 1) - start
+    kv_head = head // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen
+    rows = (start + offs_m).to(tl.int64)
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    seg_doc = seg_ptr + start
+    bidir_doc = bidir_ptr + start
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    lo = tl.load(offsets_ptr + tile)
+    split = tl.load(split_ptr + tile)
+    hi = tl.load(offsets_ptr + tile + 1)
+    for idx in range(lo, split):  # partial tiles: masked
+        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
+        acc, m_i, l_i = _sched_fwd_tile(
+            acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
+            stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
+            True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    for idx in range(split, hi):  # full tiles: no mask arithmetic
+        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
+        acc, m_i, l_i = _sched_fwd_tile(
+            acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
+            stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
+            False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_rows(o_ptr, rows, head, stride_on, stride_oh, offs_d, q_mask, acc / l_safe[:, None])
+    tl.store(lse_ptr + head * n_total + start + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
+
+
+@triton.jit
+def _sched_bwd_tile(
+    q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """p and ds [BLOCK_M, BLOCK_N] of one tile."""
+    s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        p = tl.where(visible, p, 0.0)
+    dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _sched_dkdv_tile(
+    dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc, bidir_doc,
+    stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = (start + offs_m).to(tl.int64)
+    if MASKED:  # noqa: SIM108 (constexpr)
+        m_ok = offs_m < seqlen
+    else:
+        m_ok = offs_m >= 0
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
+    lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    p, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
+                            MASKED, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
+    dv = dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, IEEE)
+    dk = dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _sched_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    k_doc_ptr, k_start_ptr, q_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh, n_total, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    doc = tl.load(k_doc_ptr + tile)
+    n0 = tl.load(k_start_ptr + tile)
+    start = tl.load(cu_ptr + doc)
+    seqlen = tl.load(cu_ptr + doc + 1) - start
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < seqlen
+    cols = (start + offs_n).to(tl.int64)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+    seg_doc = seg_ptr + start
+    bidir_doc = bidir_ptr + start
+    dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    lo = tl.load(offsets_ptr + tile)
+    split = tl.load(split_ptr + tile)
+    hi = tl.load(offsets_ptr + tile + 1)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for idx in range(lo, split):  # partial tiles: masked
+            m0 = tl.load(q_start_ptr + tl.load(tiles_ptr + idx))
+            dk, dv = _sched_dkdv_tile(
+                dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc,
+                bidir_doc, stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
+                True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        for idx in range(split, hi):  # full tiles: no mask arithmetic
+            m0 = tl.load(q_start_ptr + tl.load(tiles_ptr + idx))
+            dk, dv = _sched_dkdv_tile(
+                dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc,
+                bidir_doc, stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
+                False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    _store_rows(dk_ptr, cols, kv_head, stride_dkn, stride_dkh, offs_d, kv_mask, dk * sm_scale)
+    _store_rows(dv_ptr, cols, kv_head, stride_dvn, stride_dvh, offs_d, kv_mask, dv)
+
+
+@triton.jit
+def _sched_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh, n_total, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    doc = tl.load(q_doc_ptr + tile)
+    m0 = tl.load(q_start_ptr + tile)
+    start = tl.load(cu_ptr + doc)
+    seqlen = tl.load(cu_ptr + doc + 1) - start
+    kv_head = head // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen
+    rows = (start + offs_m).to(tl.int64)
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
+    lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    seg_doc = seg_ptr + start
+    bidir_doc = bidir_ptr + start
+    dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    lo = tl.load(offsets_ptr + tile)
+    split = tl.load(split_ptr + tile)
+    hi = tl.load(offsets_ptr + tile + 1)
+    for idx in range(lo, split):
+        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
+        cols = (start + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+        v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+        _, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
+                                True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
+        dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+    for idx in range(split, hi):
+        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = d_ok[None, :] & (offs_n >= 0)[:, None]
+        cols = (start + offs_n).to(tl.int64)
+        k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
+        v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+        _, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
+                                False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
+        dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+    _store_rows(dq_ptr, rows, head, stride_dqn, stride_dqh, offs_d, q_mask, dq * sm_scale)
+
+
+def default_blocks() -> tuple[int, int]:
+    """The tiles of the schedule-walking kernels: 16 x 16 in the interpreter, 64 x 64 on a GPU (not tuned)."""
+    return (16, 16) if interpreting() else (64, 64)
+
+
+class _ScheduledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule):
+        n_total, n_heads, _ = q.shape
+        flags = _flags(q, causal, segment_ids, bidir_ids)
+        seg = segment_ids if segment_ids is not None else cu_seqlens
+        bidir = bidir_ids if bidir_ids is not None else cu_seqlens
+        out = torch.empty_like(q)
+        lse = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
+        group = n_heads // k.shape[1]
+        offsets, tiles, split = kernel_lists(schedule)["kv"]
+        blocks = dict(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
+        _sched_fwd_kernel[(schedule.q_doc.numel(), n_heads)](
+            q, k, v, out, lse, cu_seqlens, seg, bidir,
+            schedule.q_doc, schedule.q_start, schedule.k_start, offsets, tiles, split,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), n_total, scale * _LOG2E, GROUP=group, **flags, **blocks,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seg, bidir)
+        ctx.meta = (scale, group, flags, schedule)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, seg, bidir = ctx.saved_tensors
+        scale, group, flags, schedule = ctx.meta
+        n_total, n_heads, _ = q.shape
+        grad_out = grad_out.contiguous()
+        delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(n_total, _DELTA_ROWS), n_heads)](
+            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
+            HEAD_DIM=flags["HEAD_DIM"], D_PAD=flags["D_PAD"], BLOCK=_DELTA_ROWS,
+        )  # fmt: skip
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(GROUP=group, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, **flags)
+        lists = kernel_lists(schedule)
+        _sched_dkdv_kernel[(schedule.k_doc.numel(), k.shape[1])](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seg, bidir,
+            schedule.k_doc, schedule.k_start, schedule.q_start, *lists["q"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            n_total, scale * _LOG2E, scale, **common,
+        )  # fmt: skip
+        _sched_dq_kernel[(schedule.q_doc.numel(), n_heads)](
+            q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
+            schedule.q_doc, schedule.q_start, schedule.k_start, *lists["kv"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
+            n_total, scale * _LOG2E, scale, **common,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def scheduled_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    schedule: TileSchedule | None = None,
+) -> torch.Tensor:
+    """``varlen_attention``'s contract on the kernels that walk the tile schedule (built here, cached on
+    ``cu_seqlens``, unless given; its tile sizes are the kernels'). Triton only (GPU or the interpreter)."""
+    if schedule is None:
+        bm, bn = default_blocks()
+        schedule = schedule_for(
+            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=bm, block_n=bn
+        )
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _ScheduledAttention.apply(q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule)

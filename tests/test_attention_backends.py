@@ -87,6 +87,7 @@ def test_auto_follows_the_h100_figures(monkeypatch):
     assert pick("fa2", cuda_bf16, seg=seg) == "r4b"  # fa2: plain masks only, r4b's kernel for the rest
     assert pick("fa2", cpu) == "r4b"
     assert pick("flex", cpu, seg=seg) == "flex" and pick("r4b", cuda_bf16) == "r4b"
+    assert pick("r4b-schedule", cuda_bf16, seg=seg) == "r4b-schedule"  # chosen by name only, never by auto
     monkeypatch.setattr(ab, "fa2_varlen", lambda: None)  # torch < 2.11
     assert pick("auto", cuda_bf16) == "r4b"
 

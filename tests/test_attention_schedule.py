@@ -138,23 +138,80 @@ def test_current_kernel_stats_shared_prefix():
     assert plain["iterated_tiles"] == plain["visited_tiles"] == plain["nonempty_tiles"] == 36
 
 
-def test_schedule_built_once_per_model_forward(monkeypatch):
-    """Every layer asks for the schedule; one build per packed batch whatever the number of layers."""
+def test_schedule_built_once_per_model_forward():
+    """A 4-layer model on the r4b-schedule backend: one schedule build per packed batch, whatever the layers."""
     config = Qwen3Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(DEVICE).double()
+    model = Qwen3ForCausalLM(config).to(DEVICE)
     model.set_attn_implementation(register_varlen_attention())
-    monkeypatch.setattr(ab, "BUILD_SCHEDULE", True)
     gen = torch.Generator().manual_seed(1)
     for forward in range(2):
-        cu, seg, _ = random_layout(gen, docs=4, max_len=30)
+        cu, seg, _ = random_layout(gen, docs=3, max_len=20)
         n = int(cu[-1])
         positions = torch.cat([torch.arange(int(b - a), device=DEVICE) for a, b in itertools.pairwise(cu)])
+        batch = dict(input_ids=torch.randint(0, 97, (1, n), generator=gen).to(DEVICE), position_ids=positions[None],
+                     cu_seq_lens_q=cu, max_length_q=int(cu.diff().max()), segment_ids=seg[None])  # fmt: skip
         before = sched.BUILDS["count"]
         with torch.no_grad():
-            model.model(input_ids=torch.randint(0, 97, (1, n), generator=gen).to(DEVICE), position_ids=positions[None],
-                        cu_seq_lens_q=cu, max_length_q=int(cu.diff().max()), segment_ids=seg[None])  # fmt: skip
+            with ab.use_attention_backend("r4b-schedule"):
+                out = model.model(**batch).last_hidden_state
+            with ab.use_attention_backend("r4b"):
+                ref = model.model(**batch).last_hidden_state
         assert sched.BUILDS["count"] - before == 1, forward
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+def walking_layout():
+    """Two shared-prefix documents with an image block in the prompt, a one-token one, one with a block only."""
+    spans = [  # (length, [(a, z, segment)], [(a, z, bidir block)])
+        (70, [(34, 50, 1), (50, 51, 2), (51, 70, 3)], [(4, 21, 1)]),
+        (1, [], []),
+        (45, [], [(10, 30, 2)]),
+        (64, [(40, 52, 1), (52, 64, 2)], [(0, 17, 3)]),
+    ]
+    seg, bidir = [], []
+    for length, segments, blocks in spans:
+        s, b = torch.zeros(length, dtype=torch.int32), torch.zeros(length, dtype=torch.int32)
+        for a, z, i in segments:
+            s[a:z] = i
+        for a, z, i in blocks:
+            b[a:z] = i
+        seg.append(s)
+        bidir.append(b)
+    cu = torch.tensor([0, *torch.tensor([n for n, _, _ in spans]).cumsum(0).tolist()], dtype=torch.int32)
+    return cu.to(DEVICE), torch.cat(seg).to(DEVICE), torch.cat(bidir).to(DEVICE)
+
+
+@pytest.mark.parametrize("mask", ["causal", "shared-prefix+bidir", "full"])
+def test_schedule_walking_kernels_match_reference(mask):
+    """The kernels that walk the schedule (forward, dK/dV, dQ) against the float64 reference, fp32, GQA."""
+    from helpers import rel_err
+
+    from r4b.kernels.varlen_attention import varlen_attention_reference
+
+    if DEVICE == "cpu" and not sched.interpreting():
+        pytest.skip("Triton kernels: a GPU or TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(11)
+    cu, seg, bidir = walking_layout()
+    kw = {
+        "causal": {},
+        "shared-prefix": {"segment_ids": seg},
+        "shared-prefix+bidir": {"segment_ids": seg, "bidir_ids": bidir},
+        "bidir": {"bidir_ids": bidir},
+        "full": {"causal": False},
+    }[mask]
+    n = int(cu[-1])
+    q, k, v = (torch.randn(n, h, 16, generator=gen, dtype=torch.float64) for h in (2, 1, 1))
+    ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    ref = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = sched.scheduled_varlen_attention(*ours, cu, **kw)
+    expected = varlen_attention_reference(*ref, cu, int(cu.diff().max()), **kw)
+    assert rel_err(out, expected) < 1e-5
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (out.double() * grad).sum().backward()
+    (expected * grad).sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a.grad, b.grad) < 2e-5, name

@@ -17,9 +17,10 @@ The block mask is built once per packed micro-batch, not per layer: it is cached
 object that every layer of a forward receives (as r4b's host copy of ``cu_seqlens`` is), together with the
 segment / bidir id tensors it was built from. ``BUILDS`` counts the builds (the tests read it).
 
-``BUILD_SCHEDULE`` (``R4B_ATTENTION_SCHEDULE=1``): the r4b backend also fetches the exact tile schedule
-(:mod:`r4b.kernels.attention_schedule`), built on the device once per packed batch and shared by every layer.
-No kernel walks it yet (issue 12, item 2), so it is off by default: it is the hand-off those kernels will take.
+``r4b-schedule`` (never chosen by ``auto``: not yet measured on a GPU) runs r4b's kernels that walk the exact
+tile schedule (:mod:`r4b.kernels.attention_schedule`), built on the device once per packed batch (cached on
+``cu_seqlens`` like the block mask) and shared by every layer, forward and backward; float64 and CPU tensors
+outside the Triton interpreter take r4b's path (the reference).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from r4b.kernels import varlen_attention
-from r4b.kernels.attention_schedule import schedule_for
+from r4b.kernels._backend import use_triton
+from r4b.kernels.attention_schedule import default_blocks, schedule_for, scheduled_varlen_attention
 from r4b.kernels.varlen_attention import cu_seqlens_host_values
 
-BACKENDS = ("auto", "r4b", "flex", "fa2")
+BACKENDS = ("auto", "r4b", "flex", "fa2", "r4b-schedule")
 ENV_VAR = "R4B_ATTENTION_BACKEND"
 BUILDS: collections.Counter = collections.Counter()  # "flex-block-mask", "tile-schedule": builds so far
 
@@ -47,7 +49,6 @@ _setting: list[str] = []  # set_attention_backend
 _PER_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _PER_SHAPE: collections.OrderedDict = collections.OrderedDict()  # rows without cu_seqlens: (kind, T, ...) -> mask
 _MAX_PER_BATCH = 8
-BUILD_SCHEDULE = os.environ.get("R4B_ATTENTION_SCHEDULE", "0") == "1"
 
 
 def _check(name: str) -> str:
@@ -110,8 +111,10 @@ def _compiled_flex():
 def resolve_backend(
     name: str, q: torch.Tensor, *, causal: bool, segment_ids: torch.Tensor | None, bidir_ids: torch.Tensor | None
 ) -> str:
-    """The kernel that runs one call: ``r4b``, ``flex`` or ``fa2``."""
+    """The kernel that runs one call: ``r4b``, ``flex``, ``fa2`` or ``r4b-schedule``."""
     _check(name)
+    if name == "r4b-schedule":
+        return name
     plain = segment_ids is None and bidir_ids is None
     fa2_ok = q.is_cuda and plain and q.dtype in (torch.float16, torch.bfloat16) and fa2_varlen() is not None
     if name == "fa2":
@@ -266,10 +269,16 @@ def packed_attention(
             q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
             softmax_scale=softmax_scale, cache_ids=cache_ids,
         )  # fmt: skip
-    if BUILD_SCHEDULE:
-        schedule_for(
-            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, cache_ids=tuple(cache_ids)
-        )
+    if kind == "r4b-schedule" and use_triton(q, k, v):
+        block_m, block_n = default_blocks()
+        schedule = schedule_for(
+            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m,
+            block_n=block_n, cache_ids=tuple(cache_ids),
+        )  # fmt: skip
+        return scheduled_varlen_attention(
+            q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
+            softmax_scale=softmax_scale, schedule=schedule,
+        )  # fmt: skip
     return varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
         softmax_scale=softmax_scale,
