@@ -169,10 +169,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
-    from r4b.errors import InputError
+    return run_command(args.command, lambda: args.run(args))
 
+
+def run_command(command: str, run) -> int:
+    """The one place where user errors become messages: a bad config, data file or path (an InputError or an
+    OSError naming a file) prints one line ``r4b <command>: error: ...`` and returns 2; Ctrl-C returns 130 (one
+    line; training stops at a step boundary with a checkpoint, r4b.train.runtime.StopSignal).
+    Other exceptions are bugs and keep their traceback; ``R4B_DEBUG=1`` shows it for user errors too."""
+    from r4b.errors import InputError, RunInterrupted
+
+    debug = os.environ.get("R4B_DEBUG", "") not in ("", "0")
     try:
-        return args.run(args)
+        return run()
+    except RunInterrupted as stopped:  # Ctrl-C at a step boundary: the checkpoint is written
+        print(f"r4b {command}: {stopped}", file=sys.stderr)
+        return 130
     except InputError as error:  # bad config or data: the message names the file, line and field
-        print(f"r4b {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        message = str(error)
+    except OSError as error:  # a path the user gave that cannot be read or written
+        if debug or error.strerror is None:
+            raise
+        where = f"{error.filename}: " if error.filename is not None else ""
+        message = f"{where}{error.strerror}"
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"r4b {command}: interrupted", file=sys.stderr)
+        return 130
+    message = " ".join(message.split()).removeprefix(f"r4b {command}: ").removeprefix("error: ")  # one line
+    print(f"r4b {command}: error: {message}", file=sys.stderr)
+    return 2

@@ -34,7 +34,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except OSError as error:
+            raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
@@ -42,7 +46,86 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected key=value, e.g. optim.lr_llm=1e-5")
         _set_dotted(raw, key.strip().split("."), yaml.safe_load(value), override)
-    return _build(cls, raw, source, prefix="")
+    config = _build(cls, raw, source, prefix="")
+    check_values(config, source)
+    return config
+
+
+# Range and enum checks by dotted key, for whichever stage config has the key: a bad value is an error naming the
+# key before anything loads (never a traceback or a silently odd run).
+POSITIVE = (
+    "train.global_batch_samples",
+    "train.epochs",
+    "train.max_steps",
+    "train.schedule_steps",
+    "train.steps",
+    "train.prompts_per_step",
+    "data.max_tokens",
+    "rollout.group_size",
+    "rollout.max_new_tokens",
+    "rollout.prompts_per_call",
+    "rollout.batch_size",
+    "policy.ppo_epochs",
+    "policy.mini_batches",
+    "policy.max_tokens",
+    "engine.timeout_minutes",
+)
+NON_NEGATIVE = (
+    "optim.lr_llm",
+    "optim.lr_vision",
+    "optim.lr_projector",
+    "optim.weight_decay",
+    "optim.eps",
+    "optim.warmup_ratio",
+    "optim.min_lr_ratio",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.attention_cost_weight",
+    "engine.grad_clip",
+    "rollout.temperature",
+    "rollout.top_k",
+    "policy.beta",
+)
+AT_MOST_ONE = ("optim.warmup_ratio", "optim.min_lr_ratio", "rollout.top_p")
+CHOICES = {
+    "data.on_error": ("raise", "skip"),
+    "engine.kind": ("single", "fsdp2", "deepspeed"),
+    "engine.mixed_precision": ("no", "bf16"),
+    "rollout.strategy": ("bpo", "grpo"),
+    "rollout.engine": ("hf", "vllm"),
+    "advantages.grouping": ("joint", "per_mode"),
+}
+
+
+def check_values(config: Any, source: str = "<config>") -> None:
+    """Raise a :class:`ConfigError` naming the key for a value out of its range or not one of its choices."""
+    flat = _flatten(config_to_dict(config)) if dataclasses.is_dataclass(config) else {}
+    for key, value in flat.items():
+        if value is None or isinstance(value, bool):
+            continue
+        what = None
+        if key in CHOICES and value not in CHOICES[key]:
+            what = f"expected one of {', '.join(map(repr, CHOICES[key]))}"
+        elif key in POSITIVE and isinstance(value, int | float) and value <= 0:
+            what = "must be positive"
+        elif key in NON_NEGATIVE and isinstance(value, int | float) and value < 0:
+            what = "must not be negative"
+        elif key in AT_MOST_ONE and isinstance(value, int | float) and not 0 <= value <= 1:
+            what = "must be between 0 and 1"
+        if what:
+            name = "--max-steps" if key == "train.max_steps" else key
+            raise ConfigError(f"{source}: {name} = {value!r}: {what}")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and not prefix.count("."):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -160,6 +160,11 @@ def curate(
     if n < 1 or chunk_size < 1:
         raise ValueError(f"n and chunk_size must be >= 1, got n={n}, chunk_size={chunk_size}")
     questions, data_report = read_questions(data_path, on_error=on_error)  # bad data fails before a model loads
+    if not questions:
+        from r4b.errors import InputError
+
+        skipped = sum(data_report.skipped.values())
+        raise InputError(f"{data_path}: no questions" + (f" ({skipped} bad lines skipped)" if skipped else ""))
     engine = _engine(model, tokenizer, batch_size, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise InputError(f"r4b curate: {error}") from None
+    from r4b.errors import output_dir
+
+    for flag in ("n", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    output_dir(args.out, "--out", create=False)  # checked before a model loads
     try:
         report = curate(
             args.model, args.data, args.out, n=args.n, mode=args.mode, sampling=sampling,

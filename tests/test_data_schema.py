@@ -227,3 +227,30 @@ def test_read_prompts_counts_what_is_not_a_prompt(data_dir):
     strict = write_jsonl(data_dir / "strict.jsonl", [prompt, {**prompt, "answer": " "}])
     with pytest.raises(DataError, match=r"strict\.jsonl:2: field 'answer': missing reference answer"):
         read_prompts(strict)
+
+
+def test_a_corrupt_prompt_image_is_skipped_by_line_or_names_it(data_dir):
+    (data_dir / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    prompt = {"messages": [user(IMAGE, text("How many?"))], "images": ["imgs/a.png"], "answer": "3"}
+    path = write_jsonl(data_dir / "rl.jsonl", [prompt, {**prompt, "images": ["imgs/bad.png"]}, prompt])
+    prompts, report = read_prompts(path, on_error="skip")
+    assert [p.source for p in prompts] == [f"{path}:1", f"{path}:3"]
+    assert report.skipped == {"bad_image": 1} and f"{path}:2: field 'images[0]'" in report.examples["bad_image"][0]
+    with pytest.raises(DataError, match=r"rl\.jsonl:2: field 'images\[0\]': cannot read image .*bad\.png"):
+        read_prompts(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("x", "at column 1: expected a JSON value"),
+        ('{"answer": "3', "at column 12: a string that starts here is never closed"),
+        ('{"answer": "3"} x', "at column 17: extra text after the JSON value"),
+    ],
+)
+def test_json_errors_say_what_was_expected(data_dir, line, message):
+    path = data_dir / "bad.jsonl"
+    path.write_text(f"{line}\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:1: malformed JSON {message}"):
+        read_jsonl(path)
+    assert "at at" not in message

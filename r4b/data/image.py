@@ -50,6 +50,19 @@ def image_token_counts(paths: Sequence[Path], processor: ImageProcessor, *, wher
     return [int(processor.num_image_tokens(h, w)) for h, w in image_sizes(paths, where=where)]
 
 
+def check_images(paths: Sequence[Path], *, where: str = "<memory>") -> None:
+    """Raise :class:`DataError` (``bad_image``, naming the sample's location) for an image that cannot be read: the
+    header and, for formats that carry them, the checksums (PIL's ``verify``) without decoding the pixels."""
+    for k, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types (SyntaxError, struct.error) on bad bytes
+            raise DataError(
+                where, f"cannot read image {path}: {error}", field=f"images[{k}]", reason="bad_image"
+            ) from None
+
+
 def load_images(paths: Sequence[Path], *, where: str = "<memory>") -> list[Image.Image]:
     """Decode the images (RGB), raising :class:`DataError` with the sample's location on a bad file."""
     images = []

@@ -136,13 +136,17 @@ def read_prompts(
     what: str = "a prompt",
     keep_unknown: bool = False,
 ) -> tuple[list[Sample], DataReport]:
-    """Read a JSONL of prompts (see :func:`check_prompt`): every problem raises or, with ``"skip"``, is counted.
+    """Read a JSONL of prompts (see :func:`check_prompt`; images must be readable): every problem raises or, with
+    ``"skip"``, is counted.
     ``keep_unknown`` as in :func:`read_jsonl`."""
+    from r4b.data.image import check_images
+
     samples, report = read_jsonl(path, on_error=on_error, keep_unknown=keep_unknown)
     prompts = []
     for sample in samples:
         try:
             check_prompt(sample, what)
+            check_images(sample.images, where=sample.source)  # a corrupt image fails (or is skipped) here, by line
         except DataError as error:
             if on_error == "raise":
                 raise
@@ -162,11 +166,28 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _load_json(line: str, where: str) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip("\r\n"))  # the line's end is no part of its JSON (an open string is unclosed)
     except json.JSONDecodeError as error:
-        raise DataError(
-            where, f"malformed JSON: {error.msg} at column {error.colno}", reason="malformed_json"
-        ) from None
+        raise DataError(where, json_error_text(error), reason="malformed_json") from None
+
+
+# json's terse messages, said in full ("Expecting value" at column 1 means no JSON value starts there)
+_JSON_MESSAGES = {
+    "Expecting value": "expected a JSON value (an object, string, number, ...)",
+    "Extra data": "extra text after the JSON value (one sample per line)",
+    "Unterminated string starting at": "a string that starts here is never closed",
+    "Expecting property name enclosed in double quotes": "expected a field name in double quotes",
+    "Expecting ',' delimiter": "expected ',' between items",
+    "Expecting ':' delimiter": "expected ':' after a field name",
+    "Invalid control character at": "a raw control character (a tab or newline) inside a string",
+    "Invalid \\escape": "an invalid backslash escape",
+}
+
+
+def json_error_text(error: json.JSONDecodeError) -> str:
+    """``malformed JSON at column N: <what json expected there>`` for a :class:`json.JSONDecodeError`."""
+    text = _JSON_MESSAGES.get(error.msg) or error.msg.removesuffix(" at").lower()
+    return f"malformed JSON at column {error.colno}: {text}"
 
 
 def parse_sample(record: Any, *, where: str = "<memory>", root: str | Path = ".", keep_unknown: bool = False) -> Sample:

@@ -391,7 +391,9 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise EvalError(f"{path}:{number}: malformed JSON: {error.msg} at column {error.colno}") from None
+                from r4b.data.schema import json_error_text
+
+                raise EvalError(f"{path}:{number}: {json_error_text(error)}") from None
             missing = [key for key in required if key not in record]
             if "tokens" not in record and "response_ids" not in record:
                 missing.append("tokens")

@@ -10,11 +10,13 @@ batches.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
+from r4b.errors import InputError
 from r4b.packing import balance_partitions, plan_micro_batches
 
 
@@ -50,9 +52,15 @@ class GlobalBatchPlanner:
         attention_weight: float = 0.0,
     ) -> None:
         if not lengths:
-            raise ValueError("no training samples")
+            raise InputError("data.train: no training samples (data_report.json counts the skipped ones)")
         if global_batch_samples <= 0:
-            raise ValueError(f"global_batch_samples must be positive, got {global_batch_samples}")
+            raise InputError(f"train.global_batch_samples = {global_batch_samples}: must be positive")
+        if global_batch_samples > len(lengths):  # legal (a step is then the whole dataset), but rarely meant
+            print(
+                f"warning: train.global_batch_samples = {global_batch_samples} is larger than the dataset "
+                f"({len(lengths)} samples): every step trains on the whole dataset",
+                file=sys.stderr,
+            )
         longest = max(lengths)
         if longest > max_tokens:
             index = lengths.index(longest)

@@ -34,7 +34,7 @@ from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, Samplin
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import EngineConfig, build_engine
 from r4b.train.logging import RunLogger
-from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.runtime import StopSignal, export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft import ModelSection, OptimSection
 
@@ -112,6 +112,7 @@ class BPOTrainSection:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: str = "auto"
+    allow_config_change: list[str] = field(default_factory=list)  # keys (or sections) a resume may change
     eval_every: int = 0  # steps between auto-mode evaluations on data.eval (0 = only at the end, if set)
     eval_max_new_tokens: int = 512
     tensorboard: bool = True
@@ -143,7 +144,9 @@ def read_prompt_files(paths: list[str], on_error: str) -> tuple[list[Any], Any]:
         prompts += samples
         report = report.merge(read_report)
     if not prompts:
-        raise ValueError(f"no RL prompts in {', '.join(paths)}:\n{report}")
+        from r4b.errors import InputError
+
+        raise InputError(f"no RL prompts in {', '.join(paths)}: {str(report).splitlines()[0]}")
     return prompts, report
 
 
@@ -216,7 +219,10 @@ class BPOTrainer:
         self.main = self.rank == 0
         _check_rollout_and_reward(config.rollout, config.reward)
         self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
-        self.eval_prompts = read_prompt_files([config.data.eval], "raise")[0] if config.data.eval else []
+        self.eval_prompts = []
+        if config.data.eval:  # data.on_error applies to the evaluation prompts too, counted in the one report
+            self.eval_prompts, eval_report = read_prompt_files([config.data.eval], config.data.on_error)
+            report = report.merge(eval_report)
         if self.main:
             (self.run_dir / "data_report.json").write_text(report.to_json())
             print(f"data: {report}")
@@ -446,6 +452,7 @@ class BPOTrainer:
             progress=config.train.progress,
             description=config.rollout.strategy,
         )
+        stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
         try:
             for step in range(start, last):
                 metrics = self.step(step)
@@ -455,9 +462,13 @@ class BPOTrainer:
                 ):
                     metrics["eval_auto"] = self.evaluate_auto(step)
                 logger.log(metrics)
-                if (config.train.save_every and done % config.train.save_every == 0) or done == last:
+                halt = stop.should_stop(self.engine.device)
+                if (config.train.save_every and done % config.train.save_every == 0) or done == last or halt:
                     save_checkpoint(self.run_dir, done, self.engine, {}, keep=config.train.keep_checkpoints)
+                if halt:
+                    raise stop.interrupted(self.run_dir, done)
         finally:
+            stop.restore()
             logger.close()
         if config.train.export:
             export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)

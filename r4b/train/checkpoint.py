@@ -1,8 +1,9 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a directory ``checkpoint-<step>/`` holding the engine's state (model, optimizer,
-scheduler; sharded as the engine likes), ``trainer_state.json`` (step, data position, config) and
-one ``rng-<rank>.pt`` per rank. It is written into a temporary sibling and renamed into place, so a
+scheduler; sharded as the engine likes), ``trainer_state.json`` (step, data position), one
+``rng-<rank>.pt`` per rank and a copy of the run's ``config.yaml`` (resume compares against it).
+It is written into a temporary sibling and renamed into place, so a
 run killed mid-save leaves the previous checkpoint intact and never a half-written one that resume
 would pick.
 """
@@ -24,6 +25,7 @@ from r4b.train.ranks import barrier, rank
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"  # the run's config when the checkpoint was written (resume compares against it)
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,6 +57,8 @@ def save_checkpoint(run_dir: Path, step: int, engine: Any, trainer_state: dict[s
     barrier()
     if rank() == 0:
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        if (Path(run_dir) / CONFIG_FILE).is_file():
+            shutil.copyfile(Path(run_dir) / CONFIG_FILE, staging / CONFIG_FILE)
         _fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)

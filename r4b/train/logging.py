@@ -16,8 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunLogger:
-    """Appends one JSON object per step to ``metrics.jsonl`` (kept across resumes: lines past the
-    resumed step are dropped first), mirrors scalars to TensorBoard and shows progress."""
+    """Appends one JSON object per step to ``metrics.jsonl`` (kept across resumes: lines past the resumed
+    step, and a last line torn by a kill mid-write, are dropped first), mirrors scalars to TensorBoard and
+    shows progress."""
 
     def __init__(
         self,
@@ -58,7 +59,16 @@ class RunLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                if row["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write (or blank): dropped
+                torn += bool(line.strip())
+        if torn:
+            print(f"{self.path}: dropped {torn} torn line(s) (a run killed mid-write)")
         self.path.write_text("".join(f"{line}\n" for line in kept))
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,8 @@ import torch
 import yaml
 
 from r4b.config import config_to_dict
-from r4b.train.checkpoint import list_checkpoints, load_checkpoint
+from r4b.errors import InputError, RunInterrupted, output_dir
+from r4b.train.checkpoint import CONFIG_FILE, STATE_FILE, list_checkpoints, load_checkpoint
 from r4b.train.engine import init_distributed
 from r4b.train.ranks import barrier, world  # one source of rank helpers, shared with checkpoint.py
 
@@ -28,11 +33,148 @@ def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int,
     init_distributed(getattr(getattr(config, "engine", None), "timeout_minutes", None))  # engine.timeout_minutes
     rank, world_size = world()
     run_dir = Path(output_dir)
+    check_run_dir(config, run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     seed_everything(seed)
     return rank, world_size, run_dir
+
+
+# Config keys whose change cannot alter what a resumed run computes: where it writes, how often it saves and logs,
+# where it stops (the schedule's length is its own key). Every other change stops a resume unless
+# train.allow_config_change lists it.
+HARMLESS_KEYS = (
+    "output_dir",
+    "train.resume",
+    "train.max_steps",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "train.progress",
+    "train.export",
+    "train.allow_config_change",
+    "engine.timeout_minutes",
+)
+
+
+def check_run_dir(config: Any, run_dir: Path) -> None:
+    """Refuse, before anything is written, a run directory that cannot be written or that would mix two runs:
+    ``train.resume=none`` over an earlier run's checkpoints, a resume whose config changes the run (every changed
+    key named; ``train.allow_config_change`` lets listed keys or sections change), a resume past ``max_steps``."""
+    _check_writable(run_dir)
+    _check_inputs(config)
+    train = config.train
+    policy = train.resume
+    found = list_checkpoints(run_dir)
+    if policy == "none":
+        if found:
+            raise InputError(
+                f"output_dir {run_dir} holds an earlier run (newest: {found[-1].name}); train.resume=none would "
+                "mix the two: continue it with train.resume=auto, or start afresh in a new --output-dir "
+                "(or delete the old one)"
+            )
+        return
+    if policy == "auto":
+        if not found:
+            return
+        path = found[-1]
+    else:
+        path = Path(policy)
+        if not path.is_dir():
+            raise InputError(f"train.resume={policy}: no such checkpoint directory")
+        if not (path / STATE_FILE).is_file():
+            raise InputError(f"train.resume={policy}: not a complete r4b checkpoint (no {STATE_FILE})")
+    try:
+        step = int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path / STATE_FILE}: unreadable checkpoint state ({error})") from None
+    max_steps = getattr(train, "max_steps", None)
+    if max_steps is not None and max_steps < step:
+        raise InputError(
+            f"--max-steps {max_steps} is below the step of the newest checkpoint, {path} (step {step}): "
+            "raise it, resume an earlier checkpoint (train.resume=<checkpoint directory>) or use a new --output-dir"
+        )
+    previous = _checkpoint_config(path, run_dir)
+    if previous is None:
+        return
+    changed = changed_keys(previous, config_to_dict(config), getattr(train, "allow_config_change", None) or [])
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        keys = ",".join(key for key, _, _ in changed)
+        raise InputError(
+            f"resuming {path} with a config that changes the run: {listed}. Go back to the checkpoint's values, "
+            f"start a new --output-dir, or allow the change with train.allow_config_change=[{keys}]"
+        )
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed: list[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key that differs and is neither harmless nor allowed (a listed
+    section allows all its keys)."""
+    old, new = _flatten(_plain(old)), _flatten(_plain(new))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key in HARMLESS_KEYS:
+            continue
+        if any(key == a or key.startswith(f"{a}.") for a in allowed):
+            continue
+        out.append((key, old.get(key), new.get(key)))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (as config.yaml holds them)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _checkpoint_config(path: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The config the checkpoint was trained with: its own copy, or (older checkpoints) its run's config.yaml."""
+    for candidate in (path / CONFIG_FILE, path.parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                loaded = yaml.safe_load(candidate.read_text())
+            except yaml.YAMLError:
+                continue
+            if isinstance(loaded, dict):
+                return loaded
+    return None
+
+
+def _check_writable(run_dir: Path) -> None:
+    output_dir(run_dir, "output_dir", create=False)
+
+
+def _check_inputs(config: Any) -> None:
+    """The files a run reads, before a model loads: data files and a local model directory."""
+    data = getattr(config, "data", None)
+    for key in ("train", "prompts", "eval"):
+        files = getattr(data, key, None)
+        for file in [files] if isinstance(files, str) else files or []:
+            if not Path(file).is_file() and not (Path(file) / "r4b_prepared.json").is_file():  # or a prepared DIR
+                what = "a directory, not a file" if Path(file).is_dir() else "no such file"
+                raise InputError(f"data.{key}: {file}: {what}")
+    path = getattr(getattr(config, "model", None), "path", None)
+    # a local directory (a Hugging Face id, "org/name", is left to the loader)
+    if path is not None and not Path(path).is_dir() and (Path(path).exists() or not _looks_like_hub_id(path)):
+        raise InputError(f"model.path {path}: no such model directory")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = str(name).split("/")
+    return len(parts) == 2 and all(parts) and not str(name).startswith((".", "~"))
 
 
 def resume(policy: str, run_dir: Path, engine: Any) -> int:
@@ -50,6 +192,48 @@ def resume(policy: str, run_dir: Path, engine: Any) -> int:
     state = load_checkpoint(path, engine)
     print(f"resumed from {path} at step {state['step']}")
     return int(state["step"])
+
+
+class StopSignal:
+    """SIGINT / SIGTERM during training: the first asks the loop to stop after the current step (it writes a
+    checkpoint and raises :class:`RunInterrupted`), a second stops at once (KeyboardInterrupt). Installed on
+    construction (main thread only), the old handlers back with :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step with a checkpoint (again: at once)", file=sys.stderr)
+
+    def should_stop(self, device: Any = None) -> bool:
+        """Whether any rank was asked to stop (a collective under torch.distributed: all ranks call it per step)."""
+        flag = self.requested is not None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            tensor = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def interrupted(self, run_dir: Path, step: int) -> RunInterrupted:
+        why = self.requested or "a signal on another rank"
+        return RunInterrupted(
+            f"stopped by {why} after step {step}; {Path(run_dir) / f'checkpoint-{step}'} written: "
+            "rerun the same command to resume"
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def export_model(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path, main: bool) -> None:

@@ -22,7 +22,7 @@ from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import EngineConfig, build_engine
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
-from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.runtime import StopSignal, export_model, resume, start_run
 from r4b.train.schedule import MODULES, parameter_groups, warmup_cosine
 from r4b.train.sft_data import SFTDataset
 
@@ -66,6 +66,7 @@ class TrainSection:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # "auto" (newest checkpoint in output_dir), "none", or a checkpoint directory
+    allow_config_change: list[str] = field(default_factory=list)  # keys (or sections) a resume may change
     attention_cost_weight: float = 0.0  # quadratic term when balancing ranks (verl's seqlen balancing)
     tensorboard: bool = True
     progress: bool = True
@@ -106,6 +107,7 @@ def train_sft(config: SFTConfig) -> Path:
         max_tokens=config.data.max_tokens,
         on_error=config.data.on_error,
         mask_empty_think=config.data.mask_empty_think,
+        report_to=run_dir / "data_report.json" if main else None,  # written even when no sample is left
     )
     if main:
         (run_dir / "data_report.json").write_text(dataset.report.to_json())
@@ -145,14 +147,19 @@ def train_sft(config: SFTConfig) -> Path:
         progress=config.train.progress,
         description="sft",
     )
+    stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
     try:
         for step in range(start_step, total_steps):
             metrics = _train_step(engine, dataset, planner.plan(step), rank, world_size)
             logger.log(metrics)
             done = step + 1
-            if (config.train.save_every and done % config.train.save_every == 0) or done == total_steps:
+            halt = stop.should_stop(engine.device)
+            if (config.train.save_every and done % config.train.save_every == 0) or done == total_steps or halt:
                 save_checkpoint(run_dir, done, engine, {"epoch": metrics["epoch"]}, keep=config.train.keep_checkpoints)
+            if halt:
+                raise stop.interrupted(run_dir, done)
     finally:
+        stop.restore()
         logger.close()
     if config.train.export:
         export_model(engine, model, tokenizer, run_dir / "model", main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +36,16 @@ class SFTDataset:
         max_tokens: int,
         on_error: str = "raise",
         mask_empty_think: bool = True,
+        report_to: Path | None = None,
     ) -> SFTDataset:
-        """Read, validate and encode every file; bad or over-long samples raise or are counted (``on_error``)."""
+        """Read, validate and encode every file; bad or over-long samples raise or are counted (``on_error``).
+        With no sample left, an :class:`InputError` (after writing the report to ``report_to``, if given)."""
         if not paths:
             raise ValueError("no training data: set data.train to one or more JSONL files")
         if any(is_prepared(path) for path in paths):
-            return cls._from_prepared(paths, tokenizer, processor, max_tokens, on_error, mask_empty_think)
+            dataset = cls._from_prepared(paths, tokenizer, processor, max_tokens, on_error, mask_empty_think)
+            _check_not_empty(paths, dataset.report, report_to)
+            return dataset
         report = DataReport()
         encoded: list[EncodedSample] = []
         for path in paths:
@@ -60,8 +65,7 @@ class SFTDataset:
                 raise error
             report.skip(error)
         report.loaded = len(kept)
-        if not kept:
-            raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}:\n{report}")
+        _check_not_empty(paths, report, report_to)
         return cls(kept, processor, report)
 
     @classmethod
@@ -87,8 +91,6 @@ class SFTDataset:
             report.add("overlong", "", len(over) - report.max_examples)  # examples already full: counted only
         samples = samples.filtered(np.flatnonzero(lengths <= max_tokens)) if len(over) else samples
         report.loaded = len(samples)
-        if not len(samples):
-            raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}:\n{report}")
         return cls(samples, processor, report)
 
     @property
@@ -137,3 +139,13 @@ class SFTDataset:
         batch["position_ids"] = batch["position_ids"].to(device)
         remember_cu_seqlens(batch["cu_seqlens"], packed.cu_seqlens.tolist())  # no device read in the forward
         return batch
+
+
+def _check_not_empty(paths: Sequence[str], report: DataReport, report_to: Path | None) -> None:
+    if report.loaded:
+        return
+    if report_to is not None:
+        Path(report_to).write_text(report.to_json())
+    where = " (data_report.json lists the skipped)" if report_to is not None and report.num_skipped else ""
+    summary = str(report).splitlines()[0]
+    raise InputError(f"data.train: no trainable samples in {', '.join(map(str, paths))}: {summary}{where}")
