@@ -17,9 +17,10 @@ Two tables:
    steps, idle programs, and visible pairs against visited pairs.
 
 Competitors: ``r4b`` (the Triton kernel), ``r4b-auto`` (what the ``r4b_varlen`` plug-in runs under
-``R4B_ATTENTION_BACKEND=auto``), ``flash-attn`` where installed, else ``torch-fa2`` (torch's FlashAttention-2
-varlen kernel, ``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11, plain masks only), ``flex``,
-``sdpa-dense-mask``. Writes bench/results/attention-<device>-<date>.json.
+``R4B_ATTENTION_BACKEND=auto``), ``r4b-schedule`` (the kernels walking the tile schedule; GPU only),
+``flash-attn`` where installed, else ``torch-fa2`` (torch's FlashAttention-2 varlen kernel,
+``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11, plain masks only), ``flex``, ``sdpa-dense-mask``.
+Writes bench/results/attention-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from common import (
 )
 
 from r4b.kernels import varlen_attention
-from r4b.kernels.attention_schedule import current_kernel_stats
+from r4b.kernels.attention_schedule import current_kernel_stats, default_blocks, schedule_for
 from r4b.kernels.varlen_attention import attention_mask_reference
 from r4b.models.attention_backends import fa2_varlen, packed_attention
 
@@ -194,6 +195,18 @@ def r4b_auto_fn(layout: Layout):
     )  # fmt: skip
 
 
+def r4b_schedule_fn(layout: Layout):
+    """r4b's kernels walking the exact tile schedule (built once per layout, outside the timed region)."""
+    max_len = max(layout.lengths)
+    block_m, block_n = default_blocks()
+    schedule_for(layout.cu, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
+                 block_m=block_m, block_n=block_n)  # fmt: skip
+    return lambda q, k, v: packed_attention(
+        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
+        backend="r4b-schedule",
+    )  # fmt: skip
+
+
 def tile_efficiency(layout: Layout, mask: str, block_m: int = 128, block_n: int = 64) -> dict:
     """The current forward kernel's tiles (at its first config, 128 x 64) against the exact schedule."""
     stats = current_kernel_stats(
@@ -251,6 +264,7 @@ def competitors(layout: Layout, args) -> dict:
     }
     if device == "cuda":  # on the CPU, auto is r4b's kernel itself
         impls["r4b-auto"] = build_competitor(r4b_auto_fn, layout)
+        impls["r4b-schedule"] = build_competitor(r4b_schedule_fn, layout)
     if args.flex:
         impls["flex"] = build_competitor(flex_attention_fn, layout, device)
     if layout.n <= args.sdpa_max_tokens:
