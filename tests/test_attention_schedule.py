@@ -215,3 +215,29 @@ def test_schedule_walking_kernels_match_reference(mask):
     (expected * grad).sum().backward()
     for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
         assert rel_err(a.grad, b.grad) < 2e-5, name
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128])
+def test_schedule_walking_kernels_head_dims(head_dim):
+    """Head dims that are and are not powers of two, GQA, a shared prefix with an image block."""
+    from helpers import rel_err
+
+    from r4b.kernels.varlen_attention import varlen_attention_reference
+
+    if DEVICE == "cpu" and not sched.interpreting():
+        pytest.skip("Triton kernels: a GPU or TRITON_INTERPRET=1")
+    cu = torch.tensor([0, 19, 40], dtype=torch.int32, device=DEVICE)
+    seg = torch.tensor([0] * 9 + [1] * 6 + [2] * 4 + [0] * 21, dtype=torch.int32, device=DEVICE)
+    bidir = torch.tensor([0, 0] + [1] * 5 + [0] * 12 + [0] * 3 + [2] * 18, dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(40, h, head_dim, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    ref = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = sched.scheduled_varlen_attention(*ours, cu, segment_ids=seg, bidir_ids=bidir)
+    expected = varlen_attention_reference(*ref, cu, 21, segment_ids=seg, bidir_ids=bidir)
+    assert rel_err(out, expected) < 1e-5
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (out.double() * grad).sum().backward()
+    (expected * grad).sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a.grad, b.grad) < 2e-5, name
