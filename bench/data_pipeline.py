@@ -79,6 +79,12 @@ def write_jsonl(path: Path, n: int, seed: int = 0) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its finished children (the prepare workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -118,7 +124,7 @@ def measure_startup(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="start-up dataset sizes")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000], help="start-up dataset sizes")
     parser.add_argument("--prepare-samples", type=int, default=10_000, help="dataset size of the prepare timing")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="prepare worker counts")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
@@ -143,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(source, args.prepare_samples)
         for workers in args.workers:
             out = tmp / f"prepared-w{workers}"
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), _cpu_s()
             manifest = prepare([source], out, tokenizer, processor, workers=workers, shard_lines=1024)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, _cpu_s() - cpu
             rows.append(
                 {
                     "what": "prepare",
@@ -155,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": seconds,
                     "samples_per_s": manifest["samples"] / seconds,
                     "tokens_per_s": manifest["tokens"] / seconds,
+                    "cpu_s": cpu,  # this process and its workers: the work, whatever else shares the cores
+                    "tokens_per_cpu_s": manifest["tokens"] / cpu,
+                    "load_average": os.getloadavg()[0],
                 }
             )
         one = next((r for r in rows if r["workers"] == 1), None)
@@ -169,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 # smoke: in this process (the fresh-process RSS is the real run's measurement)
                 startup = child(str(path)) if args.smoke else measure_startup(path)
                 rows.append({"what": "startup", "format": fmt, "samples": size, **startup})
-    columns = ["what", "format", "workers", "samples", "seconds", "tokens_per_s", "speedup", "startup_s", "rss_mb"]
+    columns = ["what", "format", "workers", "samples", "seconds", "tokens_per_s", "speedup", "tokens_per_cpu_s"]
+    columns += ["startup_s", "rss_mb", "rss_total_mb"]
     print_table("data pipeline (tiny tokenizer)", rows, columns)
     payload = {"smoke": args.smoke, "cpu_count": os.cpu_count(), "rows": rows}
     path = write_results("data_pipeline", payload, **({"out_dir": args.out} if args.out else {}))
