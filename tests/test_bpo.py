@@ -266,6 +266,26 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
     assert change["null"] > 0.05 and change["-1.0"] < -0.05, change
 
 
+class StoppingEngine(ScriptedEngine):
+    """The scripted thought ends with the stop token before </think> (an unclosed thought, stopped: no answer)."""
+
+    def generate(self, prompts, *, n, mode, sampling):
+        rows = super().generate(prompts, n=n, mode=mode, sampling=sampling)
+        for rollout in (r for row in rows for r in row if r.text == self.THOUGHT):
+            rollout.response_ids.append(self.stop)
+            rollout.finished = True
+        return rows
+
+
+def test_close_thoughts_makes_a_stopped_thought_off_mode(data, tmp_path):
+    """reward.close_thoughts: a forced thought that stops before </think> is off-mode (scored -1); off by default."""
+    for close, expected in (("false", 0.5), ("true", 1.0)):
+        extra = (f"reward.close_thoughts={close}", "data.eval=null", "rollout.max_new_tokens=8")
+        trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / close, *extra)))
+        trainer.rollout_engine = StoppingEngine(trainer)
+        assert trainer.step(0)["thinking"]["off_mode"] == expected
+
+
 def test_off_mode_on_the_progress_line_and_in_tensorboard():
     from r4b.train.logging import _scalars, _status
 

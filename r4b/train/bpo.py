@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r4b.models.tokenizer import MODE_SUFFIX, THINK_OPEN
+from r4b.models.tokenizer import MODE_SUFFIX, THINK_CLOSE, THINK_OPEN
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.reward import off_mode
 from r4b.rl.update import BPOObjective
@@ -82,6 +82,10 @@ class RewardSection:
     # A forced thought shorter than this many characters (its reasoning without tags, stripped) is off-mode too: a
     # one-word "thought" before </think> keeps the form of thinking without its exploration.
     min_thought_chars: int = 1
+    # True: a forced thought that ends (stop token) before </think> is off-mode too (no answer, but cheap: seen on
+    # demo seed 0, where the thinking mode learned to write 25 characters and stop). A thought cut at
+    # rollout.max_new_tokens is not.
+    close_thoughts: bool = False
 
 
 @dataclass
@@ -376,6 +380,12 @@ class BPOTrainer:
         rewards = scores if formats is None else scores + config.reward.format_weight * formats
         least = config.reward.min_thought_chars
         off = [[off_mode(r.full_text, r.mode, min_thought_chars=least) for r in row] for row in rollouts]
+        if config.reward.close_thoughts:
+            stopped = lambda r: r.mode == "thinking" and r.finished and THINK_CLOSE not in r.full_text
+            off = [
+                [o or stopped(r) for o, r in zip(offs, row, strict=True)]
+                for offs, row in zip(off, rollouts, strict=True)
+            ]
         off = torch.tensor(off, dtype=torch.bool)
         if config.reward.off_mode is not None:
             rewards = torch.where(off, torch.tensor(config.reward.off_mode, dtype=rewards.dtype), rewards)
