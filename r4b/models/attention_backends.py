@@ -8,7 +8,7 @@ The setting, first match wins: :func:`use_attention_backend` (a context manager)
   ``segment_ids`` / ``bidir_ids``, compiled on CUDA (eager elsewhere: forward only on the CPU).
 - ``fa2``: torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11,
   CUDA, fp16/bf16) for masks without segment or bidir ids; every other call runs r4b's kernel.
-- ``auto`` (the default) follows the latest H100 figures (shared/measurements/h100-2026-11-27): on CUDA, FA2
+- ``auto`` (the default) follows the latest H100 figures (bench/RESULTS.md): on CUDA, FA2
   varlen for plain causal documents in fp16/bf16 (when torch has it), FlexAttention for shared-prefix,
   bidir and full (vision) masks, r4b's kernel for the rest; on the CPU, r4b's kernel (the Triton interpreter
   or the torch reference), as before.
