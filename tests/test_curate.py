@@ -155,6 +155,21 @@ def test_bad_questions_are_skipped_and_counted(tmp_path):
     assert out["questions"] == 2 and out["data_report"]["skipped"] == report.skipped
 
 
+def test_a_corrupt_image_is_skipped_by_line_or_names_it(tmp_path):
+    """A question whose image cannot be read is a bad line like any other (issue 13): counted under skip, with
+    its file:line, else the error names them; curate stops at the reader, before a model runs."""
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+    corrupt = {**good, "images": ["bad.png"], "messages": [{"role": "user", "content": "<image>\n1+1?"}]}
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in [good, corrupt, good]))
+    out = curate(StubEngine(), path, tmp_path / "out", n=2, reward=right_reward, on_error="skip")
+    assert out["questions"] == 2 and out["data_report"]["skipped"] == {"bad_image": 1}
+    assert out["data_report"]["examples"]["bad_image"][0].startswith(f"{path}:2: field 'images[0]': cannot read image")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: field 'images[0]': cannot read image")):
+        curate(StubEngine(), path, tmp_path / "out2", n=2, reward=right_reward)
+
+
 def test_unknown_fields_are_carried_along(tmp_path):
     """Fields r4b.data does not know are a question's own: not refused, written back unchanged."""
     question = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2", "id": 7, "source": {"set": "x"}}

@@ -134,3 +134,22 @@ def test_no_usable_sample_is_an_error_and_the_report_is_written(content, tmp_pat
     assert len(err) == 1 and err[0].startswith(f"r4b sft: error: data.train: no trainable samples in {data}: loaded 0")
     report = json.loads((run / "data_report.json").read_text())
     assert report["loaded"] == 0 and report["skipped"].get("overlong", 0) == (4 if content == "overlong" else 0)
+
+
+def test_bpo_prompts_with_a_corrupt_image_are_skipped_or_named(tmp_path):
+    """bpo reads training and evaluation prompts alike (data.on_error): a corrupt image is a counted bad line."""
+    from r4b.errors import InputError
+    from r4b.train.bpo import read_prompt_files
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+    corrupt = {**good, "images": ["bad.png"], "messages": [{"role": "user", "content": "<image>\n1+1?"}]}
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in [good, corrupt]))
+    prompts, report = read_prompt_files([str(path)], "skip")
+    assert len(prompts) == 1 and report.skipped == {"bad_image": 1}
+    assert report.examples["bad_image"][0].startswith(f"{path}:2: field 'images[0]': cannot read image")
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text(json.dumps(corrupt) + "\n")
+    with pytest.raises(InputError, match=r"no RL prompts in .*bad\.jsonl: loaded 0, skipped 1 \(bad_image 1\)$"):
+        read_prompt_files([str(only_bad)], "skip")
