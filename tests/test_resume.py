@@ -185,3 +185,17 @@ def test_a_second_ctrl_c_stops_at_once(capsys):
 
     assert run_command("sft", interrupted) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "r4b sft: interrupted"
+
+
+def test_a_data_file_rewritten_under_its_path_stops_the_resume(data, tmp_path, capsys):
+    mine = tmp_path / "sft.jsonl"
+    mine.write_text(data.read_text())
+    (tmp_path / "images").symlink_to(data.parent / "images")
+    run = tmp_path / "run"
+    assert main([*sft(mine, run), "train.max_steps=1"]) == 0
+    mine.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))  # one sample fewer
+    assert main([*sft(mine, run), "train.max_steps=2"]) == 2
+    line = error_line(capsys)
+    assert f"data.train.content[{mine}]" in line and "train.allow_config_change=[data.train]" in line
+    assert main([*sft(mine, run), "train.max_steps=2", "train.allow_config_change=[data.train]"]) == 0
+    assert steps(run) == [1, 2]

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``checkpoint-<step>/`` holding the engine's state (model, optimizer,
 scheduler; sharded as the engine likes), ``trainer_state.json`` (step, data position), one
-``rng-<rank>.pt`` per rank and a copy of the run's ``config.yaml`` (resume compares against it).
+``rng-<rank>.pt`` per rank and copies of the run's ``config.yaml`` and ``data_files.json`` (resume
+compares against them).
 It is written into a temporary sibling and renamed into place, so a
 run killed mid-save leaves the previous checkpoint intact and never a half-written one that resume
 would pick.
@@ -26,6 +27,7 @@ from r4b.train.ranks import barrier, rank
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"  # the run's config when the checkpoint was written (resume compares against it)
+DATA_FILE = "data_files.json"  # its data files' sizes and content hashes (r4b.train.runtime.data_fingerprints)
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,8 +59,9 @@ def save_checkpoint(run_dir: Path, step: int, engine: Any, trainer_state: dict[s
     barrier()
     if rank() == 0:
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        if (Path(run_dir) / CONFIG_FILE).is_file():
-            shutil.copyfile(Path(run_dir) / CONFIG_FILE, staging / CONFIG_FILE)
+        for name in (CONFIG_FILE, DATA_FILE):
+            if (Path(run_dir) / name).is_file():
+                shutil.copyfile(Path(run_dir) / name, staging / name)
         _fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)

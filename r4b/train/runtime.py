@@ -16,7 +16,7 @@ import yaml
 
 from r4b.config import config_to_dict
 from r4b.errors import InputError, RunInterrupted, output_dir
-from r4b.train.checkpoint import CONFIG_FILE, STATE_FILE, list_checkpoints, load_checkpoint
+from r4b.train.checkpoint import CONFIG_FILE, DATA_FILE, STATE_FILE, list_checkpoints, load_checkpoint
 from r4b.train.engine import init_distributed
 from r4b.train.ranks import barrier, world  # one source of rank helpers, shared with checkpoint.py
 
@@ -37,6 +37,7 @@ def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int,
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        (run_dir / DATA_FILE).write_text(json.dumps(data_fingerprints(config), indent=2))
     seed_everything(seed)
     return rank, world_size, run_dir
 
@@ -98,10 +99,14 @@ def check_run_dir(config: Any, run_dir: Path) -> None:
     previous = _checkpoint_config(path, run_dir)
     if previous is None:
         return
-    changed = changed_keys(previous, config_to_dict(config), getattr(train, "allow_config_change", None) or [])
+    current = config_to_dict(config)
+    previous_data = _checkpoint_data(path)
+    if previous_data is not None:  # the data files' contents, beside their paths (checkpoints since issue 13)
+        previous, current = {**previous, **previous_data}, {**current, **data_fingerprints(config)}
+    changed = changed_keys(previous, current, getattr(train, "allow_config_change", None) or [])
     if changed:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
-        keys = ",".join(key for key, _, _ in changed)
+        keys = ",".join(sorted({key.split(".content[")[0] for key, _, _ in changed}))
         raise InputError(
             f"resuming {path} with a config that changes the run: {listed}. Go back to the checkpoint's values, "
             f"start a new --output-dir, or allow the change with train.allow_config_change=[{keys}]"
@@ -138,6 +143,42 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         out.update(_flatten(value, f"{prefix}{key}."))
     return out
+
+
+def data_fingerprints(config: Any) -> dict[str, str]:
+    """``data.<key>.content[<file>]`` -> the file's size and a SHA-256 of its first and last MiB (a prepared
+    directory: of its files' names and sizes): a resume notices a data file rewritten under the same path."""
+    import hashlib
+
+    data = getattr(config, "data", None)
+    out = {}
+    for key in ("train", "prompts", "eval"):
+        files = getattr(data, key, None)
+        for file in [files] if isinstance(files, str) else files or []:
+            path, digest = Path(file), hashlib.sha256()
+            if path.is_dir():
+                listing = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+                digest.update(json.dumps(listing).encode())
+                size = sum(n for _, n in listing)
+            elif path.is_file():
+                size = path.stat().st_size
+                with path.open("rb") as handle:
+                    digest.update(handle.read(1 << 20))
+                    if size > 2 << 20:
+                        handle.seek(size - (1 << 20))
+                        digest.update(handle.read())
+            else:
+                continue
+            out[f"data.{key}.content[{file}]"] = f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+    return out
+
+
+def _checkpoint_data(path: Path) -> dict[str, str] | None:
+    try:
+        loaded = json.loads((path / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _checkpoint_config(path: Path, run_dir: Path) -> dict[str, Any] | None:
