@@ -218,6 +218,8 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     output_dir(args.out, "--out", create=False)  # checked before a model loads
+    if not Path(args.data).is_file():
+        raise InputError(f"--data {args.data}: no such file")
     try:
         report = curate(
             args.model, args.data, args.out, n=args.n, mode=args.mode, sampling=sampling,

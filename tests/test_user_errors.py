@@ -70,6 +70,10 @@ CASES = {
         ["curate", "--model", "tiny", "--data", "{tmp}/data.jsonl", "--out", "{file}"],
         "--out {file} is a file",
     ),
+    "curate missing data": (
+        ["curate", "--model", "tiny", "--data", "{tmp}/no.jsonl", "--out", "{run}"],
+        "--data {tmp}/no.jsonl: no such file",
+    ),
     "curate empty data": (
         ["curate", "--model", "tiny", "--data", "{tmp}/blank.jsonl", "--out", "{run}"],
         "{tmp}/blank.jsonl: no questions",
