@@ -157,3 +157,11 @@ def test_bpo_prompts_with_a_corrupt_image_are_skipped_or_named(tmp_path):
     only_bad.write_text(json.dumps(corrupt) + "\n")
     with pytest.raises(InputError, match=r"no RL prompts in .*bad\.jsonl: loaded 0, skipped 1 \(bad_image 1\)$"):
         read_prompt_files([str(only_bad)], "skip")
+
+
+def test_a_global_batch_larger_than_the_dataset_is_said(capsys):
+    from r4b.train.batches import GlobalBatchPlanner
+
+    planner = GlobalBatchPlanner([5, 6, 7], [1, 1, 1], global_batch_samples=8, max_tokens=64)
+    assert planner.steps_per_epoch == 1
+    assert "warning: train.global_batch_samples = 8 is larger than the dataset (3 samples)" in capsys.readouterr().err
