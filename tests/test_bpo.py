@@ -153,7 +153,8 @@ def test_configured_suffixes_replace_the_templates(data, tmp_path):
 
 def test_format_reward_is_added_with_its_weight_and_logged(data, tmp_path):
     extra = ("reward.format_weight=0.5", "train.export=false", "data.eval=null")
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    plain = ("reward.off_mode=null",)  # the plain sum: no off-mode score replaces it
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra, *plain)))
     row = trainer.step(0)
     for mode in ("thinking", "non_thinking"):
         assert 0 <= row[mode]["format"] <= 1
