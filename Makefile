@@ -47,17 +47,22 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 # The oldest transformers r4b supports (the GPU image's, the lower bound in pyproject.toml): the model, data, SFT,
 # BPO and eval tests again on it, less the two-process runs (the engines' code does not depend on transformers; the
 # model forward they run is the one-process one) and the R-4B SFT/BPO tests of resuming, logging and checkpoints.
+# The venv holds every other lower bound of pyproject.toml's ranges too (tests/test_transformers_compat.py checks
+# the two lists agree); torch's (2.11, the GPU image's) is exercised by scripts/gpu_checks.sh, triton's above.
 TRANSFORMERS_COMPAT ?= 5.17.0
+LOWER_BOUNDS := transformers==$(TRANSFORMERS_COMPAT) datasets==4.7.0 math-verify==0.7.0 pillow==10.1.0 matplotlib==3.9.0
 TRANSFORMERS_VENV := .venv-transformers$(TRANSFORMERS_COMPAT)
 TRANSFORMERS_TESTS := tests/test_transformers_compat.py tests/test_r4b_model.py tests/test_export_standalone.py \
 	tests/test_mrope.py \
 	tests/test_hf_attention.py tests/test_liger_patches.py tests/test_tokenizer.py tests/test_data_encode.py \
 	tests/test_rollout.py tests/test_eval.py tests/test_sft_qwen_vl.py tests/test_bpo_qwen_vl.py \
 	tests/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \
-	tests/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode
+	tests/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode \
+	tests/test_reward.py tests/test_data_prepare.py tests/test_synth.py tests/test_image_processing.py \
+	tests/test_eval_metrics.py
 
 $(TRANSFORMERS_VENV)/.installed: pyproject.toml setup.py
-	$(call make-venv,$(TRANSFORMERS_VENV),"transformers==$(TRANSFORMERS_COMPAT)")
+	$(call make-venv,$(TRANSFORMERS_VENV),$(LOWER_BOUNDS))
 
 test-transformers-compat: $(TRANSFORMERS_VENV)/.installed
 	TRITON_INTERPRET=$(INTERPRET) $(TRANSFORMERS_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \

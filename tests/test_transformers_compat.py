@@ -38,6 +38,28 @@ def test_lower_bound_is_the_version_ci_tests():
     assert compat in specifier and not specifier.contains("6.0")
 
 
+def test_every_lower_bound_is_installed_in_the_compat_venv():
+    """Each ``>=`` bound of a runtime dependency is pinned in the Makefile's LOWER_BOUNDS (the compat venv), except
+    torch (the GPU image's 2.11: scripts/gpu_checks.sh) and triton (make test-triton-compat)."""
+    (pins,) = re.findall(r"^LOWER_BOUNDS := (.+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    pinned = dict(pin.split("==") for pin in pins.replace("$(TRANSFORMERS_COMPAT)", "COMPAT").split())
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    for line in re.findall(r'^\s*"([^"]+)"', block, flags=re.M):
+        requirement = Requirement(line)
+        lower = [s.version for s in requirement.specifier if s.operator == ">="]
+        if not lower or requirement.name in ("torch", "triton"):
+            continue
+        if requirement.name == "transformers":
+            assert pinned["transformers"] == "COMPAT", pins
+        else:
+            assert requirement.name in pinned and Version(pinned[requirement.name]) == Version(lower[0]), (
+                requirement.name,
+                lower,
+                pins,
+            )
+
+
 def test_installed_transformers_is_in_the_declared_range():
     assert transformers.__version__ in declared_transformers().specifier
 
