@@ -299,3 +299,14 @@ def test_off_mode_on_the_progress_line_and_in_tensorboard():
     assert {"thinking/off_mode": 0.53, "non_thinking/off_mode": 0.0, "thinking/trigger_rate": 0.47}.items() <= dict(
         _scalars(row)
     ).items()
+
+
+def test_bpo_applies_the_configured_liger_patches(data, tmp_path, monkeypatch):
+    """model.liger reaches r4b bpo as it reaches r4b sft (it was silently ignored)."""
+    import r4b.models.liger as liger
+
+    seen = []
+    monkeypatch.setattr(liger, "apply_configured_liger", lambda model, enabled, announce=True: seen.append(enabled))
+    extra = ("train.export=false", "data.eval=null", "model.liger=false")
+    BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    assert seen == [False]

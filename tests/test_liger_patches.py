@@ -19,7 +19,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from r4b.models.liger import apply_liger_patches
+from r4b.models.liger import apply_configured_liger, apply_liger_patches
 
 pytest.importorskip("liger_kernel")
 
@@ -179,3 +179,12 @@ def test_process_wide_rope_patch_leaves_cpu_models_working(family, restore_model
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     for name in FAMILIES[family][3]:
         assert not hasattr(modeling(name).apply_rotary_pos_emb.stock, "stock")
+
+
+def test_configured_liger_patches_only_where_a_gpu_will_run_the_model(monkeypatch, restore_modeling, capsys):
+    model = qwen3()
+    assert apply_configured_liger(model, True) == []  # no GPU here: nothing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert apply_configured_liger(model, False) == []
+    patched = apply_configured_liger(model, True)  # patched on the CPU, for the engine to move
+    assert "LigerRMSNorm: 9 modules" in patched and "liger-kernel: " in capsys.readouterr().out

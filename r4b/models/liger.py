@@ -174,3 +174,14 @@ def apply_liger_patches(
     patched = [f"{cls}: {count} modules" for cls, count in sorted(changed.items())] + patched
     logger.info("liger patches applied to %s: %s", type(model).__name__, patched)
     return patched
+
+
+def apply_configured_liger(model: torch.nn.Module, enabled: bool, *, announce: bool = True) -> list[str]:
+    """A training stage's ``model.liger``: patch ``model`` (still on the CPU; the engine moves it) when a GPU will
+    run it, and say what was patched on the main process. Nothing on a CPU-only machine."""
+    if not enabled or not torch.cuda.is_available():
+        return []
+    patched = apply_liger_patches(model, require_cuda=False)
+    if announce:
+        print(f"liger-kernel: {', '.join(patched) or 'nothing to patch'}")
+    return patched

@@ -233,6 +233,10 @@ class BPOTrainer:
         model, self.tokenizer, self.processor = load_model_and_processor(
             config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
         )
+        from r4b.models.liger import apply_configured_liger
+
+        # before the reference and rollout copies are made, so that they run patched too
+        apply_configured_liger(model, config.model.liger, announce=self.main)
         # checked before anything runs: the token count depends on the model family's vocabulary
         self.decision_tokens = None
         if config.advantages.mode_decision_credit:

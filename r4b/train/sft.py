@@ -94,12 +94,9 @@ def train_sft(config: SFTConfig) -> Path:
         config.model.path, config.model.tokenizer, config.model.seed, dtype=torch.float32
     )
     model.train()
-    if config.model.liger and torch.cuda.is_available():
-        from r4b.models.liger import apply_liger_patches
+    from r4b.models.liger import apply_configured_liger
 
-        patched = apply_liger_patches(model, require_cuda=False)  # the engine moves the model to the GPU
-        if main:
-            print(f"liger-kernel: {', '.join(patched) or 'nothing to patch'}")
+    apply_configured_liger(model, config.model.liger, announce=main)
     dataset = SFTDataset.from_files(
         config.data.train,
         tokenizer,
