@@ -154,3 +154,30 @@ def test_unpacked_rows_on_flex(model):
         with ab.use_attention_backend("flex"):
             out = model.model(input_ids=ids).last_hidden_state
     assert rel_err(out, ref) < 1e-10
+
+
+def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """A stand-in with torch 2.10's signature: no scale, window_size or enable_gqa (equal kv and query heads)."""
+    assert key.shape[1] == query.shape[1]
+    return varlen_attention_reference(query, key, value, cu_seq_q, max_q, causal=is_causal)
+
+
+def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    assert enable_gqa == (key.shape[1] != query.shape[1])
+    return varlen_attention_reference(query, key, value, cu_seq_q, max_q, causal=window_size == (-1, 0),
+                                      softmax_scale=scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", [_old_varlen_attn, _new_varlen_attn])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fa2_call_follows_the_kernels_signature(kernel, causal, monkeypatch):
+    """torch's varlen_attn changed its keywords between releases: GQA and the scale reach either one."""
+    monkeypatch.setattr(ab, "fa2_varlen", lambda: kernel)
+    ab._fa2_keywords.cache_clear()
+    cu, _, _ = packed_documents(LENGTHS, seed=1, responses_in=(1, 1), bidir_in=(1, 1))
+    q, k, v = (t.cpu() for t in inputs(torch.float64))
+    out = ab.fa2_varlen_attention(q, k, v, cu.cpu(), max(LENGTHS), causal=causal, softmax_scale=0.3)
+    want = varlen_attention_reference(q, k, v, cu.cpu(), max(LENGTHS), causal=causal, softmax_scale=0.3)
+    ab._fa2_keywords.cache_clear()
+    assert rel_err(out, want) < 1e-12

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import os
 from collections.abc import Iterator
 
@@ -236,12 +237,31 @@ def flex_varlen_attention(
     return out[0].transpose(0, 1)
 
 
+@functools.cache
+def _fa2_keywords() -> frozenset[str]:
+    """The keyword arguments this torch's ``varlen_attn`` takes: its signature moved between releases (torch 2.10
+    had ``is_causal``; later ones ``window_size``, ``scale`` and ``enable_gqa``)."""
+    return frozenset(inspect.signature(fa2_varlen()).parameters)
+
+
 def fa2_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, softmax_scale=None):
     """Plain documents (causal or full) on torch's FA2 varlen kernel: q [N, Hq, D], k / v [N, Hkv, D]."""
-    return fa2_varlen()(
-        q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=softmax_scale,
-        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1],
-    )  # fmt: skip
+    keywords, kwargs = _fa2_keywords(), {}
+    if "window_size" in keywords:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in keywords:
+            kwargs["enable_gqa"] = True
+        else:  # an older kernel: one kv head per query head
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    if softmax_scale is not None:
+        if "scale" in keywords:
+            kwargs["scale"] = softmax_scale
+        else:  # the kernel's own scale is 1/sqrt(D): fold the difference into q
+            q = q * (softmax_scale * q.shape[-1] ** 0.5)
+    return fa2_varlen()(q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), **kwargs)
 
 
 def packed_attention(
