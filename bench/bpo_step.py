@@ -223,7 +223,7 @@ def trl_full_step_row(args: argparse.Namespace, reference: BPOTrainer, out_dir: 
     try:
         import trl
         from trl import GRPOConfig, GRPOTrainer
-    except ImportError as error:
+    except Exception as error:  # TRL carried with --no-deps may fail in any way: a row, not the whole run
         print(f"TRL skipped: not importable ({error})", flush=True)
         return None, {"version": None, "skipped": f"trl not importable: {error}"}
 

@@ -77,6 +77,8 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
         max_length_q = seq_len
+        # its host values are known: never read back from the device (a sync per layer, per vision window)
+        remember_cu_seqlens(cu_seq_lens_q, values=[row * seq_len for row in range(batch + 1)])
     elif batch != 1:
         raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
     cu_seqlens = cu_seq_lens_q if cu_seq_lens_q.dtype == torch.int32 else cu_seq_lens_q.to(torch.int32)
