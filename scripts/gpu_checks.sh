@@ -169,10 +169,11 @@ train() {
     rm -rf "$WORK/runs/gpu"
     step prep 90 bash -c "'$PY' '$REPO/scripts/make_random_model.py' --out runs/gpu/model-1b --preset $preset \
         && '$PY' -m r4b data synth --out runs/gpu/data ${synth[*]}" || return
-    step sft 150 env R4B_AUTOTUNE=0 "${launch[@]}" sft --config "$REPO/configs/gpu/sft.yaml" "${sft[@]}"
+    # r4b's own attention kernels in the model (the auto backend would send these masks to FA2 / FlexAttention)
+    step sft 150 env R4B_AUTOTUNE=0 R4B_ATTENTION_BACKEND=r4b "${launch[@]}" sft --config "$REPO/configs/gpu/sft.yaml" "${sft[@]}"
     step sft-result 30 "$PY" "$REPORT" run runs/gpu/sft
     rm -rf "$WORK"/runs/gpu/sft/checkpoint-* # ~15 GB of optimizer state: the disk holds 64
-    step bpo 150 env R4B_AUTOTUNE=0 "${launch[@]}" bpo --config "$REPO/configs/gpu/bpo.yaml" "${bpo[@]}"
+    step bpo 150 env R4B_AUTOTUNE=0 R4B_ATTENTION_BACKEND=r4b "${launch[@]}" bpo --config "$REPO/configs/gpu/bpo.yaml" "${bpo[@]}"
     step bpo-result 30 "$PY" "$REPORT" run runs/gpu/bpo
 }
 
