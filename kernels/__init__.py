@@ -14,10 +14,14 @@ references in ``r4b.kernels.reference`` unless ``TRITON_INTERPRET=1`` is set
 The fused losses take ``method=``: ``"recompute"`` (Triton logits, recomputed in the backward; the
 default unless ``R4B_FUSED_LOSS_METHOD`` says otherwise), ``"cublas"`` or ``"cublas-fast"`` (cuBLAS
 logits per token chunk, gradients made in the forward: ``r4b.kernels.fused_grad``).
+
+``FusedLinearGRPOLoss`` is liger-kernel's ``LigerFusedLinearGRPOLoss`` (same constructor, call and return) on
+``fused_linear_bpo_loss``: code written for liger switches by its import (``r4b.kernels.liger_compat``).
 """
 
 from . import fused_grad
 from .fused_grad import DEFAULT_CHUNK_BYTES, METHODS
+from .liger_compat import FusedLinearGRPOLoss
 from .linear_logprobs import DEFAULT_CHUNK_ELEMENTS, linear_logprobs
 from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
 from .reference import LOSS_AGG_MODES
@@ -28,6 +32,7 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "LOSS_AGG_MODES",
     "METHODS",
+    "FusedLinearGRPOLoss",
     "bpo_loss_from_logprobs",
     "fused_grad",
     "fused_linear_bpo_loss",
