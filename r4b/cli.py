@@ -135,12 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
     prep = data.add_parser(
-        "prepare", help="validate, tokenize and index JSONL once, in parallel, into a prepared DIR for data.train"
+        "prepare", help="validate, tokenize and index data once, in parallel, into a prepared DIR for data.train"
     )
     prep.add_argument(
-        "--data", nargs="+", required=True, metavar="FILE", help="JSONL, or LLaVA/ShareGPT .json, in training order"
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="in training order: JSONL, LLaVA/ShareGPT .json, .parquet, or a datasets save_to_disk directory (one "
+        "split's); table rows are r4b or LLaVA records whose images are paths or bytes (stored once in DIR/images)",
     )
-    prep.add_argument("--image-root", help="directory image paths are relative to (default: each file's own)")
+    prep.add_argument(
+        "--image-root",
+        help="directory image paths are relative to (default: the one holding each file or datasets dir)",
+    )
     prep.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     prep.add_argument("--model", help="model directory whose tokenizer and processor to use (default: the tiny model)")

@@ -10,8 +10,9 @@ number)::
     -> {"messages": [{"role": "user", "content": "<image>\\nWhat is it?"}, {"role": "assistant", "content": "A cat."}],
         "images": ["coco/1.jpg"], "mode": "non_thinking", "meta": {"id": "x"}}
 
-``from``: ``human`` / ``user`` -> user, ``gpt`` / ``assistant`` -> assistant, ``system`` -> system. ``image``: one path
-or a list (relative to the JSON file's directory). ``mode``: the record's own when it has one, else ``thinking`` when
+``from``: ``human`` / ``user`` -> user, ``gpt`` / ``assistant`` -> assistant, ``system`` -> system. ``image``: one image
+or a list (paths relative to the JSON file's directory; in a Parquet / datasets row also bytes,
+:mod:`r4b.data.tables`). ``mode``: the record's own when it has one, else ``thinking`` when
 an answer opens a non-empty ``<think>`` block, else ``non_thinking`` (plain answers are wrapped in R-4B's empty think
 block by the schema).
 """
@@ -46,7 +47,7 @@ def from_llava(record: Any, where: str) -> dict[str, Any]:
             )
         messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
     image = record.get("image", record.get("images"))
-    images = [] if image is None else [image] if isinstance(image, str) else image
+    images = [] if image is None else image if isinstance(image, list) else [image]  # a path, bytes or a dict
     mode = record.get("mode")
     if mode is None:
         answers = [m["content"] for m in messages if m["role"] == "assistant"]

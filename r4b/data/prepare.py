@@ -1,4 +1,4 @@
-"""``r4b data prepare``: validate, tokenize and index JSONL once, in parallel, into a memory-mapped dataset.
+"""``r4b data prepare``: validate, tokenize and index data once, in parallel, into a memory-mapped dataset.
 
 A prepared DIR holds::
 
@@ -7,13 +7,16 @@ A prepared DIR holds::
     data/shard-NNNNN.arrow   the encoded samples, Apache Arrow IPC stream files (Hugging Face ``datasets``' own
                          cache format: ``datasets.Dataset.from_file(path)`` memory-maps one); columns input_ids,
                          labels (int32 lists, labels unshifted with -100), images (absolute paths),
-                         image_token_counts, mode, source (``file:line``)
+                         image_token_counts, mode, source (``file:line``, ``file.parquet:ROW``)
+    images/XX/<sha256>.<format>   the images that Parquet / datasets inputs held as bytes, once each
     lengths.npy          int32 [samples]: tokens per sample (the planner's index, read with np.load(mmap_mode="r"))
     loss_tokens.npy      int32 [samples]: labelled tokens after the next-token shift
     data_report.json     what was loaded and skipped (by reason, with file:line examples), as r4b sft writes it
 
-The work is cut into shards of ``shard_lines`` input lines, independent of the worker count, and shards are
-written and numbered in input order, so the DIR's content is the same whatever ``workers`` is. Reading,
+The inputs are JSONL, LLaVA / ShareGPT ``.json`` (:mod:`r4b.data.llava`), Parquet files and ``datasets``
+directories (:mod:`r4b.data.tables`). The work is cut into shards of ``shard_lines`` input lines or rows (Parquet:
+at row-group boundaries), independent of the worker count, and shards are written and numbered in input order, so
+the DIR's content is the same whatever ``workers`` is (images stored from bytes are content-addressed). Reading,
 validation and encoding are r4b.data's own (:func:`~r4b.data.schema.parse_sample`,
 :func:`~r4b.data.encode.encode_samples`): a prepared DIR holds exactly the samples ``SFTDataset.from_files`` keeps
 from the same JSONL, in the same order (over-long samples are left to training: the budget is a training setting).
@@ -26,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from r4b.data.errors import DataError
 from r4b.data.llava import from_llava
 from r4b.data.report import DataReport
 from r4b.data.schema import _decode, _load_json, parse_sample
+from r4b.data.tables import TABLE_KINDS, TableInput, input_kind, table_record
 from r4b.errors import InputError
 
 __all__ = [
@@ -117,22 +121,27 @@ def load_data_tools(model_path: str | None, tokenizer_path: str | None) -> tuple
 class _Shard:
     index: int
     path: str
-    offset: int  # byte offset of the shard's first line
-    first_line: int  # its 1-based line number
+    offset: int  # byte offset of the shard's first line (a table's: its 0-based first row)
+    first_line: int  # its 1-based line (record, row) number
     lines: int
+    kind: str = "jsonl"  # r4b.data.tables.input_kind
 
 
 def _plan_shards(paths: Sequence[str], shard_lines: int) -> list[_Shard]:
     shards: list[_Shard] = []
     for path in paths:
-        if not Path(path).is_file():
-            raise DataError(str(path), "no such file", reason="missing_file", kind="file")
-        if path.endswith(".json"):  # LLaVA / ShareGPT: one list of records, shards of records (inherited by workers)
+        kind = input_kind(path)
+        if kind in TABLE_KINDS:  # Parquet / datasets: shards of rows (the open tables are inherited by workers)
+            table = _STATE.setdefault("tables", {})[path] = TableInput(path, kind)
+            for start, count in table.ranges(shard_lines):
+                shards.append(_Shard(len(shards), str(path), start, start + 1, count, kind))
+            continue
+        if kind == "llava":  # LLaVA / ShareGPT: one list of records, shards of records (inherited by workers)
             records = _load_llava(path)
             _STATE.setdefault("llava", {})[path] = records
             for start in range(0, len(records), shard_lines):
                 count = min(shard_lines, len(records) - start)
-                shards.append(_Shard(len(shards), str(path), start, start + 1, count))
+                shards.append(_Shard(len(shards), str(path), start, start + 1, count, kind))
             continue
         offset, line, start, start_line = 0, 0, 0, 1
         with open(path, "rb") as handle:
@@ -162,34 +171,42 @@ def _load_llava(path: str) -> list[Any]:
     return records
 
 
+def _records(shard: _Shard) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """``(location, record)`` of each record of the shard, in order; calling ``record`` gives the r4b record or
+    raises its :class:`DataError` (blank JSONL lines are not records)."""
+    path = Path(shard.path)
+    numbers = range(shard.first_line, shard.first_line + shard.lines)
+    if shard.kind in TABLE_KINDS:
+        rows = _STATE["tables"][shard.path].rows(shard.offset, shard.lines)
+        for number, row in zip(numbers, rows, strict=True):
+            where = f"{path}:{number}"
+            yield where, lambda row=row, where=where: table_record(row, where, _STATE["images"])
+    elif shard.kind == "llava":
+        records = _STATE["llava"][shard.path]
+        for number in numbers:
+            where = f"{path}:{number}"
+            yield where, lambda record=records[number - 1], where=where: from_llava(record, where)
+    else:
+        with path.open("rb") as handle:
+            handle.seek(shard.offset)
+            for number in numbers:
+                raw = handle.readline()
+                if raw.strip():
+                    where = f"{path}:{number}"
+                    yield where, lambda raw=raw, where=where: _load_json(_decode(raw, where), where)
+
+
 def _read_shard(shard: _Shard, on_error: str, report: DataReport) -> list[Any]:
     """The shard's samples, validated by r4b.data.schema; bad records raise or are counted in ``report``."""
-    path = Path(shard.path)
-    root = Path(_STATE["image_root"]) if _STATE.get("image_root") else path.parent
+    root = Path(_STATE["image_root"]) if _STATE.get("image_root") else Path(shard.path).parent
     samples = []
-    llava = _STATE.get("llava", {}).get(shard.path)
-    handle = None if llava is not None else path.open("rb")
-    try:
-        if handle is not None:
-            handle.seek(shard.offset)
-        for number in range(shard.first_line, shard.first_line + shard.lines):
-            where = f"{path}:{number}"
-            try:
-                if llava is not None:
-                    record = from_llava(llava[number - 1], where)
-                else:
-                    raw = handle.readline()
-                    if not raw.strip():
-                        continue
-                    record = _load_json(_decode(raw, where), where)
-                samples.append(parse_sample(record, where=where, root=root))
-            except DataError as error:
-                if on_error == "raise":
-                    raise
-                report.skip(error)
-    finally:
-        if handle is not None:
-            handle.close()
+    for where, record in _records(shard):
+        try:
+            samples.append(parse_sample(record(), where=where, root=root))
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            report.skip(error)
     return samples
 
 
@@ -208,7 +225,7 @@ def _features():
     )
 
 
-def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.ndarray]:
+def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.ndarray, set[str]]:
     from datasets.arrow_writer import ArrowWriter
 
     tokenizer, processor = _STATE["tokenizer"], _STATE["processor"]
@@ -235,7 +252,8 @@ def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.n
             }
         )
         writer.finalize()
-    return shard.index, report.to_dict(), lengths, loss
+    stored = {str(path) for s in encoded for path in s.images if Path(path).is_relative_to(_STATE["images"])}
+    return shard.index, report.to_dict(), lengths, loss, stored
 
 
 def prepare(
@@ -251,17 +269,19 @@ def prepare(
     overwrite: bool = False,
     image_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Prepare ``paths`` (JSONL) into the DIR ``out``; returns the manifest.
+    """Prepare ``paths`` into the DIR ``out``; returns the manifest.
 
     ``on_error="skip"`` counts bad records in data_report.json (training then applies its own ``data.on_error``
     to that report); ``"raise"`` stops at the first bad record in input order, whatever ``workers`` is.
-    ``paths`` ending in ``.json`` are LLaVA / ShareGPT lists of records (:mod:`r4b.data.llava`). Image paths are
-    relative to ``image_root`` when given, else to each file's directory.
+    ``paths`` ending in ``.json`` are LLaVA / ShareGPT lists of records (:mod:`r4b.data.llava`), ``.parquet``
+    files and ``datasets.Dataset.save_to_disk`` directories are tables of r4b or LLaVA rows whose images may be
+    bytes (:mod:`r4b.data.tables`), other files JSONL. Image paths are relative to ``image_root`` when given, else
+    to each file's (or datasets directory's) parent directory.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not paths:
-        raise ValueError("no data: give one or more JSONL files")
+        raise ValueError("no data: give one or more JSONL, .json, .parquet files or datasets directories")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out)
@@ -271,7 +291,7 @@ def prepare(
         shutil.rmtree(out)
     started = time.perf_counter()
     _STATE.update(tokenizer=tokenizer, processor=processor, on_error=on_error, out=out, image_root=image_root)
-    _STATE["mask_empty_think"] = mask_empty_think
+    _STATE.update(mask_empty_think=mask_empty_think, images=(out / "images").resolve())
     try:
         shards = _plan_shards([str(p) for p in paths], shard_lines)
         (out / "data").mkdir(parents=True, exist_ok=True)
@@ -289,8 +309,9 @@ def prepare(
         raise
     finally:
         _STATE.clear()
+    _remove_unused_images(out / "images", set().union(*(r[4] for r in results)))
     report = DataReport()
-    for _, shard_report, _, _ in results:
+    for shard_report in (r[1] for r in results):
         report = report.merge(DataReport.from_dict(shard_report))
     lengths = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.int32)
     loss = np.concatenate([r[3] for r in results]) if results else np.zeros(0, np.int32)
@@ -314,3 +335,17 @@ def prepare(
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _remove_unused_images(images: Path, used: set[str]) -> None:
+    """Stored images no kept sample refers to (their row was refused after its images were stored) are removed,
+    so the DIR holds the same files whatever the worker count."""
+    if not images.is_dir():
+        return
+    for path in sorted(images.rglob("*"), reverse=True):  # files before their (then maybe empty) directories
+        if path.is_file() and str(path.resolve()) not in used:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if not any(images.iterdir()):
+        images.rmdir()
