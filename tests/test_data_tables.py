@@ -150,12 +150,14 @@ def test_same_dir_whatever_the_workers_and_images_stored_once(synth, tools, tmp_
     rows[1]["images"] = rows[0]["images"]  # the same image in two rows: one file
     rows[3]["images"] = [{"bytes": (synth / "images/sft-00009.png").read_bytes(), "path": None}]  # a refused row's
     parquet = _write_parquet(rows, tmp_path / "t.parquet", row_group_size=2)
+    _dataset(rows).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "p"
     snapshots = []
     for workers in (1, 2):
-        prepare([parquet], out, *tools, workers=workers, shard_lines=3, overwrite=True)
+        prepare([parquet, tmp_path / "ds"], out, *tools, workers=workers, shard_lines=3, overwrite=True)
         snapshots.append(_snapshot(out))
     assert snapshots[0] == snapshots[1]
+    assert json.loads(snapshots[0]["data_report.json"])["loaded"] == 16
     stored = sorted(data for name, data in snapshots[0].items() if name.startswith("images/"))
     kept = [row for k, row in enumerate(rows) if k not in (3, 6)]  # the refused rows' images are not kept
     assert stored == sorted({image["bytes"] for row in kept for image in row["images"]})
