@@ -1,4 +1,5 @@
-"""Fused linear + BPO loss: r4b against torch eager, torch.compile and liger-kernel.
+"""Fused linear + BPO loss: r4b against torch eager, torch.compile, liger-kernel and the log-prob kernels of TRL,
+cut-cross-entropy and verl.
 
     python bench/fused_loss.py                # Qwen3-4B sizes on a GPU, bf16
     python bench/fused_loss.py --smoke        # tiny sizes on a CPU: a check that it runs
@@ -15,6 +16,12 @@ forward; r4b.kernels.fused_grad). The cuBLAS rows are skipped where that path ca
 without TRITON_INTERPRET). ``ratios`` compares each r4b row (``base``) with every competitor;
 ``method_ratios`` the cuBLAS rows with ``r4b``; ``accuracy`` (at the first size) each r4b method's loss,
 gradients and log-probs against the materialized loss on the same inputs in fp32.
+
+The log-prob kernels trainers ship are timed in both modes, their per-token log-probs feeding the same BPO loss
+(``bpo_loss_from_logprobs``): ``trl`` (``trl.kernels.ChunkedLogProbFunction``, as TRL's GRPOTrainer calls it),
+``cce`` (Apple's ``cut_cross_entropy.linear_cross_entropy``, reduction "none", its default gradient filter) and
+``verl`` (``verl.utils.kernel.linear_cross_entropy``). A package that is not installed, or a kernel that fails
+(cut-cross-entropy and verl run on CUDA only), is that competitor's error row.
 """
 
 from __future__ import annotations
@@ -65,13 +72,18 @@ def materialized_logprob_values(hidden, weight, targets):
     return materialized_logprobs(hidden, weight, targets)[0]
 
 
-def materialized_bpo_loss(hidden, weight, targets, batch):
-    logp, entropy = materialized_logprobs(hidden, weight, targets, with_entropy=True)
+def bpo_loss_on(logprobs_fn, hidden, weight, targets, batch):
+    """The benchmark's BPO loss on the log-probs (and entropy, for its metric) of ``logprobs_fn``."""
+    logp, entropy = logprobs_fn(hidden, weight, targets, with_entropy=True)
     return bpo_loss_from_logprobs(
         logp, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
-        old_logprobs=batch["old"], ref_logprobs=batch["ref"], entropy=entropy.detach(), clip_eps_low=EPS_LOW,
-        clip_eps_high=EPS_HIGH, beta=BETA,
+        old_logprobs=batch["old"], ref_logprobs=batch["ref"], entropy=None if entropy is None else entropy.detach(),
+        clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH, beta=BETA,
     )[0]  # fmt: skip
+
+
+def materialized_bpo_loss(hidden, weight, targets, batch):
+    return bpo_loss_on(materialized_logprobs, hidden, weight, targets, batch)
 
 
 def r4b_bpo_loss(hidden, weight, targets, batch, method="recompute", chunk_bytes=None):
@@ -102,6 +114,52 @@ def liger_bpo_loss_factory(compiled: bool, seq_len: int):
         )[0]  # fmt: skip
 
     return loss
+
+
+# TRL's vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, what its GRPOTrainer passes).
+TRL_CHUNK_SIZE = 32768
+
+
+def trl_logprobs_factory():
+    from trl.kernels import ChunkedLogProbFunction
+
+    def logprobs(hidden, weight, targets, with_entropy=False):
+        outputs = ("entropy",) if with_entropy else ()
+        logp, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, TEMPERATURE, TRL_CHUNK_SIZE, None, 1.0, outputs
+        )
+        return logp, entropy
+
+    return logprobs
+
+
+def cce_logprobs_factory():
+    from cut_cross_entropy import linear_cross_entropy
+
+    if TEMPERATURE != 1.0:
+        raise NotImplementedError("cut-cross-entropy has no temperature")
+
+    def logprobs(hidden, weight, targets, with_entropy=False):
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none"), None
+
+    return logprobs
+
+
+def verl_logprobs_factory():
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    def logprobs(hidden, weight, targets, with_entropy=False):
+        return linear_cross_entropy(hidden, weight, targets, float(TEMPERATURE), "none")  # (logprobs, entropy)
+
+    return logprobs
+
+
+# Row name -> factory of a log-prob kernel (hidden, weight, targets, with_entropy) -> (logprobs, entropy or None).
+LOGPROB_COMPETITORS = {"trl": trl_logprobs_factory, "cce": cce_logprobs_factory, "verl": verl_logprobs_factory}
+
+
+def logprob_values_of(logprobs_fn, hidden, weight, targets):
+    return logprobs_fn(hidden, weight, targets)[0]
 
 
 def make_batch(n: int, h: int, v: int, seq_len: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -156,6 +214,10 @@ def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
     liger = build_competitor(liger_bpo_loss_factory, compiled=torch.cuda.is_available(), seq_len=args.seq_len)
     if liger is not None:
         fwd_bwd["liger"] = liger
+    for name, factory in LOGPROB_COMPETITORS.items():
+        logprobs = build_competitor(factory)  # a missing package: a stand-in raising its ImportError
+        fwd_bwd[name] = functools.partial(bpo_loss_on, logprobs)
+        fwd_only[name] = functools.partial(logprob_values_of, logprobs)
     return fwd_bwd, fwd_only
 
 
@@ -338,7 +400,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
-    payload["environment"] = environment(("liger-kernel",))
+    payload["environment"] = environment(("liger-kernel", "trl", "cut-cross-entropy", "verl"))
     payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     columns = ["impl", "mode", "N", "ms", "peak_gib", "tflops", "frac_of_matmul", "chunks", "predicted_peak_gib"]
     columns.append("error")

@@ -53,8 +53,9 @@ def test_build_competitor_defers_the_error_to_its_rows():
 
 
 def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path, monkeypatch):
-    """fused_loss with liger raising at run time and torch.compile raising at build time: both become error rows
-    with the exception's one-line text, every other row is timed, the table prints and the JSON is written."""
+    """fused_loss with liger raising at run time, torch.compile raising at build time and a log-prob kernel whose
+    package is missing: all become error rows with the exception's one-line text, every other row is timed, the
+    table prints and the JSON is written."""
     # Imported first: Triton picks the interpreter when r4b.kernels is imported (conftest's TRITON_INTERPRET=1),
     # and a later test must find it so. Then the torch references: a check of the bookkeeping, not a timing.
     fused_loss = _bench_module("fused_loss")
@@ -71,6 +72,11 @@ def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path
 
     monkeypatch.setattr(fused_loss, "liger_bpo_loss_factory", liger_factory)
     monkeypatch.setattr(fused_loss, "compile_fresh", compile_factory)
+
+    def missing_package():
+        raise ModuleNotFoundError("No module named 'verl'")
+
+    monkeypatch.setattr(fused_loss, "LOGPROB_COMPETITORS", {"verl": missing_package})
     assert fused_loss.main(["--smoke", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("fused_loss-*.json")
     record = json.loads(result.read_text())
@@ -79,6 +85,8 @@ def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path
     assert errors == {
         **{("liger", "fwd+bwd", n): "RuntimeError: liger exploded" for n in sizes},
         **{("torch.compile", mode, n): "IndexError: dynamo guard index out of range"
+           for mode in ("fwd+bwd", "fwd logprobs") for n in sizes},
+        **{("verl", mode, n): "ModuleNotFoundError: No module named 'verl'"
            for mode in ("fwd+bwd", "fwd logprobs") for n in sizes},
     }  # fmt: skip
     timed = {(r["impl"], r["mode"], r["N"]) for r in record["rows"] if "ms" in r}

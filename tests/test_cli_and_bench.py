@@ -45,8 +45,13 @@ def test_fused_loss_benchmark_smoke(tmp_path):
     record = json.loads(result.read_text())
     assert {"suite", "device", "torch", "triton", "cuda", "date", "command", "rows"} <= record.keys()
     impls = {row["impl"] for row in record["rows"] if "ms" in row}
-    assert {"r4b", "torch", "liger"} <= impls
-    assert {r["vs"] for r in record["ratios"]} == {"torch", "liger"}
+    trl = {"trl"} if importlib.util.find_spec("trl") else set()  # the dev extra installs TRL from Python 3.11
+    assert {"r4b", "torch", "liger"} | trl <= impls
+    # cut-cross-entropy and verl run on CUDA only (or are not installed): error rows there, never a crash
+    assert {(row["impl"], row["mode"]) for row in record["rows"] if "error" in row} <= {
+        (impl, mode) for impl in ("cce", "verl") for mode in ("fwd+bwd", "fwd logprobs")
+    }
+    assert {r["vs"] for r in record["ratios"]} == impls - {"r4b", "r4b-cublas", "r4b-cublas-fast"}
 
 
 def test_attention_benchmark_smoke(tmp_path):
