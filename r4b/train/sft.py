@@ -20,11 +20,12 @@ import torch.distributed as dist
 from r4b.train.batches import GlobalBatchPlanner, StepPlan
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import EngineConfig, build_engine
+from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batches
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
 from r4b.train.runtime import StopSignal, export_model, resume, start_run
 from r4b.train.schedule import MODULES, parameter_groups, warmup_cosine
-from r4b.train.sft_data import SFTDataset
+from r4b.train.sft_data import SFTDataset, batch_to_device
 
 
 @dataclass
@@ -42,6 +43,9 @@ class DataSection:
     max_tokens: int = 16384  # packed micro-batch budget (the paper: 16,384)
     on_error: str = "raise"  # "raise" | "skip": a bad or over-long sample stops the run or is counted
     mask_empty_think: bool = True  # the paper's non-thinking loss masking
+    # DataLoader processes per rank that read, pack and preprocess images ahead of the step (r4b.train.loader);
+    # None: 0 on a CPU, else up to 4 per rank. The batches do not depend on it.
+    workers: int | None = None
 
 
 @dataclass
@@ -144,10 +148,18 @@ def train_sft(config: SFTConfig) -> Path:
         progress=config.train.progress,
         description="sft",
     )
+    workers = config.data.workers
+    workers = default_workers(engine.device, world_size) if workers is None else workers
+    keys = rank_micro_batches(
+        planner, rank, start_step, total_steps, lambda plan: padding_sample(plan, dataset.lengths)
+    )
+    loader = MicroBatchLoader(
+        dataset.host_batch, keys, workers=workers, pin_memory=torch.device(engine.device).type == "cuda"
+    )
     stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
     try:
         for step in range(start_step, total_steps):
-            metrics = _train_step(engine, dataset, planner.plan(step), rank, world_size)
+            metrics = _train_step(engine, loader, planner.plan(step), rank, world_size)
             logger.log(metrics)
             done = step + 1
             halt = stop.should_stop(engine.device)
@@ -156,6 +168,7 @@ def train_sft(config: SFTConfig) -> Path:
             if halt:
                 raise stop.interrupted(run_dir, done)
     finally:
+        loader.close()
         stop.restore()
         logger.close()
     if config.train.export:
@@ -177,18 +190,19 @@ def padding_sample(plan: StepPlan, lengths: list[int]) -> tuple[int]:
     return (min(samples, key=lambda i: (lengths[i], i)),)
 
 
-def _train_step(engine, dataset: SFTDataset, plan: StepPlan, rank: int, world: int) -> dict:
+def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, rank: int, world: int) -> dict:
     started = time.perf_counter()
-    mine = plan.for_rank(rank)
     # Gradients are averaged over ranks: scale so their average is sum / (labelled tokens of the global batch).
     scale = world / max(1, plan.loss_tokens)
     # on the engine's device: NCCL reduces device tensors only (and the sum needs no host sync per micro-batch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    data_wait = 0.0
     for index in range(plan.micro_steps):
-        padding = index >= len(mine)  # this rank has fewer micro-batches: a zero-weight pass keeps collectives paired
-        samples = mine[index] if not padding else padding_sample(plan, dataset.lengths)
-        batch = dataset.collate(samples, engine.device)
-        loss = engine.module(**batch)
+        # a rank with fewer micro-batches gets a zero-weight pass (rank_micro_batches) to keep collectives paired
+        padding = index >= len(plan.for_rank(rank))
+        host, waited = loader.next(plan.step, index)
+        data_wait += waited
+        loss = engine.module(**batch_to_device(host, engine.device))
         engine.backward(loss * (0.0 if padding else scale))
         if not padding:
             loss_sum += loss.detach().double()
@@ -209,4 +223,5 @@ def _train_step(engine, dataset: SFTDataset, plan: StepPlan, rank: int, world: i
         "samples": sum(len(m) for r in plan.micro_batches for m in r),
         "tokens_per_s": plan.tokens / elapsed,
         "step_time_s": elapsed,
+        "data_wait_s": data_wait,  # of step_time_s, waiting for the loader (r4b.train.loader)
     }

@@ -107,7 +107,13 @@ class SFTDataset:
         return [sum(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in self.samples]
 
     def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
-        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples.
+        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples, on
+        ``device``: :meth:`host_batch` then :func:`batch_to_device`."""
+        return batch_to_device(self.host_batch(indices), device)
+
+    def host_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """These samples packed into one micro-batch of host tensors, images decoded and preprocessed: the work a
+        DataLoader worker does (:mod:`r4b.train.loader`).
 
         R-4B: ``position_ids`` [N] and, with images, ``pixel_values`` / ``image_sizes``. A processor with
         ``packed_position_ids`` (Qwen2.5-VL / Qwen3-VL: :class:`~r4b.models.qwen_vl.QwenVLImageProcessor`) gives
@@ -116,18 +122,16 @@ class SFTDataset:
         samples = [self.samples[i] for i in indices]
         packed = collate_packed(samples, indices)
         batch: dict[str, Any] = {
-            "input_ids": packed.input_ids.to(device),
+            "input_ids": packed.input_ids,
             "position_ids": packed.position_ids,
-            "targets": packed.labels.to(device),
-            "cu_seqlens": packed.cu_seqlens.to(device),  # host values handed to the attention's cache below
+            "targets": packed.labels,
+            "cu_seqlens": packed.cu_seqlens,
             "max_seqlen": packed.max_seqlen,
         }
         vision: dict[str, torch.Tensor] = {}
         if packed.images:
             vision = self.processor.preprocess(load_images(packed.images, where=", ".join(packed.sources)))
-            for key in ("pixel_values", "image_sizes", "image_grid_thw"):
-                if key in vision:
-                    batch[key] = vision[key].to(device)
+            batch.update({key: vision[key] for key in VISION_KEYS if key in vision})
         if hasattr(self.processor, "packed_position_ids"):
             grids = vision.get("image_grid_thw")
             starts = [0]
@@ -136,9 +140,18 @@ class SFTDataset:
             per_sample = [None if a == b else grids[a:b] for a, b in pairwise(starts)]
             ids = [packed.input_ids[a:b] for a, b in pairwise(packed.cu_seqlens.tolist())]
             batch["position_ids"] = self.processor.packed_position_ids(ids, per_sample)
-        batch["position_ids"] = batch["position_ids"].to(device)
-        remember_cu_seqlens(batch["cu_seqlens"], packed.cu_seqlens.tolist())  # no device read in the forward
         return batch
+
+
+VISION_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A :meth:`SFTDataset.host_batch` on ``device`` (asynchronous copies from pinned memory); ``cu_seqlens``'
+    host values go to the attention's cache, so no layer reads them back from the device."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    remember_cu_seqlens(out["cu_seqlens"], batch["cu_seqlens"].tolist())
+    return out
 
 
 def _check_not_empty(paths: Sequence[str], report: DataReport, report_to: Path | None) -> None:
