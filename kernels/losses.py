@@ -54,9 +54,11 @@ def _aggregation_weights(
     maskf = mask.to(torch.float32)
     if loss_agg_mode == "token-mean":
         return maskf / maskf.sum().clamp(min=1.0)
-    _, seq_index = torch.unique(seq_ids, return_inverse=True)
+    # leading dimensions ([B, T] tokens) flattened: the sequence sums scatter over one axis
+    _, seq_index = torch.unique(seq_ids.reshape(-1), return_inverse=True)
+    seq_index = seq_index.view(maskf.shape)
     tokens_per_seq = torch.zeros(int(seq_index.max()) + 1 if seq_index.numel() else 0, device=mask.device)
-    tokens_per_seq.scatter_add_(0, seq_index, maskf)
+    tokens_per_seq.scatter_add_(0, seq_index.reshape(-1), maskf.reshape(-1))
     num_seqs = (tokens_per_seq > 0).sum().clamp(min=1).to(torch.float32)
     if loss_agg_mode == "seq-mean-token-mean":
         return maskf / (tokens_per_seq[seq_index].clamp(min=1.0) * num_seqs)

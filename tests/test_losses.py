@@ -74,6 +74,28 @@ def test_bpo_matches_reference(loss_agg_mode, on_policy, beta):
     assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+def test_bpo_leading_dimensions_equal_the_flat_tokens(loss_agg_mode):
+    """[B, T, H] hidden states with [B, T] targets, sequence ids, mask and advantages: the loss and gradients of
+    the same tokens flattened, in every aggregation mode (the sequence sums scatter over the flattened tokens)."""
+    hidden64, weight64, targets, b = bpo_batch(seed=4)
+    policy = _policy_logprobs(hidden64, weight64, targets, 1.0)
+    kwargs = dict(old_logprobs=policy + b["old_delta"], loss_agg_mode=loss_agg_mode, norm_len=16)
+    flat = [leaf(hidden64, torch.float64), leaf(weight64, torch.float64)]
+    shaped = [leaf(hidden64.view(6, 10, -1), torch.float64), leaf(weight64, torch.float64)]
+    loss, _ = fused_linear_bpo_loss(*flat, targets, b["advantages"], seq_ids=b["seq_ids"],
+                                    loss_mask=b["loss_mask"], **kwargs)  # fmt: skip
+    view = {k: b[k].view(6, 10) for k in ("seq_ids", "loss_mask", "advantages")}
+    kwargs["old_logprobs"] = kwargs["old_logprobs"].view(6, 10)
+    loss_2d, _ = fused_linear_bpo_loss(shaped[0], shaped[1], targets.view(6, 10), view["advantages"],
+                                       seq_ids=view["seq_ids"], loss_mask=view["loss_mask"], **kwargs)  # fmt: skip
+    assert loss_2d.item() == pytest.approx(loss.item(), rel=1e-12, abs=1e-12)
+    loss.backward()
+    loss_2d.backward()
+    assert torch.allclose(shaped[0].grad.reshape(flat[0].shape), flat[0].grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(shaped[1].grad, flat[1].grad, rtol=1e-10, atol=1e-12)
+
+
 def test_on_policy_gradient_is_the_policy_gradient():
     """old_logprobs=None: loss = -mean(A) and d loss = -mean(A * d logp), whatever the clip range."""
     hidden64, weight64, targets, b = bpo_batch(seed=2)
