@@ -144,6 +144,9 @@ def test_data_pipeline_benchmark_smoke(tmp_path):
     assert [r["workers"] for r in rows if r["what"] == "prepare"] == [1, 2]
     assert {r["format"] for r in rows if r["what"] == "startup"} == {"jsonl", "prepared"}
     assert all(r["samples"] == 60 for r in rows if r["what"] == "startup")
+    loader = [r for r in rows if r["what"] == "loader"]
+    assert [r["workers"] for r in loader] == [0, 2]
+    assert all(r["images"] >= 1 and r["tokens"] > 4725 and r["x_h100"] > 0 for r in loader)  # R-4B-size photos
 
 
 def test_llava_json_gives_the_samples_of_the_same_jsonl(data, tools, tmp_path):
