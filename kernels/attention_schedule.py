@@ -25,15 +25,20 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import interpreting
-from ._tl_helpers import dot
 from .varlen_attention import (
     _DELTA_ROWS,
     _LOG2E,
     _delta_kernel,
+    _dkdv_step,
+    _dq_step,
     _flags,
-    _load_rows,
-    _store_rows,
+    _fwd_finish,
+    _fwd_step,
+    _load_head,
+    _query_side,
+    _store_head,
     _visible,
+    _zeros_head,
     cu_seqlens_host_values,
 )
 
@@ -274,7 +279,8 @@ def current_kernel_stats(
 #
 # One program per (query tile, head) for the forward and dQ, per (key tile, kv head) for dK/dV: no idle
 # programs. Each walks its list in two branch-free loops, the partial tiles (mask arithmetic) then the full
-# ones (none). Tile sizes are the schedule's (fixed, not autotuned); the head dim is padded to a power of two.
+# ones (none). Tile sizes are the schedule's (fixed, not autotuned). The tile code (loads in two head-dim chunks,
+# no padding to the next power of two; the online-softmax step; the dK/dV and dQ steps) is varlen_attention's.
 
 
 def kernel_lists(schedule: TileSchedule) -> dict:
@@ -298,40 +304,13 @@ def kernel_lists(schedule: TileSchedule) -> dict:
 
 
 @triton.jit
-def _sched_fwd_tile(
-    acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
-    stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    cols = (start + offs_n).to(tl.int64)
-    if MASKED:  # noqa: SIM108 (constexpr)
-        kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
-    else:
-        kv_mask = d_ok[None, :] & (offs_n >= 0)[:, None]
-    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-    s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
-    if MASKED:
-        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
-    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _sched_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seg_ptr, bidir_ptr,
     q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     n_total, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -343,78 +322,34 @@ def _sched_fwd_kernel(
     seqlen = tl.load(cu_ptr + doc + 1) - start
     kv_head = head // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    acc0, acc1 = _zeros_head(BLOCK_M, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
     for idx in range(lo, split):  # partial tiles: masked
-        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
-        acc, m_i, l_i = _sched_fwd_tile(
-            acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
-            stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
-            True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+        offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
+        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        acc0, acc1, m_i, l_i = _fwd_step(
+            acc0, acc1, m_i, l_i, q0, q1, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+            stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
+            BLOCK_M, BLOCK_N,
         )  # fmt: skip
     for idx in range(split, hi):  # full tiles: no mask arithmetic
-        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
-        acc, m_i, l_i = _sched_fwd_tile(
-            acc, m_i, l_i, q, offs_m, n0, start, seqlen, k_ptr, v_ptr, seg_doc, bidir_doc, kv_head,
-            stride_kn, stride_kh, stride_vn, stride_vh, offs_d, d_ok, qk_scale,
-            False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+        offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
+        acc0, acc1, m_i, l_i = _fwd_step(
+            acc0, acc1, m_i, l_i, q0, q1, offs_n, 0, start, seqlen, kv_head, k_ptr, v_ptr,
+            stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
+            BLOCK_M, BLOCK_N,
         )  # fmt: skip
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    _store_rows(o_ptr, rows, head, stride_on, stride_oh, offs_d, q_mask, acc / l_safe[:, None])
-    tl.store(lse_ptr + head * n_total + start + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
-
-
-@triton.jit
-def _sched_bwd_tile(
-    q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """p and ds [BLOCK_M, BLOCK_N] of one tile."""
-    s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        p = tl.where(visible, p, 0.0)
-    dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
-    return p, p * (dp - delta[:, None])
-
-
-@triton.jit
-def _sched_dkdv_tile(
-    dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc, bidir_doc,
-    stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    rows = (start + offs_m).to(tl.int64)
-    if MASKED:  # noqa: SIM108 (constexpr)
-        m_ok = offs_m < seqlen
-    else:
-        m_ok = offs_m >= 0
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
-    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
-    lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-    p, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
-                            MASKED, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
-    dv = dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, IEEE)
-    dk = dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, IEEE)
-    return dk, dv
+    _fwd_finish(o_ptr, lse_ptr, rows, m_ok, offs_m, start, head, stride_on, stride_oh, n_total, acc0, acc1, m_i, l_i,
+                HEAD_DIM, D0, D1, ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -423,7 +358,8 @@ def _sched_dkdv_kernel(
     k_doc_ptr, k_start_ptr, q_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dkn, stride_dkh, stride_dvn, stride_dvh, n_total, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -434,38 +370,38 @@ def _sched_dkdv_kernel(
     start = tl.load(cu_ptr + doc)
     seqlen = tl.load(cu_ptr + doc + 1) - start
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < seqlen
     cols = (start + offs_n).to(tl.int64)
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+    k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
+    v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
-    dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    dk0, dk1 = _zeros_head(BLOCK_N, D0, D1)
+    dv0, dv1 = _zeros_head(BLOCK_N, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
     for g in range(GROUP):
         head = kv_head * GROUP + g
         for idx in range(lo, split):  # partial tiles: masked
-            m0 = tl.load(q_start_ptr + tl.load(tiles_ptr + idx))
-            dk, dv = _sched_dkdv_tile(
-                dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc,
-                bidir_doc, stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
-                True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            offs_m = tl.load(q_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_M)
+            visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+            dk0, dk1, dv0, dv1 = _dkdv_step(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, visible, start, seqlen, head, q_ptr, do_ptr, lse_ptr,
+                delta_ptr, stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
+                True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         for idx in range(split, hi):  # full tiles: no mask arithmetic
-            m0 = tl.load(q_start_ptr + tl.load(tiles_ptr + idx))
-            dk, dv = _sched_dkdv_tile(
-                dk, dv, k, v, m0, offs_n, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_doc,
-                bidir_doc, stride_qn, stride_qh, stride_don, stride_doh, n_total, offs_d, d_ok, qk_scale,
-                False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            offs_m = tl.load(q_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_M)
+            dk0, dk1, dv0, dv1 = _dkdv_step(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, 0, start, seqlen, head, q_ptr, do_ptr, lse_ptr,
+                delta_ptr, stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
+                False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
             )  # fmt: skip
-    _store_rows(dk_ptr, cols, kv_head, stride_dkn, stride_dkh, offs_d, kv_mask, dk * sm_scale)
-    _store_rows(dv_ptr, cols, kv_head, stride_dvn, stride_dvh, offs_d, kv_mask, dv)
+    _store_head(
+        dk_ptr, cols, n_ok, kv_head, stride_dkn, stride_dkh, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
+    )
+    _store_head(dv_ptr, cols, n_ok, kv_head, stride_dvn, stride_dvh, dv0, dv1, HEAD_DIM, D0, D1, ALIGN)
 
 
 @triton.jit
@@ -474,7 +410,8 @@ def _sched_dq_kernel(
     q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh, n_total, qk_scale, sm_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -486,42 +423,36 @@ def _sched_dq_kernel(
     seqlen = tl.load(cu_ptr + doc + 1) - start
     kv_head = head // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
-    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
-    lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    q0, q1, do0, do1, lse, delta = _query_side(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
+        stride_don, stride_doh, n_total, True, HEAD_DIM, D0, D1, ALIGN,
+    )  # fmt: skip
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    dq0, dq1 = _zeros_head(BLOCK_M, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
-    for idx in range(lo, split):
-        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
-        cols = (start + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-        v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
-        _, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
-                                True, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
-        dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
-    for idx in range(split, hi):
-        n0 = tl.load(k_start_ptr + tl.load(tiles_ptr + idx))
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = d_ok[None, :] & (offs_n >= 0)[:, None]
-        cols = (start + offs_n).to(tl.int64)
-        k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-        v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
-        _, ds = _sched_bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, seqlen, seg_doc, bidir_doc, qk_scale,
-                                False, CAUSAL, HAS_SEG, HAS_BIDIR, UPCAST, IEEE, BLOCK_M, BLOCK_N)  # fmt: skip
-        dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
-    _store_rows(dq_ptr, rows, head, stride_dqn, stride_dqh, offs_d, q_mask, dq * sm_scale)
+    for idx in range(lo, split):  # partial tiles: masked
+        offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
+        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        dq0, dq1 = _dq_step(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+            stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
+            BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    for idx in range(split, hi):  # full tiles: no mask arithmetic
+        offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
+        dq0, dq1 = _dq_step(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, 0, start, seqlen, kv_head, k_ptr, v_ptr,
+            stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
+            BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    _store_head(
+        dq_ptr, rows, m_ok, head, stride_dqn, stride_dqh, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
+    )
 
 
 def default_blocks() -> tuple[int, int]:
@@ -533,7 +464,7 @@ class _ScheduledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule):
         n_total, n_heads, _ = q.shape
-        flags = _flags(q, causal, segment_ids, bidir_ids)
+        flags = _flags(q, causal, segment_ids, bidir_ids, k, v)
         seg = segment_ids if segment_ids is not None else cu_seqlens
         bidir = bidir_ids if bidir_ids is not None else cu_seqlens
         out = torch.empty_like(q)
@@ -560,7 +491,8 @@ class _ScheduledAttention(torch.autograd.Function):
         delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
         _delta_kernel[(triton.cdiv(n_total, _DELTA_ROWS), n_heads)](
             out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
-            HEAD_DIM=flags["HEAD_DIM"], D_PAD=flags["D_PAD"], BLOCK=_DELTA_ROWS,
+            HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
+            BLOCK=_DELTA_ROWS,
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(GROUP=group, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, **flags)

@@ -3,7 +3,9 @@
 FlashAttention-2 style: online softmax over key tiles in the forward, a
 recomputing backward split into a dK/dV kernel (one program per key tile and
 kv head, looping over the query heads of its GQA group: no atomics) and a dQ
-kernel. No [L, L] matrix exists anywhere.
+kernel. No [L, L] matrix exists anywhere. The head dim is computed in two
+power-of-two column chunks (:func:`head_chunks`: 72 and 80 as 64 + 16, 96 as
+64 + 32), not padded to the next power of two.
 
 The mask, per packed document (``cu_seqlens``): query i sees key j iff
 
@@ -28,7 +30,6 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import autotune_configs, interpreting, use_triton
-from ._tl_helpers import dot
 
 _LOG2E = 1.4426950408889634
 
@@ -52,6 +53,110 @@ def _bwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
     return autotune_configs(configs, pinned=1)  # R4B_AUTOTUNE=0: the smallest Q/dO tiles
+
+
+def head_chunks(head_dim: int) -> tuple[int, int]:
+    """The head dim as two power-of-two column chunks (``tl.arange`` and ``tl.dot`` need powers of two, the
+    dot at least 16): D0 = the largest power of two <= head_dim (at least 16), D1 = the rest rounded up to a
+    power of two (at least 16; 0: no rest). 72 and 80 -> 64 + 16, 96 -> 64 + 32, 128 -> 128 + 0: 80, 80 and 96
+    columns of matrix work where padding to the next power of two would do 128."""
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d0
+    return d0, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+
+
+# --- tile code shared by these kernels and attention_schedule's (the head dim in two chunks, x0 and x1) ---
+
+
+@triton.jit
+def _load_head(ptr, rows, row_ok, head, stride_n, stride_h, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr, ALIGN: tl.constexpr, ROW_MASK: tl.constexpr):  # fmt: skip
+    """A [rows, head_dim] tile of one head of an [N, heads, head_dim] tensor as its two column chunks (x0, x1):
+    zeros past HEAD_DIM and, with ROW_MASK, in the rows not ``row_ok`` (an unmasked load where neither applies).
+    Without a second chunk (D1 == 0) x1 is x0, unused. ALIGN (elements) divides both strides: the hint that
+    lets the compiler vectorize and pipeline the loads when stride_h is not a multiple of 16 (head dim 72).
+    Written out, not a per-chunk helper: the interpreter pays for every nested call."""
+    base = ptr + tl.multiple_of(rows * stride_n + head * stride_h, ALIGN)[:, None]
+    offs0 = tl.arange(0, D0)
+    if D0 > HEAD_DIM:  # head dims below 16
+        if ROW_MASK:
+            x0 = tl.load(base + offs0[None, :], mask=row_ok[:, None] & (offs0 < HEAD_DIM)[None, :], other=0.0)
+        else:
+            x0 = tl.load(base + offs0[None, :], mask=(offs0 < HEAD_DIM)[None, :], other=0.0)
+    elif ROW_MASK:
+        x0 = tl.load(base + offs0[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        x0 = tl.load(base + offs0[None, :])
+    x1 = x0
+    if D1 > 0:
+        offs1 = D0 + tl.arange(0, D1)
+        if D0 + D1 > HEAD_DIM:
+            if ROW_MASK:
+                x1 = tl.load(base + offs1[None, :], mask=row_ok[:, None] & (offs1 < HEAD_DIM)[None, :], other=0.0)
+            else:
+                x1 = tl.load(base + offs1[None, :], mask=(offs1 < HEAD_DIM)[None, :], other=0.0)
+        elif ROW_MASK:
+            x1 = tl.load(base + offs1[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x1 = tl.load(base + offs1[None, :])
+    return x0, x1
+
+
+@triton.jit
+def _store_head(ptr, rows, row_ok, head, stride_n, stride_h, x0, x1, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """Store the chunks (x0, x1) of a [rows, head_dim] tile (rows ``row_ok`` only): :func:`_load_head`'s inverse."""
+    base = ptr + tl.multiple_of(rows * stride_n + head * stride_h, ALIGN)[:, None]
+    offs0 = tl.arange(0, D0)
+    tl.store(base + offs0[None, :], x0.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs0 < HEAD_DIM)[None, :])
+    if D1 > 0:
+        offs1 = D0 + tl.arange(0, D1)
+        tl.store(base + offs1[None, :], x1.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs1 < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _zeros_head(BLOCK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """fp32 accumulators of a [BLOCK, head_dim] tile, chunk by chunk (the second unused when D1 == 0)."""
+    acc0 = tl.zeros((BLOCK, D0), tl.float32)
+    acc1 = acc0
+    if D1 > 0:
+        acc1 = tl.zeros((BLOCK, D1), tl.float32)
+    return acc0, acc1
+
+
+@triton.jit
+def _dot_nt(a0, a1, b0, b1, D1: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
+            COLS: tl.constexpr):  # fmt: skip
+    """a @ b.T over the head dim, chunk by chunk: [ROWS, COLS] fp32 (scores q k^T, or dO v^T). UPCAST and IEEE
+    as in ``_tl_helpers.dot`` (written out here: the interpreter pays for every nested call)."""
+    if UPCAST:
+        a0, b0, a1, b1 = a0.to(tl.float32), b0.to(tl.float32), a1.to(tl.float32), b1.to(tl.float32)
+    s = tl.zeros((ROWS, COLS), tl.float32)
+    if IEEE:
+        s = tl.dot(a0, tl.trans(b0), s, input_precision="ieee")
+        if D1 > 0:
+            s = tl.dot(a1, tl.trans(b1), s, input_precision="ieee")
+    else:
+        s = tl.dot(a0, tl.trans(b0), s)
+        if D1 > 0:
+            s = tl.dot(a1, tl.trans(b1), s)
+    return s
+
+
+@triton.jit
+def _dot_acc(a, b0, b1, acc0, acc1, D1: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """(acc0, acc1) + a @ (b0, b1): a product into the head dim, chunk by chunk."""
+    if UPCAST:
+        a, b0, b1 = a.to(tl.float32), b0.to(tl.float32), b1.to(tl.float32)
+    if IEEE:
+        acc0 = tl.dot(a, b0, acc0, input_precision="ieee")
+        if D1 > 0:
+            acc1 = tl.dot(a, b1, acc1, input_precision="ieee")
+    else:
+        acc0 = tl.dot(a, b0, acc0)
+        if D1 > 0:
+            acc1 = tl.dot(a, b1, acc1)
+    return acc0, acc1
 
 
 @triton.jit
@@ -94,50 +199,127 @@ def _worth_computing(visible, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, head, stride_n, stride_h, offs_d, mask):
-    """A [rows, head_dim] tile of one head of an [N, heads, head_dim] tensor."""
-    return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+def _fwd_step(
+    acc0, acc1, m_i, l_i, q0, q1, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the forward's online softmax. MASKED: ``visible`` masks the scores and the rows past the
+    document are not loaded; else every pair of the tile is visible (no mask arithmetic, ``visible`` unused)."""
+    cols = (start + offs_n).to(tl.int64)
+    n_ok = offs_n < seqlen
+    k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, MASKED)
+    s = _dot_nt(q0, q1, k0, k1, D1, UPCAST, IEEE, BLOCK_M, BLOCK_N) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, MASKED)
+    acc0 = acc0 * alpha[:, None]
+    if D1 > 0:
+        acc1 = acc1 * alpha[:, None]
+    acc0, acc1 = _dot_acc(p.to(v0.dtype), v0, v1, acc0, acc1, D1, UPCAST, IEEE)
+    return acc0, acc1, m_new, l_i
 
 
 @triton.jit
-def _store_rows(ptr, rows, head, stride_n, stride_h, offs_d, mask, value):
-    tl.store(
-        ptr + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], value.to(ptr.dtype.element_ty), mask=mask
-    )
+def _fwd_finish(o_ptr, lse_ptr, rows, m_ok, offs_m, start, head, stride_on, stride_oh, n_total, acc0, acc1, m_i,
+                l_i, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """Normalize and store a query tile's output, and its base-2 log-sum-exp of the scaled scores (the backward's)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_head(o_ptr, rows, m_ok, head, stride_on, stride_oh, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+                HEAD_DIM, D0, D1, ALIGN)  # fmt: skip
+    tl.store(lse_ptr + head * n_total + start + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
+
+
+@triton.jit
+def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
+                stride_don, stride_doh, n_total, ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """What the backward needs of a query tile: q, dO (chunked), lse and delta."""
+    q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, ROW_MASK)
+    do0, do1 = _load_head(do_ptr, rows, m_ok, head, stride_don, stride_doh, HEAD_DIM, D0, D1, ALIGN, ROW_MASK)
+    if ROW_MASK:
+        lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + head * n_total + start + offs_m)
+        delta = tl.load(delta_ptr + head * n_total + start + offs_m)
+    return q0, q1, do0, do1, lse, delta
+
+
+@triton.jit
+def _bwd_p_ds(q0, q1, do0, do1, lse, delta, k0, k1, v0, v1, visible, qk_scale, MASKED: tl.constexpr,
+              D1: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """p and dS [BLOCK_M, BLOCK_N] of one tile (recomputed from lse; ``visible`` applied when MASKED)."""
+    s = _dot_nt(q0, q1, k0, k1, D1, UPCAST, IEEE, BLOCK_M, BLOCK_N) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    dp = _dot_nt(do0, do1, v0, v1, D1, UPCAST, IEEE, BLOCK_M, BLOCK_N)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dkdv_step(
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, visible, start, seqlen, head, q_ptr, do_ptr, lse_ptr, delta_ptr,
+    stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One query tile (rows offs_m, one query head) into a key tile's dK and dV."""
+    rows = (start + offs_m).to(tl.int64)
+    m_ok = offs_m < seqlen
+    q0, q1, do0, do1, lse, delta = _query_side(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
+        stride_don, stride_doh, n_total, MASKED, HEAD_DIM, D0, D1, ALIGN,
+    )  # fmt: skip
+    p, ds = _bwd_p_ds(q0, q1, do0, do1, lse, delta, k0, k1, v0, v1, visible, qk_scale, MASKED, D1, UPCAST, IEEE,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    dv0, dv1 = _dot_acc(tl.trans(p.to(do0.dtype)), do0, do1, dv0, dv1, D1, UPCAST, IEEE)
+    dk0, dk1 = _dot_acc(tl.trans(ds.to(q0.dtype)), q0, q1, dk0, dk1, D1, UPCAST, IEEE)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dq_step(
+    dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile into a query tile's dQ."""
+    cols = (start + offs_n).to(tl.int64)
+    n_ok = offs_n < seqlen
+    k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, MASKED)
+    v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, MASKED)
+    _, ds = _bwd_p_ds(q0, q1, do0, do1, lse, delta, k0, k1, v0, v1, visible, qk_scale, MASKED, D1, UPCAST, IEEE,
+                      BLOCK_M, BLOCK_N)  # fmt: skip
+    return _dot_acc(ds.to(k0.dtype), k0, k1, dq0, dq1, D1, UPCAST, IEEE)
+
+
+# --- the kernels: one program per (document, query or key tile, head), looping over the document's tiles ---
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "CAUSAL", "HAS_SEG", "HAS_BIDIR"])
 @triton.jit
 def _fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    lse_ptr,
-    cu_ptr,
-    seg_ptr,
-    bidir_ptr,
-    stride_qn,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_on,
-    stride_oh,
-    n_total,
-    qk_scale,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    n_total, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     CAUSAL: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     doc = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = tl.program_id(2)
@@ -148,18 +330,14 @@ def _fwd_kernel(
         return
     kv_head = head // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
+    q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    acc0, acc1 = _zeros_head(BLOCK_M, D0, D1)
     hi = seqlen
     if CAUSAL and not HAS_BIDIR:
         hi = tl.minimum(seqlen, m0 + BLOCK_M)
@@ -167,67 +345,26 @@ def _fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
         if _worth_computing(visible, HAS_SEG or HAS_BIDIR):  # empty tiles: no K/V loads, no dots
-            cols = (start + offs_n).to(tl.int64)
-            n_ok = offs_n < seqlen
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-            s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
-            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-            m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    _store_rows(o_ptr, rows, head, stride_on, stride_oh, offs_d, q_mask, out)
-    # base-2 log-sum-exp of the scaled scores, for the backward
-    tl.store(lse_ptr + head * n_total + start + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
+            acc0, acc1, m_i, l_i = _fwd_step(
+                acc0, acc1, m_i, l_i, q0, q1, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+                stride_kn, stride_kh, stride_vn, stride_vh, qk_scale,
+                True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    _fwd_finish(o_ptr, lse_ptr, rows, m_ok, offs_m, start, head, stride_on, stride_oh, n_total, acc0, acc1, m_i, l_i,
+                HEAD_DIM, D0, D1, ALIGN)  # fmt: skip
 
 
 @triton.autotune(configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "HAS_SEG", "HAS_BIDIR"])
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    cu_ptr,
-    seg_ptr,
-    bidir_ptr,
-    stride_qn,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_don,
-    stride_doh,
-    stride_dkn,
-    stride_dkh,
-    stride_dvn,
-    stride_dvh,
-    n_total,
-    qk_scale,
-    sm_scale,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh, n_total, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     CAUSAL: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     doc = tl.program_id(0)
     pid_n = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -237,17 +374,14 @@ def _bwd_dkdv_kernel(
     if n0 >= seqlen:
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < seqlen
     cols = (start + offs_n).to(tl.int64)
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-    v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
+    k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
+    v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
-    dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    dk0, dk1 = _zeros_head(BLOCK_N, D0, D1)
+    dv0, dv1 = _zeros_head(BLOCK_N, D0, D1)
     lo = 0
     if CAUSAL and not HAS_BIDIR:
         lo = (n0 // BLOCK_M) * BLOCK_M
@@ -257,60 +391,28 @@ def _bwd_dkdv_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
             if _worth_computing(visible, HAS_SEG or HAS_BIDIR):
-                m_ok = offs_m < seqlen
-                rows = (start + offs_m).to(tl.int64)
-                q_mask = m_ok[:, None] & d_ok[None, :]
-                q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
-                do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
-                lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-                s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
-                p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-                dv = dot(tl.trans(p.to(do.dtype)), do, dv, UPCAST, IEEE)
-                dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
-                ds = p * (dp - delta[:, None])
-                dk = dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST, IEEE)
-    _store_rows(dk_ptr, cols, kv_head, stride_dkn, stride_dkh, offs_d, kv_mask, dk * sm_scale)
-    _store_rows(dv_ptr, cols, kv_head, stride_dvn, stride_dvh, offs_d, kv_mask, dv)
+                dk0, dk1, dv0, dv1 = _dkdv_step(
+                    dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, visible, start, seqlen, head, q_ptr, do_ptr,
+                    lse_ptr, delta_ptr, stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
+                    True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+    _store_head(
+        dk_ptr, cols, n_ok, kv_head, stride_dkn, stride_dkh, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
+    )
+    _store_head(dv_ptr, cols, n_ok, kv_head, stride_dvn, stride_dvh, dv0, dv1, HEAD_DIM, D0, D1, ALIGN)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "HAS_SEG", "HAS_BIDIR"])
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dq_ptr,
-    cu_ptr,
-    seg_ptr,
-    bidir_ptr,
-    stride_qn,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_don,
-    stride_doh,
-    stride_dqn,
-    stride_dqh,
-    n_total,
-    qk_scale,
-    sm_scale,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, seg_ptr, bidir_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh, n_total, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     CAUSAL: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    HAS_BIDIR: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_SEG: tl.constexpr, HAS_BIDIR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     doc = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = tl.program_id(2)
@@ -321,18 +423,15 @@ def _bwd_dq_kernel(
         return
     kv_head = head // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
     rows = (start + offs_m).to(tl.int64)
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = _load_rows(q_ptr, rows, head, stride_qn, stride_qh, offs_d, q_mask)
-    do = _load_rows(do_ptr, rows, head, stride_don, stride_doh, offs_d, q_mask)
-    lse = tl.load(lse_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + head * n_total + start + offs_m, mask=m_ok, other=0.0)
+    q0, q1, do0, do1, lse, delta = _query_side(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
+        stride_don, stride_doh, n_total, True, HEAD_DIM, D0, D1, ALIGN,
+    )  # fmt: skip
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    dq0, dq1 = _zeros_head(BLOCK_M, D0, D1)
     hi = seqlen
     if CAUSAL and not HAS_BIDIR:
         hi = tl.minimum(seqlen, m0 + BLOCK_M)
@@ -340,17 +439,14 @@ def _bwd_dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
         if _worth_computing(visible, HAS_SEG or HAS_BIDIR):
-            n_ok = offs_n < seqlen
-            cols = (start + offs_n).to(tl.int64)
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = _load_rows(k_ptr, cols, kv_head, stride_kn, stride_kh, offs_d, kv_mask)
-            v = _load_rows(v_ptr, cols, kv_head, stride_vn, stride_vh, offs_d, kv_mask)
-            s = dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE) * qk_scale
-            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-            dp = dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, IEEE)
-            ds = p * (dp - delta[:, None])
-            dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
-    _store_rows(dq_ptr, rows, head, stride_dqn, stride_dqh, offs_d, q_mask, dq * sm_scale)
+            dq0, dq1 = _dq_step(
+                dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
+                stride_kn, stride_kh, stride_vn, stride_vh, qk_scale,
+                True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    _store_head(
+        dq_ptr, rows, m_ok, head, stride_dqn, stride_dqh, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
+    )
 
 
 _DELTA_ROWS = 16 if interpreting() else 64
@@ -359,28 +455,45 @@ _DELTA_ROWS = 16 if interpreting() else 64
 @triton.jit
 def _delta_kernel(
     o_ptr, do_ptr, delta_ptr, stride_on, stride_oh, stride_don, stride_doh, n_total,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """delta[head, i] = sum_d dO[i, head, d] * O[i, head, d] in fp32, without fp32 copies of O and dO."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     head = tl.program_id(1)
-    offs_d = tl.arange(0, D_PAD)
     row_ok = rows < n_total
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = _load_rows(o_ptr, rows.to(tl.int64), head, stride_on, stride_oh, offs_d, mask).to(tl.float32)
-    do = _load_rows(do_ptr, rows.to(tl.int64), head, stride_don, stride_doh, offs_d, mask).to(tl.float32)
-    tl.store(delta_ptr + head * n_total + rows, tl.sum(o * do, 1), mask=row_ok)
+    rows = rows.to(tl.int64)
+    o0, o1 = _load_head(o_ptr, rows, row_ok, head, stride_on, stride_oh, HEAD_DIM, D0, D1, ALIGN, True)
+    do0, do1 = _load_head(do_ptr, rows, row_ok, head, stride_don, stride_doh, HEAD_DIM, D0, D1, ALIGN, True)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    tl.store(delta_ptr + head * n_total + rows, delta, mask=row_ok)
 
 
 # cu_seqlens tensor -> (its version, (first, total, longest, shortest), its values): see remember_cu_seqlens
 _HOST_INFO: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _flags(q: torch.Tensor, causal: bool, segment_ids, bidir_ids) -> dict:
+def stride_align(head_dim: int, *tensors: torch.Tensor) -> int:
+    """The largest power of two (at most 16) dividing ``head_dim`` and the row and head strides of ``tensors``: every
+    tile row a kernel loads or stores then starts ALIGN elements into an aligned tensor (the outputs and
+    gradients the kernels write are contiguous: their strides are multiples of ``head_dim``)."""
+    align = 16
+    for stride in (head_dim, *(s for t in tensors for s in t.stride()[:-1])):
+        while stride % align:
+            align //= 2
+    return align
+
+
+def _flags(q: torch.Tensor, causal: bool, segment_ids, bidir_ids, *more: torch.Tensor) -> dict:
+    """The kernels' constexprs; ``more``: the other tensors they index with their own strides (k, v)."""
     head_dim = q.shape[-1]
+    d0, d1 = head_chunks(head_dim)
     return {
         "HEAD_DIM": head_dim,
-        "D_PAD": max(16, triton.next_power_of_2(head_dim)),
+        "D0": d0,
+        "D1": d1,
+        "ALIGN": stride_align(head_dim, q, *more),
         "CAUSAL": causal,
         "HAS_SEG": segment_ids is not None,
         "HAS_BIDIR": bidir_ids is not None,
@@ -394,7 +507,7 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids, softmax_scale):
         n_total, n_heads, _ = q.shape
         num_docs = cu_seqlens.numel() - 1
-        flags = _flags(q, causal, segment_ids, bidir_ids)
+        flags = _flags(q, causal, segment_ids, bidir_ids, k, v)
         # Unused id pointers still need a valid tensor to point at.
         seg = segment_ids if segment_ids is not None else cu_seqlens
         bidir = bidir_ids if bidir_ids is not None else cu_seqlens
@@ -426,7 +539,8 @@ class _VarlenAttention(torch.autograd.Function):
         delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
         _delta_kernel[(triton.cdiv(n_total, _DELTA_ROWS), n_heads)](
             out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
-            HEAD_DIM=flags["HEAD_DIM"], D_PAD=flags["D_PAD"], BLOCK=_DELTA_ROWS,
+            HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
+            BLOCK=_DELTA_ROWS,
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(GROUP=group, **flags)

@@ -141,3 +141,20 @@ def test_head_dim_with_non_unit_stride():
     out = varlen_attention(q, kv, kv, cu, 14)
     ref = varlen_attention_reference(q.double(), kv.double(), kv.double(), cu, 14)
     assert q.stride(-1) == 2 and rel_err(out, ref) < 1e-5
+
+
+def test_head_chunks_and_stride_align():
+    """Head dims that are not powers of two run as two power-of-two chunks (matrix work 80, 80, 96 columns for 72,
+    80, 96, not 128); the alignment hint is the power of two dividing the head dim and every row / head stride."""
+    from r4b.kernels.varlen_attention import head_chunks, stride_align
+
+    assert {d: head_chunks(d) for d in (8, 16, 24, 64, 72, 80, 96, 112, 128, 192, 256)} == {
+        8: (16, 0), 16: (16, 0), 24: (16, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
+        112: (64, 64), 128: (128, 0), 192: (128, 64), 256: (256, 0),
+    }  # fmt: skip
+    q = torch.zeros(5, 4, 72)
+    assert stride_align(128, torch.zeros(5, 4, 128)) == 16
+    assert stride_align(72, q) == 8
+    assert stride_align(72, q, torch.zeros(5, 12, 216)[:, :4, :72]) == 8  # a view of a fused qkv projection
+    assert stride_align(24, torch.zeros(5, 3, 36)[..., :24]) == 4
+    assert stride_align(24, torch.zeros(5, 3, 25)[..., :24]) == 1
