@@ -6,7 +6,8 @@ A prepared DIR holds::
                          tokenizer and image processor it was made with, mask_empty_think, the source files
     data/shard-NNNNN.arrow   the encoded samples, Apache Arrow IPC stream files (Hugging Face ``datasets``' own
                          cache format: ``datasets.Dataset.from_file(path)`` memory-maps one); columns input_ids,
-                         labels (int32 lists, labels unshifted with -100), images (absolute paths),
+                         labels (int32 lists, labels unshifted with -100), images (absolute paths,
+                         or relative to the DIR for images stored in it: the DIR can be moved),
                          image_token_counts, mode, source (``file:line``, ``file.parquet:ROW``)
     images/XX/<sha256>.<format>   the images that Parquet / datasets inputs held as bytes, once each
     lengths.npy          int32 [samples]: tokens per sample (the planner's index, read with np.load(mmap_mode="r"))
@@ -245,7 +246,7 @@ def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.n
             {
                 "input_ids": [s.input_ids for s in encoded],
                 "labels": [s.labels for s in encoded],
-                "images": [[str(Path(p).resolve()) for p in s.images] for s in encoded],
+                "images": [[_stored_path(p) for p in s.images] for s in encoded],
                 "image_token_counts": [s.image_token_counts for s in encoded],
                 "mode": [s.mode for s in encoded],
                 "source": [s.source for s in encoded],
@@ -254,6 +255,14 @@ def _prepare_shard(shard: _Shard) -> tuple[int, dict[str, Any], np.ndarray, np.n
         writer.finalize()
     stored = {str(path) for s in encoded for path in s.images if Path(path).is_relative_to(_STATE["images"])}
     return shard.index, report.to_dict(), lengths, loss, stored
+
+
+def _stored_path(path: str | Path) -> str:
+    """How a shard names an image: relative to the DIR for the images stored in it (the DIR can be moved or copied
+    to a node's local disk), else absolute."""
+    path = Path(path).resolve()
+    images = _STATE["images"]
+    return str(path.relative_to(images.parent)) if path.is_relative_to(images) else str(path)
 
 
 def prepare(

@@ -33,6 +33,7 @@ class PreparedSamples(Sequence):
         self._all_loss = np.concatenate([np.load(d / "loss_tokens.npy", mmap_mode="r") for d in self.dirs])
         self.keep = np.arange(len(self._all_lengths), dtype=np.int64) if keep is None else keep
         self._table = None
+        self._starts = np.cumsum([0] + [len(np.load(d / "lengths.npy", mmap_mode="r")) for d in self.dirs])
 
     @property
     def table(self):
@@ -51,10 +52,11 @@ class PreparedSamples(Sequence):
     def row(self, raw: int) -> EncodedSample:
         """Row ``raw`` of the concatenated DIRs (before any filtering)."""
         data = self.table[int(raw)]
+        home = self.dirs[int(np.searchsorted(self._starts, raw, side="right")) - 1]  # images stored in the DIR
         return EncodedSample(
             input_ids=list(data["input_ids"]),
             labels=list(data["labels"]),
-            images=[Path(p) for p in data["images"]],
+            images=[home / p for p in data["images"]],  # an absolute path stays itself
             image_token_counts=list(data["image_token_counts"]),
             mode=data["mode"],
             source=data["source"],
@@ -77,6 +79,7 @@ class PreparedSamples(Sequence):
         out = PreparedSamples.__new__(PreparedSamples)
         out.dirs, out.manifests = self.dirs, self.manifests
         out._all_lengths, out._all_loss, out._table = self._all_lengths, self._all_loss, self._table
+        out._starts = self._starts
         out.keep = self.keep[keep]
         return out
 
