@@ -13,8 +13,16 @@ The shapes stay ragged for any config; the interpreter has one config anyway.
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("R4B_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def torch_reference_kernels(monkeypatch):
+    """For the trainer's tests (``pytestmark = pytest.mark.usefixtures("torch_reference_kernels")``): CPU tensors
+    take the torch references, the fast CPU path; the kernels are checked against them in their own tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

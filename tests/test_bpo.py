@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels are checked elsewhere; the trainer runs the CPU path
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,7 @@ BPO_DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
 G_PER_MODE = 2
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    """The kernels are checked against their references elsewhere; here the update runs the CPU torch path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=KINDS)

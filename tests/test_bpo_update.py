@@ -27,10 +27,7 @@ MODES = ("thinking", "non_thinking")
 BIG = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    """The kernels are checked against their references elsewhere; here the update runs the CPU torch path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 class RecordingEngine:

@@ -6,10 +6,7 @@ import pytest
 
 from r4b.demo import paper_signature, run_demo, sweep_table
 
-
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the demo's CPU path; the kernels are checked elsewhere
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 def test_quick_demo_writes_the_report(tmp_path):

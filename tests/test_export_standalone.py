@@ -106,10 +106,7 @@ open(out_path, "w").write(json.dumps({"results": results, "classes": classes, "r
 """
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    """Generation runs r4b's rollout engine on the fast CPU path (the kernels are checked elsewhere)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "sft.yaml"
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -55,10 +55,7 @@ VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_
 KINDS = ("qwen2_5_vl", "qwen3_vl")
 
 
-@pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    """The kernels are checked against their references elsewhere; here the trainer runs the fast CPU path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 def save_tiny_qwen_vl(kind: str, out: Path, seed: int = 0) -> Path:

@@ -20,9 +20,11 @@ SFT = str(ROOT / "configs" / "demo" / "sft.yaml")
 BPO = str(ROOT / "configs" / "demo" / "bpo.yaml")
 
 
+pytestmark = pytest.mark.usefixtures("torch_reference_kernels")
+
+
 @pytest.fixture(autouse=True)
-def torch_reference_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def no_debug_tracebacks(monkeypatch):
     monkeypatch.delenv("R4B_DEBUG", raising=False)
 
 
