@@ -1,4 +1,4 @@
-"""Shared test utilities: devices, tolerances, allocation tracking, two-rank launches."""
+"""Shared test utilities: devices, tolerances, allocation tracking, two-rank launches, the demo's data and configs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_SFT = ROOT / "configs" / "demo" / "sft.yaml"
+
+
+def synthetic_data(tmp_path_factory, *, n_sft: int, n_rl: int = 2, n_eval: int = 2, seed: int = 0) -> Path:
+    """A fresh directory of the demo's synthetic task (r4b.synth): sft.jsonl, rl.jsonl, eval.jsonl, images."""
+    from r4b.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, n_sft=n_sft, n_rl=n_rl, n_eval=n_eval, seed=seed)
+    return out
+
 
 # Relative (Frobenius) error allowed against the float64 reference, by input dtype.
 # fp16/bf16 bounds come from rounding the outputs and d_logits to that dtype.

@@ -7,19 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO_SFT, synthetic_data
 
 from r4b.cli import main
 from r4b.config import load_config
 from r4b.data import DataError
 from r4b.data.prepare import load_data_tools
-from r4b.synth import write_synthetic
 from r4b.train.batches import GlobalBatchPlanner
 from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batches
 from r4b.train.sft import SFTConfig, padding_sample, train_sft
 from r4b.train.sft_data import SFTDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo" / "sft.yaml"
+DEMO = DEMO_SFT
 
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
@@ -27,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftes
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=40, n_rl=2, n_eval=2, seed=1)
-    return out / "sft.jsonl"
+    return synthetic_data(tmp_path_factory, n_sft=40, seed=1) / "sft.jsonl"
 
 
 def dataset_and_keys(data: Path, world_size: int = 1, rank: int = 0, steps: int = 3):

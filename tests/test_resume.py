@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import DEMO_SFT, synthetic_data
 
 from r4b.cli import main
 from r4b.train.runtime import changed_keys
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo" / "sft.yaml"
+DEMO = DEMO_SFT
 
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
@@ -21,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftes
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from r4b.synth import write_synthetic
-
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=24, n_rl=2, n_eval=2, seed=0)
-    return out / "sft.jsonl"
+    return synthetic_data(tmp_path_factory, n_sft=24) / "sft.jsonl"
 
 
 def sft(data: Path, out: Path, *extra: str) -> list[str]:

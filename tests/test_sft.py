@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_two_ranks
+from helpers import DEMO_SFT, ROOT, run_two_ranks, synthetic_data
 
 from r4b.cli import main
 from r4b.config import load_config
 from r4b.data import DataError
-from r4b.synth import write_synthetic
 from r4b.train.sft import SFTConfig, train_sft
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo" / "sft.yaml"
+DEMO = DEMO_SFT
 
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
@@ -26,9 +24,7 @@ pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftes
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=48, n_rl=2, n_eval=2, seed=0)
-    return out / "sft.jsonl"
+    return synthetic_data(tmp_path_factory, n_sft=48) / "sft.jsonl"
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err, run_two_ranks
+from helpers import DEMO_SFT, ROOT, rel_err, run_two_ranks, synthetic_data
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -38,13 +38,11 @@ from r4b.models.loading import load_model_and_processor
 from r4b.models.mrope import mm_token_type_ids
 from r4b.models.qwen_vl import QWEN_VL_CHAT_TEMPLATE, QwenVLImageProcessor
 from r4b.models.tokenizer import load_tokenizer
-from r4b.synth import write_synthetic
 from r4b.train.objective import PackedSFTObjective
 from r4b.train.sft import SFTConfig, train_sft
 from r4b.train.sft_data import SFTDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo" / "sft.yaml"
+DEMO = DEMO_SFT
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 TEXT = dict(
     vocab_size=912, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -89,9 +87,7 @@ def save_tiny_qwen_vl(kind: str, out: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=24, n_rl=2, n_eval=2, seed=0)
-    return out / "sft.jsonl"
+    return synthetic_data(tmp_path_factory, n_sft=24) / "sft.jsonl"
 
 
 @pytest.fixture(scope="module", params=KINDS)
