@@ -181,3 +181,34 @@ def test_fa2_call_follows_the_kernels_signature(kernel, causal, monkeypatch):
     want = varlen_attention_reference(q, k, v, cu.cpu(), max(LENGTHS), causal=causal, softmax_scale=0.3)
     ab._fa2_keywords.cache_clear()
     assert rel_err(out, want) < 1e-12
+
+
+def test_compiled_flex_does_not_recompile_per_micro_batch(monkeypatch):
+    """torch.compile'd FlexAttention (what the flex backend runs on CUDA), here on the CPU: micro-batches whose packing
+    (document lengths, segments, total tokens) changes reuse the compiled graphs. Dynamo compiles once for the first
+    total length, once more when the total changes (automatic dynamic shapes), and never again; the block mask (a
+    new mask_mod closure over new id tensors each micro-batch) adds no guard. Dynamo decides recompiles before any
+    backend runs, so ``aot_eager`` stands in for inductor (minutes on a CPU, for the same guards)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(ab, "FLEX_COMPILE_ON_CPU", True)
+    monkeypatch.setattr(ab, "_compiled_flex", lambda: compiled)
+    compiled = torch.compile(ab._flex().flex_attention, backend="aot_eager")
+    gen = torch.Generator().manual_seed(9)
+    graphs = []
+    for lengths in ([70, 58], [30, 41, 57], [100, 37], [200], [50, 50, 28, 33], [129, 1, 60], [64, 64, 64]):
+        cu, seg, bidir = packed_documents(lengths, seed=len(lengths), responses_in=(0,), bidir_in=(len(lengths) - 1,))
+        n = sum(lengths)
+        q, k, v = (torch.randn(n, h, 16, generator=gen, dtype=torch.float32) for h in (4, 2, 2))
+        with torch.no_grad():
+            out = ab.packed_attention(q, k, v, cu, max(lengths), segment_ids=seg, bidir_ids=bidir, backend="flex")
+        ref = varlen_attention_reference(q.double(), k.double(), v.double(), cu, max(lengths), segment_ids=seg,
+                                         bidir_ids=bidir)  # fmt: skip
+        assert rel_err(out, ref) < 1e-5, lengths
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] == 1 and graphs[1] == 1, graphs  # a new packing of the same total: no recompile
+    assert graphs[-1] == graphs[2] == 2, graphs  # a new total: one dynamic-shape graph, then none

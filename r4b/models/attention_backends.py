@@ -109,6 +109,11 @@ def _compiled_flex():
     return torch.compile(_flex().flex_attention)
 
 
+# CPU tensors run FlexAttention eagerly unless this is set (tests: compiled FlexAttention keeps one graph across
+# micro-batches whose packing changes, checked on the CPU)
+FLEX_COMPILE_ON_CPU = False
+
+
 def resolve_backend(
     name: str, q: torch.Tensor, *, causal: bool, segment_ids: torch.Tensor | None, bidir_ids: torch.Tensor | None
 ) -> str:
@@ -213,7 +218,7 @@ def _flex_rows_mask(seq_len: int, device: torch.device, block_size: int):
 
 def _flex_call(q, k, v, block_mask, scale):
     """q [B, Hq, T, D], k / v [B, Hkv, T, D] -> [B, Hq, T, D]."""
-    fn = _compiled_flex() if q.is_cuda else _flex().flex_attention
+    fn = _compiled_flex() if q.is_cuda or FLEX_COMPILE_ON_CPU else _flex().flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
