@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,12 @@ def data(tmp_path_factory) -> Path:
     return synthetic_data(tmp_path_factory, n_sft=40, seed=1) / "sft.jsonl"
 
 
-def dataset_and_keys(data: Path, world_size: int = 1, rank: int = 0, steps: int = 3):
+def dataset_and_keys(data: Path, world_size: int = 1, rank: int = 0, steps: int = 3, max_tokens: int = 4096):
     tokenizer, processor = load_data_tools(None, None)
     dataset = SFTDataset.from_files([str(data)], tokenizer, processor, max_tokens=4096)
+    max_tokens = max(max_tokens, max(dataset.lengths))
     planner = GlobalBatchPlanner(
-        dataset.lengths, dataset.loss_tokens, global_batch_samples=16, max_tokens=4096, world_size=world_size
+        dataset.lengths, dataset.loss_tokens, global_batch_samples=16, max_tokens=max_tokens, world_size=world_size
     )
     keys = rank_micro_batches(planner, rank, 0, steps, lambda plan: padding_sample(plan, dataset.lengths))
     return dataset, planner, keys
@@ -80,6 +83,19 @@ def test_micro_batches_cover_each_step_in_the_planned_order(data):
             assert key.samples == tuple(plan.for_rank(1)[key.index])
         else:
             assert key.samples == padding_sample(plan, dataset.lengths)
+
+
+def test_workers_outlive_ctrl_c_so_the_step_can_finish(data):
+    """SIGINT / SIGTERM reach the workers too (one process group); the loop finishes its step, then stops."""
+    dataset, planner, keys = dataset_and_keys(data, steps=1, max_tokens=1)  # one sample per micro-batch
+    assert planner.plan(0).micro_steps >= 3
+    with MicroBatchLoader(dataset.host_batch, keys, workers=1, prefetch=1) as loader:
+        loader.next(0, 0)
+        for worker in loader._iterator._workers:
+            os.kill(worker.pid, signal.SIGINT)
+            os.kill(worker.pid, signal.SIGTERM)
+        for index in range(1, planner.plan(0).micro_steps):
+            loader.next(0, index)
 
 
 def test_asking_out_of_order_is_refused(data):

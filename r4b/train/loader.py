@@ -12,6 +12,7 @@ them: near zero once enough workers are set.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach the whole process group; the loop stops after its step (r4b.train.runtime
+    .StopSignal) and still needs the step's micro-batches, so the workers leave the signals to it (they stop with
+    the loader, or when the loop's process is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class MicroBatchLoader:
     """Host batches of ``keys`` built by ``build`` (``SFTDataset.host_batch``), ``workers`` processes ahead of the
     loop, each keeping ``prefetch`` micro-batches ready; ``workers=0`` builds each one when the loop asks for it.
@@ -115,6 +124,7 @@ class MicroBatchLoader:
                 num_workers=workers,
                 prefetch_factor=prefetch,
                 pin_memory=pin_memory,
+                worker_init_fn=_ignore_stop_signals,
                 # fork: the workers inherit the dataset (a prepared DIR's memory maps, the processor) without pickling
                 multiprocessing_context="fork",
             )
