@@ -17,7 +17,15 @@ from r4b.rl import RolloutBatch, compute_advantages, compute_logprobs
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams
 from r4b.rollout.prompts import encode_for_generation, stop_token_ids
 from r4b.synth import write_synthetic
-from r4b.train.bpo import BPOConfig, BPOTrainer, _rollout_metrics, move_decision_tokens, prompt_indices, train_bpo
+from r4b.train.bpo import (
+    BPOConfig,
+    BPOTrainer,
+    _rollout_metrics,
+    decision_token_counts,
+    move_decision_tokens,
+    prompt_indices,
+    train_bpo,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
@@ -308,3 +316,35 @@ def test_bpo_applies_the_configured_liger_patches(data, tmp_path, monkeypatch):
     extra = ("train.export=false", "data.eval=null", "model.liger=false")
     BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
     assert seen == [False]
+
+
+@pytest.mark.parametrize("credit", ["all", "positive"])
+def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, tmp_path, monkeypatch, credit):
+    """advantages.mode_decision_from=positive (issue 16, demo seed 0): only rollouts with a positive joint advantage
+    move their decision tokens into the response; a negative one would push its mode's token down and hand the mass
+    to whatever else is likeliest after <think> (seed 0: <|im_end|>). Scripted: thinking wrong, non-thinking right."""
+    import r4b.train.bpo as bpo
+
+    extra = (f"advantages.mode_decision_from={credit}", "data.eval=null", "train.export=false")
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / credit, *extra)))
+    trainer.rollout_engine = ScriptedEngine(trainer)
+    moved, advantages = [], []
+    monkeypatch.setattr(
+        bpo, "move_decision_tokens", lambda r, d: moved.append((r.mode, d)) or move_decision_tokens(r, d)
+    )
+    monkeypatch.setattr(
+        bpo, "compute_advantages", lambda *a, **k: advantages.append(compute_advantages(*a, **k)) or advantages[-1]
+    )
+    trainer.step(0)
+    (adv,) = advantages
+    counts = decision_token_counts(trainer.tokenizer)
+    signs = adv.flatten().tolist()  # rollouts row by row, as they are moved
+    expected = [counts[mode] if credit == "all" or a > 0 else 0 for (mode, _), a in zip(moved, signs, strict=True)]
+    assert [d for _, d in moved] == expected
+    assert any(a > 0 for a in adv.flatten()) and any(a < 0 for a in adv.flatten())
+
+
+def test_unknown_mode_decision_from_is_refused(data, tmp_path):
+    args = overrides(data, tmp_path / "run", "advantages.mode_decision_from=best")
+    with pytest.raises(ValueError, match=r"advantages\.mode_decision_from must be one of"):
+        BPOTrainer(load_config(BPOConfig, DEMO, args))

@@ -93,6 +93,13 @@ class AdvantageSection:
     grouping: str = "joint"  # "joint" (the paper: over all 2g) | "per_mode" (ablation)
     scale_by_std: bool = True  # False: Dr. GRPO
     mode_decision_credit: bool = False  # beyond the paper: the token after <think> is trained too
+    # Which responses train it: "all", or "positive" (advantage > 0: the better mode of the prompt's joint group).
+    # The decision is a choice between two tokens but the softmax spans the vocabulary: a negative advantage on one
+    # mode's decision token moves its mass to the likeliest other token, which need not be the other mode's. On demo
+    # seed 0 the annealed model never chose non-thinking after <think> (P(\n\n) 0.001: the paper masks the empty
+    # think block in annealing), so pushing \n down on easy prompts fed <|im_end|> (0.43 -> 0.95): auto mode then
+    # stopped at once on every easy prompt (issue 16). Positive credit only raises the chosen mode's token.
+    mode_decision_from: str = "all"
 
 
 @dataclass
@@ -182,7 +189,10 @@ def decision_token_counts(tokenizer: Any, suffixes: dict[str, str] | None = None
     return counts
 
 
-def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection) -> None:
+DECISION_FROM = ("all", "positive")
+
+
+def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection, advantages: AdvantageSection) -> None:
     """Settings that cannot work together, refused before any model loads."""
     if rollout.strategy not in STRATEGIES:
         raise ValueError(f"rollout.strategy must be one of {STRATEGIES}, got {rollout.strategy!r}")
@@ -191,6 +201,10 @@ def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection) ->
     if rollout.engine != "vllm" and (rollout.vllm or rollout.vllm_sleep_level is not None):
         raise ValueError("rollout.vllm and rollout.vllm_sleep_level are for rollout.engine=vllm")
     check_suffixes(rollout.suffixes)
+    if advantages.mode_decision_from not in DECISION_FROM:
+        raise ValueError(
+            f"advantages.mode_decision_from must be one of {DECISION_FROM}, got {advantages.mode_decision_from!r}"
+        )
     if reward.name not in REWARDS:
         raise ValueError(f"unknown reward {reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
     if reward.name == "format" and (reward.format_weight or reward.pattern):
@@ -221,7 +235,7 @@ class BPOTrainer:
         self.config = config
         self.rank, self.world_size, self.run_dir = start_run(config, config.output_dir, config.train.seed)
         self.main = self.rank == 0
-        _check_rollout_and_reward(config.rollout, config.reward)
+        _check_rollout_and_reward(config.rollout, config.reward, config.advantages)
         self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
         self.eval_prompts = []
         if config.data.eval:  # data.on_error applies to the evaluation prompts too, counted in the one report
@@ -401,7 +415,10 @@ class BPOTrainer:
 
         trained = rollouts
         if self.decision_tokens is not None:
-            trained = [[move_decision_tokens(r, self.decision_tokens[r.mode]) for r in row] for row in rollouts]
+            trained = [
+                [move_decision_tokens(r, self._decision_tokens(r, float(a))) for r, a in zip(row, adv, strict=True)]
+                for row, adv in zip(rollouts, advantages, strict=True)
+            ]
         batch = RolloutBatch.from_rollouts(
             trained,
             advantages,
@@ -431,6 +448,12 @@ class BPOTrainer:
         metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
         return metrics
+
+    def _decision_tokens(self, rollout: Rollout, advantage: float) -> int:
+        """How many suffix tokens after ``<think>`` this rollout trains (``advantages.mode_decision_from``)."""
+        if self.config.advantages.mode_decision_from == "positive" and advantage <= 0:
+            return 0
+        return self.decision_tokens[rollout.mode]
 
     # -- evaluation -------------------------------------------------------------------------------------
 
