@@ -195,10 +195,11 @@ def r4b_auto_fn(layout: Layout):
     )  # fmt: skip
 
 
-def r4b_schedule_fn(layout: Layout):
-    """r4b's kernels walking the exact tile schedule (built once per layout, outside the timed region)."""
+def r4b_schedule_fn(layout: Layout, dtype: torch.dtype):
+    """r4b's kernels walking the exact tile schedule (built once per layout, outside the timed region; its tiles
+    are the kernels' for ``dtype``)."""
     max_len = max(layout.lengths)
-    block_m, block_n = default_blocks()
+    block_m, block_n = default_blocks(dtype)
     schedule_for(layout.cu, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
                  block_m=block_m, block_n=block_n)  # fmt: skip
     return lambda q, k, v: packed_attention(
@@ -264,7 +265,7 @@ def competitors(layout: Layout, args) -> dict:
     }
     if device == "cuda":  # on the CPU, auto is r4b's kernel itself
         impls["r4b-auto"] = build_competitor(r4b_auto_fn, layout)
-        impls["r4b-schedule"] = build_competitor(r4b_schedule_fn, layout)
+        impls["r4b-schedule"] = build_competitor(r4b_schedule_fn, layout, getattr(torch, args.dtype))
     if args.flex:
         impls["flex"] = build_competitor(flex_attention_fn, layout, device)
     if layout.n <= args.sdpa_max_tokens:

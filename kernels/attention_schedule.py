@@ -455,9 +455,105 @@ def _sched_dq_kernel(
     )
 
 
-def default_blocks() -> tuple[int, int]:
-    """The tiles of the schedule-walking kernels: 16 x 16 in the interpreter, 64 x 64 on a GPU (not tuned)."""
-    return (16, 16) if interpreting() else (64, 64)
+# --- Hopper launch configs (issue 12, item 2): chosen from sm_90 compiles, not yet timed on an H100 -------------
+#
+# Tiles (the schedule's): 128 query rows x 64 keys for 16-bit inputs. The forward and dQ hold a 128-row Q tile (and
+# dO) in shared memory for the whole walk and stream 64-key K/V tiles, FA2/FA3's H100 shape for head dims <= 128:
+# a 128 x 64 x D wgmma per tile for 8 warps (two warpgroups of 64 rows each), P kept in registers as the A operand
+# of P @ V. dK/dV holds its 64-key K/V tile and streams 128-row Q/dO tiles (same schedule, transposed lists).
+# Stages: shared memory per CTA as Triton 3.9 allocates it for sm_90, bf16 (bytes; the H100 allows 232,448 =
+# 227 KiB per CTA, 228 KiB per SM), from `compile_for_sm90` (tests/test_attention_schedule.py checks the pins):
+#
+#   head dim          64       72/80     96       128
+#   fwd  (3 stages)   66,560   82,944    99,328   132,096     K+V ring 3 x 2 x 64 x D x 2 B + Q 128 x D x 2 B
+#   dQ   (3 stages)   82,944   103,424   123,904  164,864     + dO, the second operand of dP = dO V^T
+#   dKdV (2 stages)  100,864  121,344   141,824  182,784     Q+dO ring 2 x 2 x 128 x D x 2 B + K, V; 3 stages
+#                                                             need 249,856 at D = 128: over the limit
+#
+# One CTA per SM at D = 128 (8 warps, 2 warpgroups): what FA2 runs on Hopper too; at D <= 96 the forward leaves
+# room for a second CTA. 72 and 80 take 64 + 16 column chunks: their K/V loads need the ALIGN hint (stride 72 is
+# not a multiple of 16) to become cp.async copies the pipeliner can multi-buffer; without it they were plain loads.
+# fp32 inputs (tests, never training) use 64 x 64 tiles, 4 warps and 2 stages (115,456 / 147,968 / 164,864 at
+# D = 128): 128 x 64 dK/dV needs 262,144 bytes in fp32 even at one stage. The same 16-bit table fits an A100
+# (sm_80: 99,328 / 132,096 / 116,736 at D = 128, under its 166,912). One config per kernel and no autotuning, so
+# R4B_AUTOTUNE changes nothing here: the tests run the configs the GPU runs.
+# Prediction (owed: H100 figures): the forward on shared-prefix and vision masks at 1.5-2.5x today's r4b kernel
+# (no empty-tile loop steps or idle programs, no mask arithmetic on full tiles, 72 at 80 columns instead of 128),
+# which is about FlexAttention's time or better; causal documents within 10% of torch's FA2; the backward's dK/dV
+# is the weakest kernel (one CTA per SM, 2 stages, Q and dO streamed per query head of the GQA group).
+_LAUNCH_16BIT = {"fwd": (8, 3), "dq": (8, 3), "dkdv": (8, 2)}  # (num_warps, num_stages)
+_LAUNCH_32BIT = {"fwd": (4, 2), "dq": (4, 2), "dkdv": (4, 2)}
+
+
+def default_blocks(dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """The tiles (query rows, keys) of the schedule-walking kernels: 16 x 16 in the interpreter; on a GPU 128 x 64
+    for 16-bit inputs, 64 x 64 for fp32 (see the launch configs above)."""
+    if interpreting():
+        return (16, 16)
+    return (128, 64) if dtype.itemsize <= 2 else (64, 64)
+
+
+def launch_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int) -> dict:
+    """``num_warps`` / ``num_stages`` of a walking kernel (``fwd``, ``dq`` or ``dkdv``); none in the interpreter."""
+    if interpreting():
+        return {}
+    small = dtype.itemsize <= 2 or block_m * block_n <= 64 * 64
+    warps, stages = (_LAUNCH_16BIT if dtype.itemsize <= 2 else _LAUNCH_32BIT)[kernel] if small else (4, 1)
+    return {"num_warps": warps, "num_stages": stages}
+
+
+def compile_for_sm90(
+    head_dim: int, *, dtype: str = "bf16", capability: int = 90, group: int = 4, kernels=("fwd", "dq", "dkdv")
+) -> dict:
+    """Compile the walking kernels (``kernels``) for ``sm_<capability>`` at their launch configs, without a GPU
+    (Triton's own ptxas): per kernel the shared memory its CTA needs, the async (cp.async) copies and wgmma dots in its
+    Triton GPU IR. Shared-prefix + bidir masks, GQA ``group``, pointers and strides as the launcher specializes
+    them (16-aligned; head strides only when the head dim is a multiple of 16). Needs TRITON_INTERPRET unset when
+    this module was imported."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    block_m, block_n = 128, 64
+    if torch_dtype.itemsize > 2:
+        block_m = block_n = 64
+    q = torch.empty((1, group, head_dim), dtype=torch_dtype, device="meta")
+    kv = torch.empty((1, 1, head_dim), dtype=torch_dtype, device="meta")
+    flags = _flags(q, True, q, q, kv, kv)
+    flags.update(UPCAST=False, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n)
+    out = {}
+    table = {"fwd": _sched_fwd_kernel, "dq": _sched_dq_kernel, "dkdv": _sched_dkdv_kernel}
+    for name in kernels:
+        kernel = table[name]
+        names = kernel.arg_names
+        signature, attrs = {}, {}
+        for i, arg in enumerate(names):
+            if arg in flags:
+                signature[arg] = "constexpr"
+            elif arg in ("lse_ptr", "delta_ptr"):
+                signature[arg] = "*fp32"
+            elif arg.endswith("_ptr"):
+                data = arg[:-4] in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+                signature[arg] = f"*{dtype}" if data else "*i32"
+            else:
+                signature[arg] = "fp32" if "scale" in arg else "i32"
+            if arg.endswith("_ptr") or (arg.startswith("stride") and (arg.endswith("n") or head_dim % 16 == 0)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in flags.items()
+                           if k in names}, attrs=attrs)  # fmt: skip
+        options = launch_config(name, torch_dtype, block_m, block_n)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+        ir = compiled.asm["ttgir"]
+        out[name] = {
+            **options,
+            "shared": compiled.metadata.shared,
+            "async_copies": len(re.findall(r"async_copy_global_to_local", ir)),
+            "wgmma": len(re.findall(r"warp_group_dot\b", ir)),
+            "kv_buffers": sorted(set(re.findall(r"memdesc<(\d+)x\d+x\d+x" + dtype.replace("fp", "f"), ir))),
+        }
+    return out
 
 
 class _ScheduledAttention(torch.autograd.Function):
@@ -472,11 +568,12 @@ class _ScheduledAttention(torch.autograd.Function):
         group = n_heads // k.shape[1]
         offsets, tiles, split = kernel_lists(schedule)["kv"]
         blocks = dict(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
+        launch = launch_config("fwd", q.dtype, schedule.block_m, schedule.block_n)
         _sched_fwd_kernel[(schedule.q_doc.numel(), n_heads)](
             q, k, v, out, lse, cu_seqlens, seg, bidir,
             schedule.q_doc, schedule.q_start, schedule.k_start, offsets, tiles, split,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), n_total, scale * _LOG2E, GROUP=group, **flags, **blocks,
+            out.stride(0), out.stride(1), n_total, scale * _LOG2E, GROUP=group, **flags, **blocks, **launch,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seg, bidir)
         ctx.meta = (scale, group, flags, schedule)
@@ -495,6 +592,7 @@ class _ScheduledAttention(torch.autograd.Function):
             BLOCK=_DELTA_ROWS,
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        blocks = (schedule.block_m, schedule.block_n)
         common = dict(GROUP=group, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, **flags)
         lists = kernel_lists(schedule)
         _sched_dkdv_kernel[(schedule.k_doc.numel(), k.shape[1])](
@@ -502,14 +600,14 @@ class _ScheduledAttention(torch.autograd.Function):
             schedule.k_doc, schedule.k_start, schedule.q_start, *lists["q"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            n_total, scale * _LOG2E, scale, **common,
+            n_total, scale * _LOG2E, scale, **common, **launch_config("dkdv", q.dtype, *blocks),
         )  # fmt: skip
         _sched_dq_kernel[(schedule.q_doc.numel(), n_heads)](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
             schedule.q_doc, schedule.q_start, schedule.k_start, *lists["kv"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-            n_total, scale * _LOG2E, scale, **common,
+            n_total, scale * _LOG2E, scale, **common, **launch_config("dq", q.dtype, *blocks),
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -529,7 +627,7 @@ def scheduled_varlen_attention(
     """``varlen_attention``'s contract on the kernels that walk the tile schedule (built here, cached on
     ``cu_seqlens``, unless given; its tile sizes are the kernels'). Triton only (GPU or the interpreter)."""
     if schedule is None:
-        bm, bn = default_blocks()
+        bm, bn = default_blocks(q.dtype)
         schedule = schedule_for(
             cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=bm, block_n=bn
         )

@@ -295,7 +295,7 @@ def packed_attention(
             softmax_scale=softmax_scale, cache_ids=cache_ids,
         )  # fmt: skip
     if kind == "r4b-schedule" and use_triton(q, k, v):
-        block_m, block_n = default_blocks()
+        block_m, block_n = default_blocks(q.dtype)
         schedule = schedule_for(
             cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m,
             block_n=block_n, cache_ids=tuple(cache_ids),
