@@ -110,6 +110,42 @@ def test_schedule_equals_brute_force(mask, blocks):
         assert stats["full_tiles"] == sum(expected.values())
 
 
+def edge_layout():
+    """Every case the issue lists, by construction (random_layout draws them only by chance): one-token documents
+    (first, between, last), a prompt with 0 responses and a bidir block, a prompt with exactly 16 responses (some
+    of one token) and a bidir block inside the prompt, a prompt ending the document before any response, a bidir
+    block over a whole document, ragged lengths around the tile sizes."""
+    docs = []  # (segment ids, bidir ids) per document
+    docs.append(([0], [0]))  # one token
+    docs.append(([0] * 23, [0] * 5 + [1] * 9 + [0] * 9))  # a prompt with 0 responses, a block inside
+    sixteen = [0] * 20 + [k for k in range(1, 17) for _ in range(1 + k % 3)]
+    docs.append((sixteen, [0] * 3 + [2] * 12 + [0] * (len(sixteen) - 15)))  # 16 responses, an image in the prompt
+    docs.append(([0], [0]))  # one token between
+    docs.append(([0] * 33, [3] * 33))  # one bidir block over the whole document
+    docs.append(([0] * 17 + [1] * 16, [0] * 33))  # a prompt and one response, exactly a tile's edge
+    docs.append(([0], [4]))  # one token, a block of one
+    seg = torch.tensor([s for d, _ in docs for s in d], dtype=torch.int32)
+    bidir = torch.tensor([b for _, d in docs for b in d], dtype=torch.int32)
+    lengths = [len(d) for d, _ in docs]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return cu.to(DEVICE), seg.to(DEVICE), bidir.to(DEVICE)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), (8, 8)], ids=str)
+def test_schedule_equals_brute_force_on_edge_layout(blocks):
+    cu, seg, bidir = edge_layout()
+    kinds = set()
+    for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "bidir_ids": bidir}, {"bidir_ids": bidir},
+               {"causal": False}):  # fmt: skip
+        schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
+        expected, pairs = brute_force(cu, *blocks, **kw)
+        fwd, bwd = listed(schedule)
+        assert fwd == expected == bwd, kw
+        assert int(schedule.visible_pairs) == pairs, kw
+        kinds |= set(expected.values())
+    assert kinds == {True, False}  # full and partial tiles both checked
+
+
 def test_shared_prefix_by_hand():
     """One document of 8: prompt [0, 4) with a bidir block [1, 4), responses [4, 6) and [6, 8); 2 x 2 tiles."""
     cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
@@ -139,7 +175,9 @@ def test_current_kernel_stats_shared_prefix():
 
 
 def test_schedule_built_once_per_model_forward():
-    """A 4-layer model on the r4b-schedule backend: one schedule build per packed batch, whatever the layers."""
+    """A 4-layer model on the r4b-schedule backend: one schedule build per packed batch, whatever the layers, and
+    its backward builds none (every layer's three kernels share it); unpacked rows (no cu_seq_lens): one build per
+    shape, not per layer."""
     config = Qwen3Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
@@ -155,13 +193,24 @@ def test_schedule_built_once_per_model_forward():
         batch = dict(input_ids=torch.randint(0, 97, (1, n), generator=gen).to(DEVICE), position_ids=positions[None],
                      cu_seq_lens_q=cu, max_length_q=int(cu.diff().max()), segment_ids=seg[None])  # fmt: skip
         before = sched.BUILDS["count"]
-        with torch.no_grad():
-            with ab.use_attention_backend("r4b-schedule"):
+        with ab.use_attention_backend("r4b-schedule"):
+            if forward == 0:
+                with torch.no_grad():
+                    out = model.model(**batch).last_hidden_state
+            else:  # forward and backward
                 out = model.model(**batch).last_hidden_state
-            with ab.use_attention_backend("r4b"):
-                ref = model.model(**batch).last_hidden_state
+                out.sum().backward()
+                assert all(p.grad is not None for p in model.model.layers[0].self_attn.parameters())
+        with torch.no_grad(), ab.use_attention_backend("r4b"):
+            ref = model.model(**batch).last_hidden_state
         assert sched.BUILDS["count"] - before == 1, forward
         assert (out - ref).abs().max().item() < 1e-5
+    ids = torch.randint(0, 97, (2, 9), generator=gen).to(DEVICE)
+    before = sched.BUILDS["count"]
+    with torch.no_grad(), ab.use_attention_backend("r4b-schedule"):
+        model.model(input_ids=ids)
+        model.model(input_ids=ids + 1)  # the next batch of the same shape
+    assert sched.BUILDS["count"] - before == 1
 
 
 def walking_layout():
@@ -241,3 +290,35 @@ def test_schedule_walking_kernels_head_dims(head_dim):
     (expected * grad).sum().backward()
     for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
         assert rel_err(a.grad, b.grad) < 2e-5, name
+
+
+_COMPILE_SCRIPT = """
+import json
+from r4b.kernels.attention_schedule import compile_for_sm90
+cases = {"72-bf16": (72, "bf16", ["fwd"]), "128-bf16": (128, "bf16", ["dq", "dkdv"])}
+print(json.dumps({key: compile_for_sm90(d, dtype=t, kernels=k) for key, (d, t, k) in cases.items()}))
+"""
+
+
+def test_walking_kernels_compile_for_hopper():
+    """The walking kernels compile for sm_90 at their pinned launch configs (no GPU needed: Triton's ptxas), fit an
+    H100's 227 KiB of shared memory per CTA, run wgmma (16-bit inputs), and multi-buffer their streamed tiles (the
+    software pipeline), head dim 72 included (its ALIGN hint). The largest: dQ and dK/dV at 128 (the forward needs
+    less). Not fp32 (the GPU test run's dtype, 64 x 64 tiles: 164,864 bytes for dK/dV at 128): a minute of ptxas
+    on a CPU for its FMA dots."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, kernels in report.items():
+        for name, info in kernels.items():
+            assert 0 < info["shared"] <= 232448, (case, name, info)
+            assert info["wgmma"] > 0 and info["async_copies"] > 0, (case, name, info)
+            assert info["kv_buffers"], (case, name, info)  # the K/V (or Q/dO) ring: multi-buffered
+    assert report["72-bf16"]["fwd"]["shared"] == 82944  # 80 columns of K/V per stage, not 128 (132,096 at 128)
+    assert (report["128-bf16"]["dq"]["num_stages"], report["128-bf16"]["dkdv"]["num_stages"]) == (3, 2)

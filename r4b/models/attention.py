@@ -15,6 +15,8 @@ The kernel that runs it is chosen per call by :mod:`r4b.models.attention_backend
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
@@ -37,6 +39,17 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if len(dtypes) == 1:
         return dtypes.pop()
     return min(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
+@functools.lru_cache(maxsize=16)
+def _rows_cu_seqlens(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` of ``batch`` unpacked rows of ``seq_len`` tokens: one tensor per shape (never written), so that
+    every layer hands the same object to the caches keyed on it (the host copy, the r4b-schedule tile schedule and
+    Flex's block mask: one build per shape, not per layer)."""
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
+    # its host values are known: never read back from the device (a sync per layer, per vision window)
+    remember_cu_seqlens(cu, values=[row * seq_len for row in range(batch + 1)])
+    return cu
 
 
 def varlen_attention_forward(
@@ -75,10 +88,8 @@ def varlen_attention_forward(
         t.to(dtype).transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value)
     )
     if cu_seq_lens_q is None:
-        cu_seq_lens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq_len
+        cu_seq_lens_q = _rows_cu_seqlens(batch, seq_len, q.device)
         max_length_q = seq_len
-        # its host values are known: never read back from the device (a sync per layer, per vision window)
-        remember_cu_seqlens(cu_seq_lens_q, values=[row * seq_len for row in range(batch + 1)])
     elif batch != 1:
         raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
     cu_seqlens = cu_seq_lens_q if cu_seq_lens_q.dtype == torch.int32 else cu_seq_lens_q.to(torch.int32)
