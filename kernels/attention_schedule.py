@@ -30,6 +30,7 @@ from .varlen_attention import (
     _LOG2E,
     _delta_kernel,
     _dkdv_step,
+    _doc_tile,
     _dq_step,
     _flags,
     _fwd_finish,
@@ -214,22 +215,30 @@ def schedule_for(
     """:func:`build_tile_schedule`, built once per ``cu_seqlens`` tensor object (and id tensors, mask kind and
     tile sizes) while none of them changes in place: every layer of a forward shares one build.
     ``cache_ids``: the id tensors as every layer receives them (default: ``segment_ids``, ``bidir_ids``)."""
-    ids = tuple(cache_ids) or (segment_ids, bidir_ids)
-    key = (causal, block_m, block_n, segment_ids is None, bidir_ids is None, *(id(t) for t in ids))
-    version = (cu_seqlens._version, *(None if t is None else t._version for t in ids))
-    entries = _CACHE.get(cu_seqlens)
-    if entries is None:
-        entries = _CACHE[cu_seqlens] = {}
-    hit = entries.get(key)
-    if hit is not None and hit[0] == version:
-        return hit[2]
-    schedule = build_tile_schedule(
+    key = (causal, block_m, block_n, segment_ids is None, bidir_ids is None)
+    build = lambda: build_tile_schedule(
         cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m, block_n=block_n
     )
-    if len(entries) >= 8:
+    return cached_per_batch(_CACHE, cu_seqlens, key, tuple(cache_ids) or (segment_ids, bidir_ids), build)
+
+
+def cached_per_batch(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, key: tuple, ids: tuple, build, limit=8):
+    """``build()`` once per (``cu_seqlens`` tensor object, ``key``, id tensors ``ids``) while none of them changed
+    in place: what every layer of a forward (and its backward) shares. ``cache`` maps the tensor to its entries
+    (at most ``limit``, oldest dropped); an entry keeps its id tensors alive, so their id() cannot be reused."""
+    entries = cache.get(cu_seqlens)
+    if entries is None:
+        entries = cache[cu_seqlens] = {}
+    full_key = (*key, *(None if t is None else id(t) for t in ids))
+    version = (cu_seqlens._version, *(None if t is None else t._version for t in ids))
+    hit = entries.get(full_key)
+    if hit is not None and hit[0] == version:
+        return hit[2]
+    value = build()
+    if len(entries) >= limit:
         entries.pop(next(iter(entries)))
-    entries[key] = (version, ids, schedule)
-    return schedule
+    entries[full_key] = (version, ids, value)
+    return value
 
 
 def current_kernel_stats(
@@ -316,14 +325,9 @@ def _sched_fwd_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    doc = tl.load(q_doc_ptr + tile)
-    m0 = tl.load(q_start_ptr + tile)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
+    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
+                                                  BLOCK_M)  # fmt: skip
     kv_head = head // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    rows = (start + offs_m).to(tl.int64)
     q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
@@ -365,13 +369,8 @@ def _sched_dkdv_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    doc = tl.load(k_doc_ptr + tile)
-    n0 = tl.load(k_start_ptr + tile)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seqlen
-    cols = (start + offs_n).to(tl.int64)
+    start, seqlen, offs_n, n_ok, cols = _doc_tile(cu_ptr, tl.load(k_doc_ptr + tile), tl.load(k_start_ptr + tile),
+                                                  BLOCK_N)  # fmt: skip
     k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
     v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
@@ -417,14 +416,9 @@ def _sched_dq_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    doc = tl.load(q_doc_ptr + tile)
-    m0 = tl.load(q_start_ptr + tile)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
+    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
+                                                  BLOCK_M)  # fmt: skip
     kv_head = head // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    rows = (start + offs_m).to(tl.int64)
     q0, q1, do0, do1, lse, delta = _query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
         stride_don, stride_doh, n_total, True, HEAD_DIM, D0, D1, ALIGN,

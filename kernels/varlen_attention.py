@@ -160,6 +160,16 @@ def _dot_acc(a, b0, b1, acc0, acc1, D1: tl.constexpr, UPCAST: tl.constexpr, IEEE
 
 
 @triton.jit
+def _doc_tile(cu_ptr, doc, first, BLOCK: tl.constexpr):
+    """Document ``doc``'s start and length, and its tile of BLOCK rows from ``first`` (document-local): the row
+    offsets, which are inside the document, and their packed indices (int64)."""
+    start = tl.load(cu_ptr + doc)
+    seqlen = tl.load(cu_ptr + doc + 1) - start
+    offs = first + tl.arange(0, BLOCK)
+    return start, seqlen, offs, offs < seqlen, (start + offs).to(tl.int64)
+
+
+@triton.jit
 def _visible(
     offs_m,
     offs_n,
@@ -323,15 +333,11 @@ def _fwd_kernel(
     doc = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
     m0 = pid_m * BLOCK_M
+    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, doc, m0, BLOCK_M)
     if m0 >= seqlen:
         return
     kv_head = head // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    rows = (start + offs_m).to(tl.int64)
     q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
@@ -368,14 +374,10 @@ def _bwd_dkdv_kernel(
     doc = tl.program_id(0)
     pid_n = tl.program_id(1)
     kv_head = tl.program_id(2)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
     n0 = pid_n * BLOCK_N
+    start, seqlen, offs_n, n_ok, cols = _doc_tile(cu_ptr, doc, n0, BLOCK_N)
     if n0 >= seqlen:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seqlen
-    cols = (start + offs_n).to(tl.int64)
     k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
     v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
@@ -416,15 +418,11 @@ def _bwd_dq_kernel(
     doc = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(cu_ptr + doc)
-    seqlen = tl.load(cu_ptr + doc + 1) - start
     m0 = pid_m * BLOCK_M
+    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, doc, m0, BLOCK_M)
     if m0 >= seqlen:
         return
     kv_head = head // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    rows = (start + offs_m).to(tl.int64)
     q0, q1, do0, do1, lse, delta = _query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
         stride_don, stride_doh, n_total, True, HEAD_DIM, D0, D1, ALIGN,

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 from helpers import DEVICE, rel_err
-from test_varlen_attention import packed_documents
+from test_varlen_attention import MASKS, mask_kwargs, packed_documents
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b.kernels.varlen_attention import varlen_attention_reference
@@ -13,13 +13,6 @@ from r4b.models import attention_backends as ab
 from r4b.models import register_varlen_attention
 
 LENGTHS = [7, 41, 1, 29]  # ragged, one single-token document
-MASKS = {
-    "causal": lambda seg, bidir: {},
-    "shared-prefix": lambda seg, bidir: {"segment_ids": seg},
-    "shared-prefix+bidir": lambda seg, bidir: {"segment_ids": seg, "bidir_ids": bidir},
-    "bidir": lambda seg, bidir: {"bidir_ids": bidir},
-    "full": lambda seg, bidir: {"causal": False},
-}
 
 
 def inputs(dtype, *, seed=0, heads=(4, 2), head_dim=24):
@@ -29,13 +22,13 @@ def inputs(dtype, *, seed=0, heads=(4, 2), head_dim=24):
             heads[1], heads[1])]  # fmt: skip
 
 
-@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("backend", ["r4b", "flex"])
 def test_backend_forward_matches_reference(backend, mask):
     """float64 on the CPU (FlexAttention eager; its backward needs CUDA), fp32 on a GPU with the backward."""
     dtype = torch.float32 if DEVICE == "cuda" else torch.float64
     cu, seg, bidir = packed_documents(LENGTHS, seed=len(mask), responses_in=(1, 3), bidir_in=(1, 3))
-    kw = MASKS[mask](seg, bidir)
+    kw = mask_kwargs(mask, seg, bidir)
     q, k, v = inputs(dtype)
     grad = DEVICE == "cuda"
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))

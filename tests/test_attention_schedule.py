@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 from helpers import DEVICE
+from test_varlen_attention import MASKS, mask_kwargs
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b.kernels import attention_schedule as sched
@@ -82,22 +83,13 @@ def listed(schedule: sched.TileSchedule):
     return fwd, bwd
 
 
-MASKS = ["causal", "shared-prefix", "shared-prefix+bidir", "bidir", "full"]
-
-
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), (128, 64)], ids=str)
 @pytest.mark.parametrize("mask", MASKS)
 def test_schedule_equals_brute_force(mask, blocks):
     gen = torch.Generator().manual_seed(hash((mask, blocks)) % 1000)
     for trial in range(3):
         cu, seg, bidir = random_layout(gen, docs=int(torch.randint(1, 12, (1,), generator=gen)), max_len=150)
-        kw = {
-            "causal": {},
-            "shared-prefix": {"segment_ids": seg},
-            "shared-prefix+bidir": {"segment_ids": seg, "bidir_ids": bidir},
-            "bidir": {"bidir_ids": bidir},
-            "full": {"causal": False},
-        }[mask]
+        kw = mask_kwargs(mask, seg, bidir)
         schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
         expected, pairs = brute_force(cu, *blocks, **kw)
         fwd, bwd = listed(schedule)
@@ -135,8 +127,7 @@ def edge_layout():
 def test_schedule_equals_brute_force_on_edge_layout(blocks):
     cu, seg, bidir = edge_layout()
     kinds = set()
-    for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "bidir_ids": bidir}, {"bidir_ids": bidir},
-               {"causal": False}):  # fmt: skip
+    for kw in (mask_kwargs(mask, seg, bidir) for mask in MASKS):
         schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
         expected, pairs = brute_force(cu, *blocks, **kw)
         fwd, bwd = listed(schedule)
@@ -245,13 +236,7 @@ def test_schedule_walking_kernels_match_reference(mask):
         pytest.skip("Triton kernels: a GPU or TRITON_INTERPRET=1")
     gen = torch.Generator().manual_seed(11)
     cu, seg, bidir = walking_layout()
-    kw = {
-        "causal": {},
-        "shared-prefix": {"segment_ids": seg},
-        "shared-prefix+bidir": {"segment_ids": seg, "bidir_ids": bidir},
-        "bidir": {"bidir_ids": bidir},
-        "full": {"causal": False},
-    }[mask]
+    kw = mask_kwargs(mask, seg, bidir)
     n = int(cu[-1])
     q, k, v = (torch.randn(n, h, 16, generator=gen, dtype=torch.float64) for h in (2, 1, 1))
     ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]

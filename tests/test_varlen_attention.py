@@ -52,18 +52,23 @@ def check(lengths, heads, head_dim, dtype, *, seed, causal=True, segment_ids=Non
 MASKS = ["causal", "shared-prefix", "shared-prefix+bidir", "bidir", "full"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mask", MASKS)
-def test_masks(mask, dtype):
-    lengths = [7, 41, 1, 29]  # ragged, one single-token document
-    cu, seg, bidir = packed_documents(lengths, seed=len(mask), responses_in=(1, 3), bidir_in=(1, 3))
-    kw = {
+def mask_kwargs(mask: str, seg, bidir) -> dict:
+    """The mask arguments of ``varlen_attention`` for one of MASKS."""
+    return {
         "causal": {},
         "shared-prefix": {"segment_ids": seg},
         "shared-prefix+bidir": {"segment_ids": seg, "bidir_ids": bidir},
         "bidir": {"bidir_ids": bidir},
         "full": {"causal": False},
     }[mask]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+def test_masks(mask, dtype):
+    lengths = [7, 41, 1, 29]  # ragged, one single-token document
+    cu, seg, bidir = packed_documents(lengths, seed=len(mask), responses_in=(1, 3), bidir_in=(1, 3))
+    kw = mask_kwargs(mask, seg, bidir)
     check(lengths, (4, 2), 24, dtype, seed=1, cu=cu, **kw)
 
 

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from r4b.kernels import varlen_attention
 from r4b.kernels._backend import use_triton
-from r4b.kernels.attention_schedule import default_blocks, schedule_for, scheduled_varlen_attention
+from r4b.kernels.attention_schedule import cached_per_batch, default_blocks, schedule_for, scheduled_varlen_attention
 from r4b.kernels.varlen_attention import cu_seqlens_host_values
 
 BACKENDS = ("auto", "r4b", "flex", "fa2", "r4b-schedule")
@@ -140,19 +140,7 @@ def resolve_backend(
 
 def _cached(cu_seqlens: torch.Tensor, key: tuple, ids: tuple, build):
     """``build()`` once per (cu_seqlens tensor, key, id tensors), while none of them changed in place."""
-    entries = _PER_BATCH.get(cu_seqlens)
-    if entries is None:
-        entries = _PER_BATCH[cu_seqlens] = {}
-    full_key = (*key, *(None if t is None else id(t) for t in ids))
-    version = (cu_seqlens._version, *(None if t is None else t._version for t in ids))
-    hit = entries.get(full_key)
-    if hit is not None and hit[0] == version:
-        return hit[2]
-    value = build()
-    if len(entries) >= _MAX_PER_BATCH:
-        entries.pop(next(iter(entries)))
-    entries[full_key] = (version, ids, value)  # ids kept alive with the entry: their id() cannot be reused
-    return value
+    return cached_per_batch(_PER_BATCH, cu_seqlens, key, ids, build, _MAX_PER_BATCH)
 
 
 def flex_block_mask(
