@@ -320,28 +320,32 @@ def test_bpo_applies_the_configured_liger_patches(data, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("credit", ["all", "positive"])
 def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, tmp_path, monkeypatch, credit):
-    """advantages.mode_decision_from=positive (issue 16, demo seed 0): only rollouts with a positive joint advantage
-    move their decision tokens into the response; a negative one would push its mode's token down and hand the mass
-    to whatever else is likeliest after <think> (seed 0: <|im_end|>). Scripted: thinking wrong, non-thinking right."""
+    """advantages.mode_decision_from=positive (issue 16, demo seed 0): of each prompt's two modes only the one with
+    the positive mean advantage moves its decision tokens into the response; the other's net push would be negative
+    and hand its token's mass to whatever else is likeliest after <think> (seed 0: <|im_end|>). Scripted: one
+    thinking rollout per prompt closes at once (off-mode, -1), the other is cut off (0); non-thinking answers right."""
     import r4b.train.bpo as bpo
 
     extra = (f"advantages.mode_decision_from={credit}", "data.eval=null", "train.export=false")
     trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / credit, *extra)))
     trainer.rollout_engine = ScriptedEngine(trainer)
     moved, advantages = [], []
-    monkeypatch.setattr(
-        bpo, "move_decision_tokens", lambda r, d: moved.append((r.mode, d)) or move_decision_tokens(r, d)
-    )
+    spy = lambda r, d: moved.append((r.mode, d)) or move_decision_tokens(r, d)
+    monkeypatch.setattr(bpo, "move_decision_tokens", spy)
     monkeypatch.setattr(
         bpo, "compute_advantages", lambda *a, **k: advantages.append(compute_advantages(*a, **k)) or advantages[-1]
     )
-    trainer.step(0)
+    trainer.step(0)  # the update runs: every mode's rollouts still share their prompt ids
     (adv,) = advantages
     counts = decision_token_counts(trainer.tokenizer)
-    signs = adv.flatten().tolist()  # rollouts row by row, as they are moved
-    expected = [counts[mode] if credit == "all" or a > 0 else 0 for (mode, _), a in zip(moved, signs, strict=True)]
-    assert [d for _, d in moved] == expected
-    assert any(a > 0 for a in adv.flatten()) and any(a < 0 for a in adv.flatten())
+    g = trainer.config.rollout.group_size
+    expected = []
+    for row in adv:
+        means = {"thinking": float(row[:g].mean()), "non_thinking": float(row[g:].mean())}
+        assert means["thinking"] < 0 < means["non_thinking"]
+        for mode in ("thinking",) * g + ("non_thinking",) * g:
+            expected.append((mode, counts[mode] if credit == "all" or means[mode] > 0 else 0))
+    assert moved == expected
 
 
 def test_unknown_mode_decision_from_is_refused(data, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class AdvantageSection:
     grouping: str = "joint"  # "joint" (the paper: over all 2g) | "per_mode" (ablation)
     scale_by_std: bool = True  # False: Dr. GRPO
     mode_decision_credit: bool = False  # beyond the paper: the token after <think> is trained too
-    # Which responses train it: "all", or "positive" (advantage > 0: the better mode of the prompt's joint group).
+    # Which rollouts train it: "all", or "positive": those of the prompt's mode with a positive mean advantage.
     # The decision is a choice between two tokens but the softmax spans the vocabulary: a negative advantage on one
     # mode's decision token moves its mass to the likeliest other token, which need not be the other mode's. On demo
     # seed 0 the annealed model never chose non-thinking after <think> (P(\n\n) 0.001: the paper masks the empty
@@ -416,7 +417,7 @@ class BPOTrainer:
         trained = rollouts
         if self.decision_tokens is not None:
             trained = [
-                [move_decision_tokens(r, self._decision_tokens(r, float(a))) for r, a in zip(row, adv, strict=True)]
+                [move_decision_tokens(r, n) for r, n in zip(row, self._decision_tokens(row, adv), strict=True)]
                 for row, adv in zip(rollouts, advantages, strict=True)
             ]
         batch = RolloutBatch.from_rollouts(
@@ -449,11 +450,14 @@ class BPOTrainer:
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
         return metrics
 
-    def _decision_tokens(self, rollout: Rollout, advantage: float) -> int:
-        """How many suffix tokens after ``<think>`` this rollout trains (``advantages.mode_decision_from``)."""
-        if self.config.advantages.mode_decision_from == "positive" and advantage <= 0:
-            return 0
-        return self.decision_tokens[rollout.mode]
+    def _decision_tokens(self, row: Sequence[Rollout], advantages: torch.Tensor) -> list[int]:
+        """How many suffix tokens after ``<think>`` each of one prompt's rollouts trains: its mode's, or with
+        ``advantages.mode_decision_from=positive`` only in the mode whose mean advantage is positive (a mode's
+        rollouts share their prompt ids; its decision token's net push is its advantages' sum)."""
+        positive = self.config.advantages.mode_decision_from == "positive"
+        modes = [r.mode for r in row]
+        mean = {m: float(advantages[torch.tensor([x == m for x in modes])].mean()) for m in set(modes)}
+        return [0 if positive and mean[r.mode] <= 0 else self.decision_tokens[r.mode] for r in row]
 
     # -- evaluation -------------------------------------------------------------------------------------
 
