@@ -63,7 +63,7 @@ def test_prepared_dir_holds_the_jsonl_samples_and_report_whatever_the_workers(da
     assert 0 < jsonl.report.skipped["overlong"] < 40 and jsonl.report.skipped["bad_type"] == 1
     assert prepared.report.to_dict() == jsonl.report.to_dict()
     assert f"{data}:8" in json.dumps(prepared.report.to_dict())  # file:line of the bad record
-    assert prepared.lengths == jsonl.lengths and prepared.loss_tokens == jsonl.loss_tokens
+    assert list(prepared.lengths) == jsonl.lengths and list(prepared.loss_tokens) == jsonl.loss_tokens
     assert len(prepared.samples) == len(jsonl.samples)
     for a, b in zip(prepared.samples, jsonl.samples, strict=True):
         _same(a, b)

@@ -301,6 +301,8 @@ def prepare(
     started = time.perf_counter()
     _STATE.update(tokenizer=tokenizer, processor=processor, on_error=on_error, out=out, image_root=image_root)
     _STATE.update(mask_empty_think=mask_empty_think, images=(out / "images").resolve())
+    # the parallelism is the workers' (one core each): the tokenizer's own threads would make 1 worker use many
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         shards = _plan_shards([str(p) for p in paths], shard_lines)
         (out / "data").mkdir(parents=True, exist_ok=True)
@@ -309,7 +311,6 @@ def prepare(
         else:
             import multiprocessing
 
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer and processor
             with context.Pool(min(workers, len(shards))) as pool:
                 results = list(pool.imap(_prepare_shard, shards, chunksize=1))  # input order

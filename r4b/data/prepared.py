@@ -8,7 +8,9 @@ not grow with the dataset beyond the index.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +23,9 @@ from r4b.data.prepare import FORMAT, MANIFEST, processor_fingerprint, tokenizer_
 from r4b.data.report import DataReport
 from r4b.errors import InputError
 
-__all__ = ["PreparedSamples", "open_prepared"]
+__all__ = ["OPEN_SHARDS", "PreparedSamples", "open_prepared"]
+
+OPEN_SHARDS = 64  # shards a rank keeps open (memory-mapped) at once
 
 
 class PreparedSamples(Sequence):
@@ -32,27 +36,33 @@ class PreparedSamples(Sequence):
         self._all_lengths = np.concatenate([np.load(d / "lengths.npy", mmap_mode="r") for d in self.dirs])
         self._all_loss = np.concatenate([np.load(d / "loss_tokens.npy", mmap_mode="r") for d in self.dirs])
         self.keep = np.arange(len(self._all_lengths), dtype=np.int64) if keep is None else keep
-        self._table = None
-        self._starts = np.cumsum([0] + [len(np.load(d / "lengths.npy", mmap_mode="r")) for d in self.dirs])
+        # every shard of every DIR, in row order: (its DIR, its file); _shard_starts[k] is shard k's first row
+        self._shards = [(d, d / name) for d, m in zip(self.dirs, self.manifests, strict=True) for name in m["shards"]]
+        self._shard_starts = np.cumsum([0] + [n for m in self.manifests for n in m["shard_samples"]])
+        self._open: OrderedDict[int, Any] = OrderedDict()
 
-    @property
-    def table(self):
-        """The rows of every shard, memory-mapped (a ``datasets.Dataset``), opened on first use."""
-        if self._table is None:
-            from datasets import Dataset, concatenate_datasets
+    def _shard(self, k: int):
+        """Shard ``k`` memory-mapped, opened on first use and kept among the last OPEN_SHARDS used: opening costs
+        resident memory (about a sixth of a shard's size), so a rank holds the shards its micro-batches touch
+        lately, not the dataset's."""
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        from datasets import Dataset
 
-            files = [d / s for d, m in zip(self.dirs, self.manifests, strict=True) for s in m["shards"]]
-            shards = [shard for shard in map(Dataset.from_file, map(str, files)) if len(shard)]
-            self._table = concatenate_datasets(shards) if shards else None
-        return self._table
+        shard = self._open[k] = Dataset.from_file(str(self._shards[k][1]))
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return shard
 
     def __len__(self) -> int:
         return len(self.keep)
 
     def row(self, raw: int) -> EncodedSample:
         """Row ``raw`` of the concatenated DIRs (before any filtering)."""
-        data = self.table[int(raw)]
-        home = self.dirs[int(np.searchsorted(self._starts, raw, side="right")) - 1]  # images stored in the DIR
+        k = int(np.searchsorted(self._shard_starts, raw, side="right")) - 1
+        data = self._shard(k)[int(raw - self._shard_starts[k])]
+        home = self._shards[k][0]  # images stored in the DIR are named relative to it
         return EncodedSample(
             input_ids=list(data["input_ids"]),
             labels=list(data["labels"]),
@@ -68,19 +78,19 @@ class PreparedSamples(Sequence):
         return self.row(int(self.keep[index]))
 
     @cached_property
-    def lengths(self) -> list[int]:
-        return self._all_lengths[self.keep].tolist()
+    def lengths(self) -> np.ndarray:
+        """int32 [samples] (an array, not a list: 4 bytes a sample where a Python int costs 36)."""
+        return self._all_lengths[self.keep]
 
     @cached_property
-    def loss_tokens(self) -> list[int]:
-        return self._all_loss[self.keep].tolist()
+    def loss_tokens(self) -> np.ndarray:
+        return self._all_loss[self.keep]
 
     def filtered(self, keep: np.ndarray) -> PreparedSamples:
-        out = PreparedSamples.__new__(PreparedSamples)
-        out.dirs, out.manifests = self.dirs, self.manifests
-        out._all_lengths, out._all_loss, out._table = self._all_lengths, self._all_loss, self._table
-        out._starts = self._starts
+        out = copy.copy(self)  # the index, shard table and open shards are shared; only ``keep`` changes
         out.keep = self.keep[keep]
+        out.__dict__.pop("lengths", None)
+        out.__dict__.pop("loss_tokens", None)
         return out
 
 

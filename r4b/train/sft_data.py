@@ -94,13 +94,13 @@ class SFTDataset:
         return cls(samples, processor, report)
 
     @property
-    def lengths(self) -> list[int]:
+    def lengths(self) -> Sequence[int]:
         if hasattr(self.samples, "lengths"):  # a prepared DIR: from its index, no sample read
             return self.samples.lengths
         return [sample.length for sample in self.samples]
 
     @property
-    def loss_tokens(self) -> list[int]:
+    def loss_tokens(self) -> Sequence[int]:
         """Labelled tokens of each sample after the next-token shift (the first token is never a target)."""
         if hasattr(self.samples, "loss_tokens"):
             return self.samples.loss_tokens
