@@ -47,7 +47,7 @@ def drain(loader: MicroBatchLoader, planner: GlobalBatchPlanner, steps: int) -> 
     with loader:
         for step in range(steps):
             for index in range(planner.plan(step).micro_steps):
-                batch, waited = loader.next(step, index)
+                _, batch, waited = loader.next(step, index)
                 assert waited >= 0
                 out.append(batch)
     return out

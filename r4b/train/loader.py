@@ -95,8 +95,8 @@ class MicroBatchLoader:
     """Host batches of ``keys`` built by ``build`` (``SFTDataset.host_batch``), ``workers`` processes ahead of the
     loop, each keeping ``prefetch`` micro-batches ready; ``workers=0`` builds each one when the loop asks for it.
 
-    Use as a context manager (the workers stop on exit, also on Ctrl-C); :meth:`next` returns the next micro-batch
-    and the seconds the loop waited for it.
+    Use as a context manager (the workers stop on exit, also on Ctrl-C); :meth:`next` returns the next micro-batch's
+    key (its samples, whether it is a padding pass), the micro-batch and the seconds the loop waited for it.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class MicroBatchLoader:
             )
             self._iterator = iter(self._loader)
 
-    def next(self, step: int, index: int) -> tuple[dict[str, Any], float]:
+    def next(self, step: int, index: int) -> tuple[MicroBatchKey, dict[str, Any], float]:
         """Micro-batch ``index`` of ``step`` (the order is fixed: asking for another one is a bug) and the wait."""
         started = time.perf_counter()
         key, batch = next(self._iterator)
@@ -139,7 +139,7 @@ class MicroBatchLoader:
             raise RuntimeError(f"loader out of order: step {step} micro-batch {index} asked, {key} delivered")
         if isinstance(batch, InputError):
             raise batch
-        return batch, waited
+        return key, batch, waited
 
     def close(self) -> None:
         shutdown = getattr(self._iterator, "_shutdown_workers", None)

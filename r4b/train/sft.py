@@ -151,7 +151,7 @@ def train_sft(config: SFTConfig) -> Path:
     workers = config.data.workers
     workers = default_workers(engine.device, world_size) if workers is None else workers
     keys = rank_micro_batches(
-        planner, rank, start_step, total_steps, lambda plan: padding_sample(plan, dataset.lengths)
+        planner, rank, start_step, total_steps, lambda plan: padding_sample(plan, planner.lengths)
     )
     loader = MicroBatchLoader(
         dataset.host_batch, keys, workers=workers, pin_memory=torch.device(engine.device).type == "cuda"
@@ -159,7 +159,7 @@ def train_sft(config: SFTConfig) -> Path:
     stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
     try:
         for step in range(start_step, total_steps):
-            metrics = _train_step(engine, loader, planner.plan(step), rank, world_size)
+            metrics = _train_step(engine, loader, planner.plan(step), world_size)
             logger.log(metrics)
             done = step + 1
             halt = stop.should_stop(engine.device)
@@ -190,7 +190,7 @@ def padding_sample(plan: StepPlan, lengths: list[int]) -> tuple[int]:
     return (min(samples, key=lambda i: (lengths[i], i)),)
 
 
-def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, rank: int, world: int) -> dict:
+def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) -> dict:
     started = time.perf_counter()
     # Gradients are averaged over ranks: scale so their average is sum / (labelled tokens of the global batch).
     scale = world / max(1, plan.loss_tokens)
@@ -199,12 +199,11 @@ def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, rank: int, wor
     data_wait = 0.0
     for index in range(plan.micro_steps):
         # a rank with fewer micro-batches gets a zero-weight pass (rank_micro_batches) to keep collectives paired
-        padding = index >= len(plan.for_rank(rank))
-        host, waited = loader.next(plan.step, index)
+        key, host, waited = loader.next(plan.step, index)
         data_wait += waited
         loss = engine.module(**batch_to_device(host, engine.device))
-        engine.backward(loss * (0.0 if padding else scale))
-        if not padding:
+        engine.backward(loss * (0.0 if key.padding else scale))
+        if not key.padding:
             loss_sum += loss.detach().double()
     lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())
     grad_norm = engine.step()
