@@ -188,6 +188,7 @@ def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 "data.eval=null", f"rollout.group_size={args.g}", f"rollout.max_new_tokens={args.full_step_tokens}",
                 f"rollout.strategy={strategy}", f"train.prompts_per_step={args.prompts}",
                 f"policy.shared_prefix={str(shared).lower()}", "train.tensorboard=false", "train.progress=false",
+                "policy.beta=0",  # no reference model, as TRL's arm (the demo config's KL is not what is timed)
             ]  # fmt: skip
             row = {"impl": impl, "mode": FULL_STEP, "rollouts": rollouts_label(strategy, args.g)}
             row["prompts"] = args.prompts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -221,15 +222,28 @@ class ScriptedEngine(RolloutEngine):
         return out
 
 
-def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
-    """Mean log-prob, under the policy, of ``</think>`` right after the forced ``<think>\n`` (closing at once)."""
-    rows = ScriptedEngine(trainer).generate([Prompt.from_sample(s) for s in samples], n=1, mode="thinking",
-                                            sampling=SamplingParams())  # fmt: skip
-    assert rows[0][0].text.startswith("</think>")
+def scripted_thought_logprobs(trainer: BPOTrainer, samples: list, engine: type[ScriptedEngine]) -> torch.Tensor:
+    """Per-token log-probs ``[R, L]``, under the policy, of ``engine``'s first forced-thinking response per sample."""
+    rows = engine(trainer).generate([Prompt.from_sample(s) for s in samples], n=1, mode="thinking",
+                                    sampling=SamplingParams())  # fmt: skip
     images, pad = [s.images for s in samples], trainer.tokenizer.pad_token_id or 0
     batch = RolloutBatch.from_rollouts(rows, torch.zeros(len(rows), 1), images=images, processor=trainer.processor,
                                        pad_id=pad)  # fmt: skip
-    return float(compute_logprobs(trainer.model, batch, max_tokens=4096)[:, 0].mean())
+    return compute_logprobs(trainer.model, batch, max_tokens=4096)
+
+
+def scripted_trainer(data: Path, out: Path, engine: type[ScriptedEngine], *extra: str) -> BPOTrainer:
+    """The demo config's trainer generating with ``engine``, without mode-decision credit (a probe then reads the
+    thinking group's own tokens alone) or evaluation."""
+    extra = ("advantages.mode_decision_credit=false", "data.eval=null", *extra)
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, out, *extra)))
+    trainer.rollout_engine = engine(trainer)
+    return trainer
+
+
+def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
+    """Mean log-prob, under the policy, of ``</think>`` right after the forced ``<think>\n`` (closing at once)."""
+    return float(scripted_thought_logprobs(trainer, samples, ScriptedEngine)[:, 0].mean())
 
 
 def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monkeypatch):
@@ -244,10 +258,7 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
     monkeypatch.setattr(bpo, "compute_advantages", lambda *a, **k: seen.append(compute_advantages(*a, **k)) or seen[-1])
     change = {}
     for setting in ("null", "-1.0"):
-        # no mode-decision credit here: the probe then reads the thinking group's own tokens alone
-        extra = (f"reward.off_mode={setting}", "advantages.mode_decision_credit=false", "data.eval=null")
-        trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / setting, *extra)))
-        trainer.rollout_engine = ScriptedEngine(trainer)
+        trainer = scripted_trainer(data, tmp_path / setting, ScriptedEngine, f"reward.off_mode={setting}")
         probe = trainer.prompts[:4]
         before, seen[:] = close_at_once_logprob(trainer, probe), []
         rows = [trainer.step(step) for step in range(3)]
@@ -352,3 +363,47 @@ def test_unknown_mode_decision_from_is_refused(data, tmp_path):
     args = overrides(data, tmp_path / "run", "advantages.mode_decision_from=best")
     with pytest.raises(ValueError, match=r"advantages\.mode_decision_from must be one of"):
         BPOTrainer(load_config(BPOConfig, DEMO, args))
+
+
+class WrongThoughtEngine(ScriptedEngine):
+    """An easy item as the demo's BPO sees it: every forced thought is wrong (cut off, no answer) and every direct
+    answer right, so the whole thinking group sits below the joint mean."""
+
+    def generate(self, prompts, *, n, mode, sampling):
+        rows = super().generate(prompts, n=n, mode=mode, sampling=sampling)
+        for row in rows:
+            for k, rollout in enumerate(row):
+                if mode == "thinking" and rollout.text != self.THOUGHT:
+                    row[k] = Rollout(rollout.prompt_ids, self.tokenizer.encode(self.THOUGHT, add_special_tokens=False),
+                                     self.THOUGHT, False, mode)  # fmt: skip
+        return rows
+
+
+def thought_logprob(trainer: BPOTrainer, samples: list) -> float:
+    """Mean per-token log-prob, under the policy, of the scripted thought after the forced ``<think>\n``."""
+    return float(scripted_thought_logprobs(trainer, samples, WrongThoughtEngine).mean())
+
+
+def test_kl_to_the_annealed_model_bounds_how_far_forced_thoughts_fall(data, tmp_path):
+    """Issue 16, demo seed 4: where thinking never helps, all of a prompt's thinking rollouts get negative joint
+    advantages, every sampled thought is pushed down step after step, and the greedy forced thought decayed (seed 4:
+    `The\\n\\n3`, 5 tokens, where the annealed model wrote 15). policy.beta (the paper's beta*KL to the reference,
+    the frozen initial policy) stops the fall: a token's k3 gradient beta*(exp(ref - logp) - 1) meets the advantage
+    |A| where the token has lost ln(1 + |A| / beta) nats, so each token of the thought levels off there, while
+    without it the same steps keep lowering it. (Beta 1 here, to see the level within a few steps; the demo's 0.2
+    holds each token within ln(1 + 0.87 / 0.2) = 1.7 nats of the annealed model.)"""
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 1.0]])  # per prompt: both thoughts wrong, both direct answers right
+    bound = math.log(1 + abs(float(compute_advantages(rewards, "joint", num_thinking=2)[0, 0])) / 1.0)
+    drops = {}
+    for beta in ("0.0", "1.0"):
+        trainer = scripted_trainer(data, tmp_path / beta, WrongThoughtEngine, f"policy.beta={beta}")
+        probe = trainer.prompts[:4]
+        before, drops[beta] = thought_logprob(trainer, probe), []
+        for step in range(8):
+            row = trainer.step(step)
+            assert row["thinking"]["accuracy"] == 0.0 and row["non_thinking"]["accuracy"] == 1.0
+            drops[beta].append(before - thought_logprob(trainer, probe))
+    print(f"fall of the thought's log-prob per step: {drops}; the level with beta 1: {bound:.3f}")
+    assert drops["0.0"][-1] > drops["0.0"][3] + 0.2 and drops["0.0"][-1] > bound + 0.4  # no KL: still falling
+    assert all(abs(d - bound) < 0.1 for d in drops["1.0"][3:]), (drops, bound)  # beta 1: level at the bound
+    assert BPOConfig().policy.beta == 0.0 and load_config(BPOConfig, DEMO, []).policy.beta == 0.2  # the demo's
