@@ -207,12 +207,15 @@ class ScriptedEngine(RolloutEngine):
     def key(prompt: Prompt) -> str:
         return json.dumps([prompt.messages, [str(image) for image in prompt.images]])
 
+    def texts(self, mode: str, answer: str) -> list[str]:
+        """The responses of one prompt in ``mode``, cycled over its ``n`` rollouts."""
+        return [f"</think>\n\n{answer}", self.THOUGHT] if mode == "thinking" else [f"\n\n{answer}"]
+
     def generate(self, prompts, *, n, mode, sampling):
         encoded = encode_for_generation(self.tokenizer, self.processor, prompts, n=n, mode=mode, suffix=None)
         out = []
         for prompt, enc in zip(prompts, encoded, strict=True):
-            answer = self.answers[self.key(prompt)]
-            texts = [f"</think>\n\n{answer}", self.THOUGHT] if mode == "thinking" else [f"\n\n{answer}"]
+            texts = self.texts(mode, self.answers[self.key(prompt)])
             row = []
             for k in range(n):
                 text = texts[k % len(texts)]
@@ -222,14 +225,17 @@ class ScriptedEngine(RolloutEngine):
         return out
 
 
-def scripted_thought_logprobs(trainer: BPOTrainer, samples: list, engine: type[ScriptedEngine]) -> torch.Tensor:
-    """Per-token log-probs ``[R, L]``, under the policy, of ``engine``'s first forced-thinking response per sample."""
+def scripted_thought_logprobs(
+    trainer: BPOTrainer, samples: list, engine: type[ScriptedEngine]
+) -> tuple[list[list[Rollout]], torch.Tensor]:
+    """``engine``'s first forced-thinking response per sample and its per-token log-probs ``[R, L]`` under the
+    policy."""
     rows = engine(trainer).generate([Prompt.from_sample(s) for s in samples], n=1, mode="thinking",
                                     sampling=SamplingParams())  # fmt: skip
     images, pad = [s.images for s in samples], trainer.tokenizer.pad_token_id or 0
     batch = RolloutBatch.from_rollouts(rows, torch.zeros(len(rows), 1), images=images, processor=trainer.processor,
                                        pad_id=pad)  # fmt: skip
-    return compute_logprobs(trainer.model, batch, max_tokens=4096)
+    return rows, compute_logprobs(trainer.model, batch, max_tokens=4096)
 
 
 def scripted_trainer(data: Path, out: Path, engine: type[ScriptedEngine], *extra: str) -> BPOTrainer:
@@ -243,7 +249,9 @@ def scripted_trainer(data: Path, out: Path, engine: type[ScriptedEngine], *extra
 
 def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
     """Mean log-prob, under the policy, of ``</think>`` right after the forced ``<think>\n`` (closing at once)."""
-    return float(scripted_thought_logprobs(trainer, samples, ScriptedEngine)[:, 0].mean())
+    rows, logprobs = scripted_thought_logprobs(trainer, samples, ScriptedEngine)
+    assert rows[0][0].text.startswith("</think>")
+    return float(logprobs[:, 0].mean())
 
 
 def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monkeypatch):
@@ -369,19 +377,15 @@ class WrongThoughtEngine(ScriptedEngine):
     """An easy item as the demo's BPO sees it: every forced thought is wrong (cut off, no answer) and every direct
     answer right, so the whole thinking group sits below the joint mean."""
 
-    def generate(self, prompts, *, n, mode, sampling):
-        rows = super().generate(prompts, n=n, mode=mode, sampling=sampling)
-        for row in rows:
-            for k, rollout in enumerate(row):
-                if mode == "thinking" and rollout.text != self.THOUGHT:
-                    row[k] = Rollout(rollout.prompt_ids, self.tokenizer.encode(self.THOUGHT, add_special_tokens=False),
-                                     self.THOUGHT, False, mode)  # fmt: skip
-        return rows
+    def texts(self, mode: str, answer: str) -> list[str]:
+        return [self.THOUGHT] if mode == "thinking" else super().texts(mode, answer)
 
 
 def thought_logprob(trainer: BPOTrainer, samples: list) -> float:
     """Mean per-token log-prob, under the policy, of the scripted thought after the forced ``<think>\n``."""
-    return float(scripted_thought_logprobs(trainer, samples, WrongThoughtEngine).mean())
+    rows, logprobs = scripted_thought_logprobs(trainer, samples, WrongThoughtEngine)
+    assert rows[0][0].text == WrongThoughtEngine.THOUGHT
+    return float(logprobs.mean())
 
 
 def test_kl_to_the_annealed_model_bounds_how_far_forced_thoughts_fall(data, tmp_path):
@@ -393,9 +397,10 @@ def test_kl_to_the_annealed_model_bounds_how_far_forced_thoughts_fall(data, tmp_
     without it the same steps keep lowering it. (Beta 1 here, to see the level within a few steps; the demo's 0.2
     holds each token within ln(1 + 0.87 / 0.2) = 1.7 nats of the annealed model.)"""
     rewards = torch.tensor([[0.0, 0.0, 1.0, 1.0]])  # per prompt: both thoughts wrong, both direct answers right
-    bound = math.log(1 + abs(float(compute_advantages(rewards, "joint", num_thinking=2)[0, 0])) / 1.0)
+    level_beta = 1.0
+    bound = math.log(1 + abs(float(compute_advantages(rewards, "joint", num_thinking=2)[0, 0])) / level_beta)
     drops = {}
-    for beta in ("0.0", "1.0"):
+    for beta in ("0.0", str(level_beta)):
         trainer = scripted_trainer(data, tmp_path / beta, WrongThoughtEngine, f"policy.beta={beta}")
         probe = trainer.prompts[:4]
         before, drops[beta] = thought_logprob(trainer, probe), []
