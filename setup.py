@@ -1,10 +1,9 @@
-"""Builds r4b: the Python packages (``kernels/`` installed as ``r4b.kernels``),
+"""Builds r4b: the Python package ``r4b`` (kernels included, at ``r4b/kernels/``),
 when csrc/ holds C++ sources the pybind11 extension ``r4b._C``, and where torch
 has CUDA and nvcc exists the CUDA extension ``r4b._cuda_ext`` (csrc/cuda/), which ``r4b._cuda`` loads
 after importing torch.
 
-Metadata lives in pyproject.toml; this file only says what pyproject cannot:
-the package directory mapping and the native build.
+Metadata lives in pyproject.toml; this file only says what pyproject cannot: the native build.
 """
 
 import os
@@ -64,10 +63,7 @@ CUDA_EXTENSIONS, CUDA_CMDCLASS = cuda_extensions()
 
 
 setup(
-    # `kernels/` is r4b.kernels: a top-level `kernels` package would shadow
-    # Hugging Face's `kernels`, which transformers imports.
-    packages=[*find_packages(include=["r4b", "r4b.*"]), "r4b.kernels"],
-    package_dir={"r4b": "r4b", "r4b.kernels": "kernels"},
+    packages=find_packages(include=["r4b", "r4b.*"]),
     ext_modules=native_extensions() + CUDA_EXTENSIONS,
     cmdclass=CUDA_CMDCLASS,
 )

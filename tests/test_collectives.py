@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-R4B_SOURCES = (str(ROOT / "r4b") + os.sep, str(ROOT / "kernels") + os.sep)
+R4B_SOURCES = (str(ROOT / "r4b") + os.sep,)
 TAG = "_r4b_made_on_cpu"
 COLLECTIVES = (
     "all_reduce", "all_reduce_coalesced", "broadcast", "all_gather", "all_gather_single", "all_gather_into_tensor",
@@ -47,7 +47,7 @@ LOSS_RTOL = 2e-2
 
 
 def _r4b_caller(depth: int = 2) -> str | None:
-    """``file:line`` of the calling frame when it is r4b's code (r4b/ or kernels/), else None."""
+    """``file:line`` of the calling frame when it is r4b's code (under r4b/), else None."""
     frame = sys._getframe(depth)
     name = frame.f_code.co_filename
     return f"{name}:{frame.f_lineno}" if name.startswith(R4B_SOURCES) else None
