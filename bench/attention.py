@@ -48,10 +48,11 @@ from common import (
     print_table,
     write_results,
 )
+from kernel_inspect import current_kernel_stats
 
 from r4b.kernels import varlen_attention
-from r4b.kernels.attention_schedule import current_kernel_stats, default_blocks, schedule_for
-from r4b.kernels.varlen_attention import attention_mask_reference
+from r4b.kernels.attention_schedule import default_blocks, schedule_for
+from r4b.kernels.reference import attention_mask_reference
 from r4b.models.attention_backends import fa2_varlen, packed_attention
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,15 @@ from torch.utils._pytree import tree_leaves
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SFT = ROOT / "configs" / "demo" / "sft.yaml"
+
+
+def bench_module(name: str):
+    """A module of bench/ (its modules import each other as top-level names)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def synthetic_data(tmp_path_factory, *, n_sft: int, n_rl: int = 2, n_eval: int = 2, seed: int = 0) -> Path:

@@ -8,7 +8,7 @@ from helpers import DEVICE, rel_err
 from test_varlen_attention import MASKS, mask_kwargs, packed_documents
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from r4b.kernels.varlen_attention import varlen_attention_reference
+from r4b.kernels.reference import varlen_attention_reference
 from r4b.models import attention_backends as ab
 from r4b.models import register_varlen_attention
 

@@ -4,12 +4,12 @@ import itertools
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, ROOT, bench_module
 from test_varlen_attention import MASKS, mask_kwargs
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b.kernels import attention_schedule as sched
-from r4b.kernels.varlen_attention import attention_mask_reference
+from r4b.kernels.reference import attention_mask_reference
 from r4b.models import attention_backends as ab
 from r4b.models import register_varlen_attention
 
@@ -157,11 +157,12 @@ def test_current_kernel_stats_shared_prefix():
     cu = torch.tensor([0, 64], dtype=torch.int32, device=DEVICE)
     seg = torch.tensor([0] * 16 + [k for k in range(1, 7) for _ in range(8)], dtype=torch.int32, device=DEVICE)
     bidir = torch.tensor([0] * 4 + [1] * 8 + [0] * 52, dtype=torch.int32, device=DEVICE)
-    stats = sched.current_kernel_stats(cu, segment_ids=seg, bidir_ids=bidir, block_m=8, block_n=8)
+    stats_of = bench_module("kernel_inspect").current_kernel_stats
+    stats = stats_of(cu, segment_ids=seg, bidir_ids=bidir, block_m=8, block_n=8)
     assert stats["q_tiles"] == stats["k_tiles"] == 8 and stats["idle_programs"] == 0
     assert stats["iterated_tiles"] == 64  # bidir drops the causal bound
     assert stats["visited_tiles"] == stats["nonempty_tiles"]
-    plain = sched.current_kernel_stats(cu, block_m=8, block_n=8)
+    plain = stats_of(cu, block_m=8, block_n=8)
     assert plain["iterated_tiles"] == plain["visited_tiles"] == plain["nonempty_tiles"] == 36
 
 
@@ -230,7 +231,7 @@ def test_schedule_walking_kernels_match_reference(mask):
     """The kernels that walk the schedule (forward, dK/dV, dQ) against the float64 reference, fp32, GQA."""
     from helpers import rel_err
 
-    from r4b.kernels.varlen_attention import varlen_attention_reference
+    from r4b.kernels.reference import varlen_attention_reference
 
     if DEVICE == "cpu" and not sched.interpreting():
         pytest.skip("Triton kernels: a GPU or TRITON_INTERPRET=1")
@@ -256,7 +257,7 @@ def test_schedule_walking_kernels_head_dims(head_dim):
     """Head dims that are and are not powers of two, GQA, a shared prefix with an image block."""
     from helpers import rel_err
 
-    from r4b.kernels.varlen_attention import varlen_attention_reference
+    from r4b.kernels.reference import varlen_attention_reference
 
     if DEVICE == "cpu" and not sched.interpreting():
         pytest.skip("Triton kernels: a GPU or TRITON_INTERPRET=1")
@@ -277,12 +278,17 @@ def test_schedule_walking_kernels_head_dims(head_dim):
         assert rel_err(a.grad, b.grad) < 2e-5, name
 
 
-_COMPILE_SCRIPT = """
-import json
-from r4b.kernels.attention_schedule import compile_for_sm90
+_COMPILE_SCRIPT = (
+    f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / "bench")!r})
+from kernel_inspect import compile_for_sm90
+"""
+    + """
 cases = {"72-bf16": (72, "bf16", ["fwd"]), "128-bf16": (128, "bf16", ["dq", "dkdv"])}
 print(json.dumps({key: compile_for_sm90(d, dtype=t, kernels=k) for key, (d, t, k) in cases.items()}))
 """
+)
 
 
 def test_walking_kernels_compile_for_hopper():

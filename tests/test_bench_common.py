@@ -1,7 +1,6 @@
 """What the benchmarks share (bench/common.py): a failing competitor is an error row, torch.compile per size; and
 the autotune pinning the GPU test run relies on (R4B_AUTOTUNE=0)."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,20 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_module(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_error_row_keeps_one_line_and_goes_on(capsys):
-    common = _bench_module("common")
+    common = bench_module("common")
     rows = []
     for name in ("fails", "works"):
         row = {"impl": name}
@@ -39,7 +31,7 @@ def test_error_row_keeps_one_line_and_goes_on(capsys):
 
 
 def test_build_competitor_defers_the_error_to_its_rows():
-    common = _bench_module("common")
+    common = bench_module("common")
 
     def factory(size):
         raise ImportError(f"no backend for {size}")
@@ -58,7 +50,7 @@ def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path
     table prints and the JSON is written."""
     # Imported first: Triton picks the interpreter when r4b.kernels is imported (conftest's TRITON_INTERPRET=1),
     # and a later test must find it so. Then the torch references: a check of the bookkeeping, not a timing.
-    fused_loss = _bench_module("fused_loss")
+    fused_loss = bench_module("fused_loss")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
     def liger_factory(compiled, seq_len):
@@ -97,7 +89,7 @@ def test_raising_competitor_is_an_error_row_and_the_results_still_write(tmp_path
 
 def test_compile_fresh_never_recompiles_across_sizes(monkeypatch):
     """A fresh compile per size: no recompilation, which is where dynamo's guards broke a whole run once."""
-    common = _bench_module("common")
+    common = bench_module("common")
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
 
     def f(x):

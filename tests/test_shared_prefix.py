@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from r4b import shared_prefix as sp
-from r4b.kernels.varlen_attention import attention_mask_reference
+from r4b.kernels.reference import attention_mask_reference
 from r4b.shared_prefix import (
     IGNORE_INDEX,
     PackedGroups,

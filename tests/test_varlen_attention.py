@@ -5,7 +5,7 @@ import torch
 from helpers import DEVICE, rel_err
 
 from r4b.kernels import varlen_attention
-from r4b.kernels.varlen_attention import attention_mask_reference, varlen_attention_reference
+from r4b.kernels.reference import attention_mask_reference, varlen_attention_reference
 
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -151,7 +151,7 @@ def test_head_dim_with_non_unit_stride():
 def test_head_chunks_and_stride_align():
     """Head dims that are not powers of two run as two power-of-two chunks (matrix work 80, 80, 96 columns for 72,
     80, 96, not 128); the alignment hint is the power of two dividing the head dim and every row / head stride."""
-    from r4b.kernels.varlen_attention import head_chunks, stride_align
+    from r4b.kernels.attention_tiles import head_chunks, stride_align
 
     assert {d: head_chunks(d) for d in (8, 16, 24, 64, 72, 80, 96, 112, 128, 192, 256)} == {
         8: (16, 0), 16: (16, 0), 24: (16, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),

@@ -25,23 +25,23 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import interpreting
-from .varlen_attention import (
-    _DELTA_ROWS,
-    _LOG2E,
-    _delta_kernel,
-    _dkdv_step,
-    _doc_tile,
-    _dq_step,
-    _flags,
-    _fwd_finish,
-    _fwd_step,
-    _load_head,
-    _query_side,
-    _store_head,
-    _visible,
-    _zeros_head,
-    cu_seqlens_host_values,
+from .attention_tiles import (
+    DELTA_ROWS,
+    LOG2E,
+    delta_kernel,
+    dkdv_step,
+    doc_tile,
+    dq_step,
+    fwd_finish,
+    fwd_step,
+    kernel_flags,
+    load_head,
+    query_side,
+    store_head,
+    visible_mask,
+    zeros_head,
 )
+from .varlen_attention import cu_seqlens_host_values
 
 BUILDS = {"count": 0}  # schedule builds so far (the tests count them)
 _CHUNK_ELEMENTS = 1 << 24  # pairs checked per chunk of candidate tiles
@@ -241,49 +241,6 @@ def cached_per_batch(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, key: 
     return value
 
 
-def current_kernel_stats(
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
-    block_m: int = 128,
-    block_n: int = 64,
-) -> dict:
-    """Tile efficiency of ``varlen_attention``'s forward kernel on this layout, against the exact schedule.
-
-    The kernel launches documents x cdiv(longest, block_m) programs per head; each active one loops over the
-    key tiles below its causal bound (all of the document with bidir ids or ``causal=False``) and computes
-    every tile it loops over, except that with segment or bidir ids it skips the empty ones (after loading
-    their ids). ``visited`` = tiles computed (matmuls), ``iterated`` = loop steps."""
-    schedule = build_tile_schedule(
-        cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m, block_n=block_n
-    )
-    stats = schedule.stats()
-    lengths = cu_seqlens.diff().long()
-    length = lengths[schedule.q_doc.long()]
-    hi = length
-    if causal and bidir_ids is None:
-        hi = torch.minimum(length, schedule.q_start.long() + block_m)
-    iterated = int(((hi + block_n - 1) // block_n).sum())
-    visited = stats["nonempty_tiles"] if (segment_ids is not None or bidir_ids is not None) else iterated
-    programs = (lengths.numel()) * int((int(lengths.max()) + block_m - 1) // block_m)
-    pairs_per_tile = block_m * block_n
-    return {
-        **stats,
-        "block_m": block_m,
-        "block_n": block_n,
-        "programs": programs,
-        "idle_programs": programs - stats["q_tiles"],
-        "iterated_tiles": iterated,
-        "visited_tiles": visited,
-        "visited_per_nonempty": visited / max(1, stats["nonempty_tiles"]),
-        "visible_per_visited_pairs": stats["visible_pairs"] / max(1, visited * pairs_per_tile),
-        "visible_per_nonempty_pairs": stats["visible_pairs"] / max(1, stats["nonempty_tiles"] * pairs_per_tile),
-        "full_share": stats["full_tiles"] / max(1, stats["nonempty_tiles"]),
-    }
-
-
 # --- kernels walking the schedule (issue 12, item 2): a first version, checked on the CPU only ---------------
 #
 # One program per (query tile, head) for the forward and dQ, per (key tile, kv head) for dK/dV: no idle
@@ -313,7 +270,7 @@ def kernel_lists(schedule: TileSchedule) -> dict:
 
 
 @triton.jit
-def _sched_fwd_kernel(
+def schedule_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seg_ptr, bidir_ptr,
     q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
@@ -325,39 +282,39 @@ def _sched_fwd_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
+    start, seqlen, offs_m, m_ok, rows = doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
                                                   BLOCK_M)  # fmt: skip
     kv_head = head // GROUP
-    q0, q1 = _load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
+    q0, q1 = load_head(q_ptr, rows, m_ok, head, stride_qn, stride_qh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc0, acc1 = _zeros_head(BLOCK_M, D0, D1)
+    acc0, acc1 = zeros_head(BLOCK_M, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
     for idx in range(lo, split):  # partial tiles: masked
         offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
-        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        acc0, acc1, m_i, l_i = _fwd_step(
+        visible = visible_mask(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        acc0, acc1, m_i, l_i = fwd_step(
             acc0, acc1, m_i, l_i, q0, q1, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
             stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
     for idx in range(split, hi):  # full tiles: no mask arithmetic
         offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
-        acc0, acc1, m_i, l_i = _fwd_step(
+        acc0, acc1, m_i, l_i = fwd_step(
             acc0, acc1, m_i, l_i, q0, q1, offs_n, 0, start, seqlen, kv_head, k_ptr, v_ptr,
             stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
-    _fwd_finish(o_ptr, lse_ptr, rows, m_ok, offs_m, start, head, stride_on, stride_oh, n_total, acc0, acc1, m_i, l_i,
+    fwd_finish(o_ptr, lse_ptr, rows, m_ok, offs_m, start, head, stride_on, stride_oh, n_total, acc0, acc1, m_i, l_i,
                 HEAD_DIM, D0, D1, ALIGN)  # fmt: skip
 
 
 @triton.jit
-def _sched_dkdv_kernel(
+def schedule_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, seg_ptr, bidir_ptr,
     k_doc_ptr, k_start_ptr, q_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
@@ -369,14 +326,14 @@ def _sched_dkdv_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    start, seqlen, offs_n, n_ok, cols = _doc_tile(cu_ptr, tl.load(k_doc_ptr + tile), tl.load(k_start_ptr + tile),
+    start, seqlen, offs_n, n_ok, cols = doc_tile(cu_ptr, tl.load(k_doc_ptr + tile), tl.load(k_start_ptr + tile),
                                                   BLOCK_N)  # fmt: skip
-    k0, k1 = _load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
-    v0, v1 = _load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
+    k0, k1 = load_head(k_ptr, cols, n_ok, kv_head, stride_kn, stride_kh, HEAD_DIM, D0, D1, ALIGN, True)
+    v0, v1 = load_head(v_ptr, cols, n_ok, kv_head, stride_vn, stride_vh, HEAD_DIM, D0, D1, ALIGN, True)
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dk0, dk1 = _zeros_head(BLOCK_N, D0, D1)
-    dv0, dv1 = _zeros_head(BLOCK_N, D0, D1)
+    dk0, dk1 = zeros_head(BLOCK_N, D0, D1)
+    dv0, dv1 = zeros_head(BLOCK_N, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
@@ -384,27 +341,27 @@ def _sched_dkdv_kernel(
         head = kv_head * GROUP + g
         for idx in range(lo, split):  # partial tiles: masked
             offs_m = tl.load(q_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_M)
-            visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-            dk0, dk1, dv0, dv1 = _dkdv_step(
+            visible = visible_mask(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+            dk0, dk1, dv0, dv1 = dkdv_step(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, visible, start, seqlen, head, q_ptr, do_ptr, lse_ptr,
                 delta_ptr, stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
                 True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         for idx in range(split, hi):  # full tiles: no mask arithmetic
             offs_m = tl.load(q_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_M)
-            dk0, dk1, dv0, dv1 = _dkdv_step(
+            dk0, dk1, dv0, dv1 = dkdv_step(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, offs_m, 0, start, seqlen, head, q_ptr, do_ptr, lse_ptr,
                 delta_ptr, stride_qn, stride_qh, stride_don, stride_doh, n_total, qk_scale,
                 False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE, BLOCK_M, BLOCK_N,
             )  # fmt: skip
-    _store_head(
+    store_head(
         dk_ptr, cols, n_ok, kv_head, stride_dkn, stride_dkh, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
     )
-    _store_head(dv_ptr, cols, n_ok, kv_head, stride_dvn, stride_dvh, dv0, dv1, HEAD_DIM, D0, D1, ALIGN)
+    store_head(dv_ptr, cols, n_ok, kv_head, stride_dvn, stride_dvh, dv0, dv1, HEAD_DIM, D0, D1, ALIGN)
 
 
 @triton.jit
-def _sched_dq_kernel(
+def schedule_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, seg_ptr, bidir_ptr,
     q_doc_ptr, q_start_ptr, k_start_ptr, offsets_ptr, tiles_ptr, split_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
@@ -416,35 +373,35 @@ def _sched_dq_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    start, seqlen, offs_m, m_ok, rows = _doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
+    start, seqlen, offs_m, m_ok, rows = doc_tile(cu_ptr, tl.load(q_doc_ptr + tile), tl.load(q_start_ptr + tile),
                                                   BLOCK_M)  # fmt: skip
     kv_head = head // GROUP
-    q0, q1, do0, do1, lse, delta = _query_side(
+    q0, q1, do0, do1, lse, delta = query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, rows, m_ok, offs_m, start, head, stride_qn, stride_qh,
         stride_don, stride_doh, n_total, True, HEAD_DIM, D0, D1, ALIGN,
     )  # fmt: skip
     seg_doc = seg_ptr + start
     bidir_doc = bidir_ptr + start
-    dq0, dq1 = _zeros_head(BLOCK_M, D0, D1)
+    dq0, dq1 = zeros_head(BLOCK_M, D0, D1)
     lo = tl.load(offsets_ptr + tile)
     split = tl.load(split_ptr + tile)
     hi = tl.load(offsets_ptr + tile + 1)
     for idx in range(lo, split):  # partial tiles: masked
         offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
-        visible = _visible(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
-        dq0, dq1 = _dq_step(
+        visible = visible_mask(offs_m, offs_n, seqlen, seg_doc, bidir_doc, CAUSAL, HAS_SEG, HAS_BIDIR)
+        dq0, dq1 = dq_step(
             dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, visible, start, seqlen, kv_head, k_ptr, v_ptr,
             stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, True, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
     for idx in range(split, hi):  # full tiles: no mask arithmetic
         offs_n = tl.load(k_start_ptr + tl.load(tiles_ptr + idx)) + tl.arange(0, BLOCK_N)
-        dq0, dq1 = _dq_step(
+        dq0, dq1 = dq_step(
             dq0, dq1, q0, q1, do0, do1, lse, delta, offs_n, 0, start, seqlen, kv_head, k_ptr, v_ptr,
             stride_kn, stride_kh, stride_vn, stride_vh, qk_scale, False, HEAD_DIM, D0, D1, ALIGN, UPCAST, IEEE,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
-    _store_head(
+    store_head(
         dq_ptr, rows, m_ok, head, stride_dqn, stride_dqh, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1, ALIGN
     )
 
@@ -496,65 +453,11 @@ def launch_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int) -
     return {"num_warps": warps, "num_stages": stages}
 
 
-def compile_for_sm90(
-    head_dim: int, *, dtype: str = "bf16", capability: int = 90, group: int = 4, kernels=("fwd", "dq", "dkdv")
-) -> dict:
-    """Compile the walking kernels (``kernels``) for ``sm_<capability>`` at their launch configs, without a GPU
-    (Triton's own ptxas): per kernel the shared memory its CTA needs, the async (cp.async) copies and wgmma dots in its
-    Triton GPU IR. Shared-prefix + bidir masks, GQA ``group``, pointers and strides as the launcher specializes
-    them (16-aligned; head strides only when the head dim is a multiple of 16). Needs TRITON_INTERPRET unset when
-    this module was imported."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    block_m, block_n = 128, 64
-    if torch_dtype.itemsize > 2:
-        block_m = block_n = 64
-    q = torch.empty((1, group, head_dim), dtype=torch_dtype, device="meta")
-    kv = torch.empty((1, 1, head_dim), dtype=torch_dtype, device="meta")
-    flags = _flags(q, True, q, q, kv, kv)
-    flags.update(UPCAST=False, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n)
-    out = {}
-    table = {"fwd": _sched_fwd_kernel, "dq": _sched_dq_kernel, "dkdv": _sched_dkdv_kernel}
-    for name in kernels:
-        kernel = table[name]
-        names = kernel.arg_names
-        signature, attrs = {}, {}
-        for i, arg in enumerate(names):
-            if arg in flags:
-                signature[arg] = "constexpr"
-            elif arg in ("lse_ptr", "delta_ptr"):
-                signature[arg] = "*fp32"
-            elif arg.endswith("_ptr"):
-                data = arg[:-4] in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
-                signature[arg] = f"*{dtype}" if data else "*i32"
-            else:
-                signature[arg] = "fp32" if "scale" in arg else "i32"
-            if arg.endswith("_ptr") or (arg.startswith("stride") and (arg.endswith("n") or head_dim % 16 == 0)):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in flags.items()
-                           if k in names}, attrs=attrs)  # fmt: skip
-        options = launch_config(name, torch_dtype, block_m, block_n)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-        ir = compiled.asm["ttgir"]
-        out[name] = {
-            **options,
-            "shared": compiled.metadata.shared,
-            "async_copies": len(re.findall(r"async_copy_global_to_local", ir)),
-            "wgmma": len(re.findall(r"warp_group_dot\b", ir)),
-            "kv_buffers": sorted(set(re.findall(r"memdesc<(\d+)x\d+x\d+x" + dtype.replace("fp", "f"), ir))),
-        }
-    return out
-
-
 class _ScheduledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule):
         n_total, n_heads, _ = q.shape
-        flags = _flags(q, causal, segment_ids, bidir_ids, k, v)
+        flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
         seg = segment_ids if segment_ids is not None else cu_seqlens
         bidir = bidir_ids if bidir_ids is not None else cu_seqlens
         out = torch.empty_like(q)
@@ -563,11 +466,11 @@ class _ScheduledAttention(torch.autograd.Function):
         offsets, tiles, split = kernel_lists(schedule)["kv"]
         blocks = dict(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
         launch = launch_config("fwd", q.dtype, schedule.block_m, schedule.block_n)
-        _sched_fwd_kernel[(schedule.q_doc.numel(), n_heads)](
+        schedule_fwd_kernel[(schedule.q_doc.numel(), n_heads)](
             q, k, v, out, lse, cu_seqlens, seg, bidir,
             schedule.q_doc, schedule.q_start, schedule.k_start, offsets, tiles, split,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), n_total, scale * _LOG2E, GROUP=group, **flags, **blocks, **launch,
+            out.stride(0), out.stride(1), n_total, scale * LOG2E, GROUP=group, **flags, **blocks, **launch,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seg, bidir)
         ctx.meta = (scale, group, flags, schedule)
@@ -580,28 +483,28 @@ class _ScheduledAttention(torch.autograd.Function):
         n_total, n_heads, _ = q.shape
         grad_out = grad_out.contiguous()
         delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(n_total, _DELTA_ROWS), n_heads)](
+        delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
             out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
             HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
-            BLOCK=_DELTA_ROWS,
+            BLOCK=DELTA_ROWS,
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = (schedule.block_m, schedule.block_n)
         common = dict(GROUP=group, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, **flags)
         lists = kernel_lists(schedule)
-        _sched_dkdv_kernel[(schedule.k_doc.numel(), k.shape[1])](
+        schedule_dkdv_kernel[(schedule.k_doc.numel(), k.shape[1])](
             q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seg, bidir,
             schedule.k_doc, schedule.k_start, schedule.q_start, *lists["q"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            n_total, scale * _LOG2E, scale, **common, **launch_config("dkdv", q.dtype, *blocks),
+            n_total, scale * LOG2E, scale, **common, **launch_config("dkdv", q.dtype, *blocks),
         )  # fmt: skip
-        _sched_dq_kernel[(schedule.q_doc.numel(), n_heads)](
+        schedule_dq_kernel[(schedule.q_doc.numel(), n_heads)](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
             schedule.q_doc, schedule.q_start, schedule.k_start, *lists["kv"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-            n_total, scale * _LOG2E, scale, **common, **launch_config("dq", q.dtype, *blocks),
+            n_total, scale * LOG2E, scale, **common, **launch_config("dq", q.dtype, *blocks),
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
 

@@ -108,3 +108,51 @@ def cross_entropy_reference(
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / max(int((targets != ignore_index).sum()), 1)
+
+
+def attention_mask_reference(
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The explicit [N, N] boolean mask of the contract (True = query row may see key column)."""
+    n_total = int(cu_seqlens[-1])
+    device = cu_seqlens.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    same_doc = doc[:, None] == doc[None, :]
+    if not causal:
+        return same_doc
+    idx = torch.arange(n_total, device=device)
+    seg = torch.zeros(n_total, dtype=torch.long, device=device) if segment_ids is None else segment_ids.long()
+    see = (idx[None, :] <= idx[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+    if bidir_ids is not None:
+        bid = bidir_ids.long()
+        see |= (bid[:, None] == bid[None, :]) & (bid[None, :] != 0)
+    return same_doc & see
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    segment_ids: torch.Tensor | None = None,
+    bidir_ids: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Explicit mask + softmax over all N packed tokens (memory N^2: tests and CPU fallback only)."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[1] // k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(compute) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,mhd->hnm", qf, kf) * scale
+    mask = attention_mask_reference(cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hnm,mhd->nhd", probs, vf).to(q.dtype)
