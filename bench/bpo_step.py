@@ -283,9 +283,10 @@ def build_trl_trainer(
         LlavaOnevisionImageProcessorPil,
     )
 
+    from r4b.format import MODE_SUFFIX
     from r4b.models.image_processing import SIGLIP_MEAN, SIGLIP_STD
     from r4b.models.loading import load_model_and_processor
-    from r4b.models.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, MODE_SUFFIX
+    from r4b.models.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN
     from r4b.rl import REWARDS
     from r4b.rollout import Prompt, encode_prompt
     from r4b.train.bpo import prompt_indices

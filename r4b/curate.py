@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from r4b.format import MODES, check_mode
+
 # Heavy imports (torch, transformers, r4b.data) happen inside the functions: `r4b --help` stays fast.
 if TYPE_CHECKING:
     from r4b.data.report import DataReport
@@ -152,7 +154,7 @@ def curate(
         The report written to ``curate_report.json``: counts per mode and the histogram of correct answers.
     """
     from r4b.rl.reward import answer_reward
-    from r4b.rollout.base import SamplingParams, check_mode
+    from r4b.rollout.base import SamplingParams
 
     check_mode(mode)
     sampling = sampling if sampling is not None else SamplingParams(temperature=1.0, max_new_tokens=256, seed=0)
@@ -249,7 +251,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n", type=int, default=8, help="answers sampled per question (default 8)")
-    parser.add_argument("--mode", default="non_thinking", choices=("auto", "thinking", "non_thinking"))
+    parser.add_argument("--mode", default="non_thinking", choices=MODES)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)

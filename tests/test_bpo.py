@@ -13,7 +13,8 @@ import torch
 from helpers import run_two_ranks
 
 from r4b.config import load_config
-from r4b.models.tokenizer import MODE_SUFFIX, load_tokenizer
+from r4b.format import MODE_SUFFIX
+from r4b.models.tokenizer import load_tokenizer
 from r4b.rl import RolloutBatch, compute_advantages, compute_logprobs
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams
 from r4b.rollout.prompts import encode_for_generation, stop_token_ids

@@ -28,10 +28,10 @@ from transformers import PreTrainedTokenizerFast
 
 from r4b.config import load_config
 from r4b.eval import add_parser
+from r4b.format import MODE_SUFFIX, MODES
 from r4b.kernels.losses import bpo_loss_from_logprobs
 from r4b.models.loading import load_model_and_processor
 from r4b.models.mrope import mm_token_type_ids, packed_mrope_position_ids, use_varlen_attention
-from r4b.models.tokenizer import MODE_SUFFIX, MODES
 from r4b.rl import RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.batch import build_micro_batch, chunk_tokens, plan_chunks
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, SamplingParams, encode_prompt, generation_attention

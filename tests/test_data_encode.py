@@ -14,7 +14,8 @@ from r4b.data import (
     parse_sample,
     render_segments,
 )
-from r4b.models.tokenizer import MODE_SUFFIX, TEMPLATE_MODE, format_response, load_tokenizer
+from r4b.format import MODE_SUFFIX, format_response
+from r4b.models.tokenizer import TEMPLATE_MODE, load_tokenizer
 
 IM_START, IM_END, IMAGE, THINK, THINK_CLOSE, NL, NL2 = 1, 2, 3, 902, 903, 202, 659
 

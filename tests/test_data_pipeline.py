@@ -7,7 +7,8 @@ import json
 from PIL import Image
 
 from r4b.data import IGNORE_INDEX, encode_samples, pack, read_jsonl
-from r4b.models.tokenizer import format_response, load_tokenizer
+from r4b.format import format_response
+from r4b.models.tokenizer import load_tokenizer
 
 THINK, THINK_CLOSE, NL, NL2, IM_END = 902, 903, 202, 659, 2
 

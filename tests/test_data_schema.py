@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from r4b.data import DataError, DataReport, read_jsonl, read_prompts
-from r4b.models.tokenizer import format_response
+from r4b.format import format_response
 
 THINKING = format_response("12", "5 + 7 = 12.")
 DIRECT = format_response("12", None)

@@ -17,8 +17,8 @@ from PIL import Image
 from r4b.data import DataError
 from r4b.errors import InputError
 from r4b.eval import EvalError, add_parser, evaluate, load_items, mcq_prompt, merge_reports, rescore
+from r4b.format import MODE_SUFFIX, MODES
 from r4b.models.loading import load_model_and_processor
-from r4b.models.tokenizer import MODE_SUFFIX, MODES
 from r4b.rollout import Rollout, RolloutEngine
 from r4b.synth import write_synthetic
 

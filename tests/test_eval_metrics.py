@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from r4b.eval.metrics import (
-    choice_letter,
-    compute_metrics,
-    full_text,
-    is_thinking,
-    score_response,
-    summarize,
-    think_state,
-)
+from r4b.answers import choice_letter
+from r4b.eval.metrics import compute_metrics, score_response, summarize
 from r4b.eval.report import build_report, forced_mode_flags, to_markdown
-from r4b.models.tokenizer import MODE_SUFFIX
+from r4b.format import MODE_SUFFIX, full_text, is_thinking, think_state
 
 # (mode, response) -> (think_state, thinking)
 CASES = [

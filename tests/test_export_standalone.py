@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
+from r4b.format import MODES
 from r4b.models import load_model_and_processor, save_model
 from r4b.models.hub import CONFIG_AUTO_MAP, HUB_DIR, PROCESSOR_AUTO_MAP, REMOTE_CODE_FILES
-from r4b.models.tokenizer import MODES, TEMPLATE_MODE
+from r4b.models.tokenizer import TEMPLATE_MODE
 from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams
 
 MAX_NEW_TOKENS = 6

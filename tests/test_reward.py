@@ -2,9 +2,10 @@
 
 import pytest
 
-from r4b.models.tokenizer import MODE_SUFFIX
-from r4b.rl import REWARDS, answer_reward, extract_answer, format_reward
-from r4b.rl.reward import off_mode, thought
+from r4b.answers import extract_answer
+from r4b.format import MODE_SUFFIX, thought
+from r4b.rl import REWARDS, answer_reward, format_reward
+from r4b.rl.reward import off_mode
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from r4b.format import MODE_SUFFIX, MODES
 from r4b.models.attention import ATTENTION_NAME
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.packed import use_varlen_language_model
 from r4b.models.tiny import build_tiny_r4b
-from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, MODES, load_tokenizer
+from r4b.models.tokenizer import IMAGE_TOKEN, load_tokenizer
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, RolloutEngine, SamplingParams, encode_prompt
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)

@@ -22,10 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
+from r4b.format import MODE_SUFFIX
 from r4b.models.checkpoint import checkpoint_name
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.tiny import build_tiny_r4b
-from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, load_tokenizer
+from r4b.models.tokenizer import IMAGE_TOKEN, load_tokenizer
 from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams, encode_prompt
 from r4b.rollout.vllm import request_seed
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from r4b.models.tokenizer import MODE_SUFFIX, MODES, TEMPLATE_MODE, TINY_TOKENIZER_DIR, format_response, load_tokenizer
+from r4b.format import MODE_SUFFIX, MODES, format_response
+from r4b.models.tokenizer import TEMPLATE_MODE, TINY_TOKENIZER_DIR, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,8 @@ from r4b.data.errors import DataError
 from r4b.data.image import ImageProcessor, image_token_counts
 from r4b.data.report import DataReport
 from r4b.data.schema import Sample
-from r4b.models.tokenizer import IMAGE_TOKEN, MODE_SUFFIX, TEMPLATE_MODE, THINK_CLOSE
+from r4b.format import MODE_SUFFIX, THINK_CLOSE
+from r4b.models.tokenizer import IMAGE_TOKEN, TEMPLATE_MODE
 
 __all__ = [
     "IGNORE_INDEX",

@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from r4b.data.errors import DataError
+from r4b.format import EMPTY_THINK, THINK_OPEN
 
 __all__ = ["ROLES", "from_llava"]
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-EMPTY_THINK = "<think>\n\n</think>"
 
 
 def from_llava(record: Any, where: str) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def from_llava(record: Any, where: str) -> dict[str, Any]:
     mode = record.get("mode")
     if mode is None:
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        thinking = any(a.startswith("<think>") and not a.startswith(EMPTY_THINK) for a in answers)
+        thinking = any(a.startswith(THINK_OPEN) and not a.startswith(EMPTY_THINK) for a in answers)
         mode = "thinking" if thinking else "non_thinking"
     out: dict[str, Any] = {"messages": messages, "mode": mode}
     if images:

@@ -22,7 +22,7 @@ unchecked, in :attr:`Sample.extra`: e.g. ``r4b curate`` carries a question's own
 
 Assistant content is either in R-4B's format already (thinking ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``,
 non-thinking ``<think>\\n\\n</think>\\n\\n{answer}``), which must agree with ``mode``, or, for a non-thinking
-sample only, a plain answer that is wrapped with :func:`~r4b.models.tokenizer.format_response`. A thinking
+sample only, a plain answer that is wrapped with :func:`~r4b.format.format_response`. A thinking
 sample without a non-empty think block is an error. After reading, every assistant content is the formatted
 string.
 """
@@ -30,14 +30,14 @@ string.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from r4b.data.errors import DataError
 from r4b.data.report import DataReport
-from r4b.models.tokenizer import IMAGE_TOKEN, THINK_CLOSE, THINK_OPEN, format_response
+from r4b.format import THINK_CLOSE, THINK_OPEN, format_response, parse_response
+from r4b.models.tokenizer import IMAGE_TOKEN
 
 __all__ = ["SAMPLE_MODES", "Sample", "check_prompt", "parse_sample", "read_jsonl", "read_prompts"]
 
@@ -47,9 +47,6 @@ REQUIRED_FIELDS = ("messages",)
 OPTIONAL_FIELDS = ("mode", "images", "answer", "meta")  # mode: required with an assistant turn
 # Structural tokens of the template: text containing them would forge turn boundaries.
 RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-_THINKING = re.compile(r"<think>\n(?P<reasoning>.*?)\n</think>\n\n(?P<answer>.*)", re.DOTALL)
-_NON_THINKING = re.compile(r"<think>\n\n</think>\n\n(?P<answer>.*)", re.DOTALL)
 
 
 @dataclass
@@ -323,12 +320,8 @@ def _format_assistant(content: str | list[dict[str, str]], mode: str, where: str
                 reason="bad_format",
             )
         content = format_response(content, None)
-    empty, full = _NON_THINKING.fullmatch(content), _THINKING.fullmatch(content)
-    if empty is not None:
-        found, answer = "non_thinking", empty["answer"]
-    elif full is not None and full["reasoning"].strip():
-        found, answer = "thinking", full["answer"]
-    else:
+    parsed = parse_response(content)
+    if parsed is None:
         raise DataError(
             where,
             "malformed think block (expected <think>\\n{reasoning}\\n</think>\\n\\n{answer} "
@@ -336,6 +329,7 @@ def _format_assistant(content: str | list[dict[str, str]], mode: str, where: str
             field=name,
             reason="bad_format",
         )
+    found, _, answer = parsed
     if found != mode:
         raise DataError(where, f"a {found} response in a {mode} sample", field=name, reason="mode_mismatch")
     if THINK_OPEN in answer or THINK_CLOSE in answer:

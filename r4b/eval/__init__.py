@@ -3,7 +3,8 @@
 :func:`evaluate` runs one or several models over a benchmark (JSONL prompts or a VLMEvalKit TSV) in the
 auto, thinking and non-thinking modes and writes ``predictions.jsonl``, ``report.json``, ``report.md`` and
 plots; :func:`rescore` recomputes a report from ``predictions.jsonl``; :func:`merge_reports` joins runs.
-The metric definitions are in :mod:`r4b.eval.metrics`. Names are imported on first use, so that
+The metric definitions are in :mod:`r4b.eval.metrics` (the think states in :mod:`r4b.format`, answer scoring in
+:mod:`r4b.answers`). Names are imported on first use, so that
 ``from r4b.eval.cli import add_parser`` (the CLI) does not import torch.
 """
 
@@ -18,12 +19,12 @@ _EXPORTS = {
     "load_items": "data",
     "mcq_prompt": "data",
     "EvalError": "errors",
-    "choice_letter": "metrics",
+    "choice_letter": "r4b.answers",
     "compute_metrics": "metrics",
-    "is_thinking": "metrics",
+    "is_thinking": "r4b.format",
     "score_response": "metrics",
     "summarize": "metrics",
-    "think_state": "metrics",
+    "think_state": "r4b.format",
     "build_report": "report",
     "plot_report": "report",
     "to_markdown": "report",
@@ -40,7 +41,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'r4b.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"r4b.eval.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]  # a submodule of r4b.eval, or a module's full name
+    return getattr(importlib.import_module(module if "." in module else f"r4b.eval.{module}"), name)
 
 
 def __dir__() -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from r4b.format import MODES
+
 # Heavy imports (torch, transformers) happen inside the handler: `r4b --help` stays fast.
 
 __all__ = ["add_parser"]
@@ -94,7 +96,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--data", required=True, help="JSONL of prompts with 'answer' (e.g. eval.jsonl of r4b data synth) or a "
         "VLMEvalKit .tsv",
     )  # fmt: skip
-    parser.add_argument("--modes", default="auto,thinking,non_thinking", help="comma-separated (default: all three)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: all three)")
     parser.add_argument("--max-new-tokens", type=int, default=8192, help="default 8192 (the paper)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, the paper)")
     parser.add_argument("--top-p", type=float, default=1.0)

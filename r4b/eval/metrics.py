@@ -1,107 +1,32 @@
 """Auto-thinking metrics: accuracy, thinking trigger rate and output tokens, per model, mode and group.
 
-Definitions (the same in every mode, computed from the text, so a broken mode suffix shows up):
+Definitions (computed from the text, so a broken mode suffix shows up). The full text, think block and what counts
+as thinking (:func:`r4b.format.think_state`, :func:`r4b.format.is_thinking`) are defined in :mod:`r4b.format`.
 
-- **Full text**: the assistant turn as written, ``MODE_SUFFIX[mode] + response`` (auto: ``<think>`` +
-  response; thinking: ``<think>\\n`` + response; non-thinking: ``<think>\\n\\n</think>`` + response).
-- **Think block**: the text after the opening ``<think>``, up to the first ``</think>``, or to the end of the
-  text when no ``</think>`` follows (an *unclosed* think block: generation stopped, at ``max_new_tokens``
-  or a stop token, inside the thought).
-- **Thinking** (:func:`think_state`): the full text starts with ``<think>`` directly followed by a newline
-  (R-4B's format: ``<think>\\n`` opens both a thought and the empty ``<think>\\n\\n</think>``), and the think
-  block holds non-whitespace content besides ``<think>`` tags (``<think>\\n<think></think>`` is empty: a policy
-  can learn to write that to look thinking). So ``<think>\\n\\n</think>`` (an empty think) is not thinking; an
-  unclosed block with content is thinking (and has no answer, so it is wrong); a text without a leading
-  ``<think>``, or whose ``<think>`` is not followed by a newline (``<think>The answer``), is *malformed*
-  and not thinking.
 - **Trigger rate**: the share of responses that are thinking. Forced modes report it too: 1.0 (thinking) and
   0.0 (non-thinking) by construction when the model follows the format.
 - **Output tokens**: ``len(response_ids)``, every token the model generated, **including the stop token**
   (``<|im_end|>``) when one was generated; a response cut at ``max_new_tokens`` has exactly that many. In
   auto mode this counts the mode decision (``\\n\\n</think>`` or ``\\n``), which the forced modes get
   for free in their prompt suffix.
-- **Correct**: the final answer (:func:`r4b.rl.reward.extract_answer`: after the last ``</think>``; the
-  last ``\\boxed{}`` if any) matches the reference (:func:`r4b.rl.reward.answers_match`). A multiple-choice
+- **Correct**: the final answer (:func:`r4b.answers.extract_answer`: after the last ``</think>``; the
+  last ``\\boxed{}`` if any) matches the reference (:func:`r4b.answers.answers_match`). A multiple-choice
   question (options ``A``, ``B``, ... and a one-letter reference) is scored on the chosen letter
-  (:func:`choice_letter`: a leading ``B`` / ``(B)`` / ``B. text``, else the text of exactly one option,
+  (:func:`r4b.answers.choice_letter`: a leading ``B`` / ``(B)`` / ``B. text``, else the text of exactly one option,
   else the only option letter standing alone in the answer). No answer is wrong.
 - **Unfinished rate**: the share of responses cut at ``max_new_tokens`` (no stop token).
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from r4b.models.tokenizer import MODE_SUFFIX, MODES, THINK_CLOSE, THINK_OPEN
-from r4b.rl.reward import answers_match, extract_answer
+from r4b.answers import answers_match, choice_letter, extract_answer
+from r4b.format import MODES
 
-__all__ = [
-    "THINK_STATES",
-    "choice_letter",
-    "compute_metrics",
-    "full_text",
-    "is_thinking",
-    "score_response",
-    "summarize",
-    "think_state",
-]
-
-# think_state values: "thought" (closed, with content), "unclosed" (no </think>, with content), "empty"
-# (nothing but whitespace in the block, closed or not), "malformed" (no leading "<think>\n").
-THINK_STATES = ("thought", "unclosed", "empty", "malformed")
-THINKING_STATES = frozenset({"thought", "unclosed"})
-
-_LEADING_CHOICE = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)\s]|$)")
-_LONE_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
-
-
-def full_text(mode: str, response: str) -> str:
-    """The assistant turn as written: ``MODE_SUFFIX[mode] + response``."""
-    if mode not in MODE_SUFFIX:
-        raise ValueError(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})")
-    return MODE_SUFFIX[mode] + response
-
-
-def think_state(text: str) -> str:
-    """One of :data:`THINK_STATES` for a full text (see the module docstring)."""
-    if not text.startswith(THINK_OPEN + "\n"):
-        return "malformed"
-    block, closed, _ = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
-    if not block.replace(THINK_OPEN, "").strip():  # a nested <think> tag is no reasoning
-        return "empty"
-    return "thought" if closed else "unclosed"
-
-
-def is_thinking(text: str) -> bool:
-    """Whether a full text thinks: a think block with non-whitespace content, closed or not."""
-    return think_state(text) in THINKING_STATES
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().strip("$").rstrip(".")).lower()
-
-
-def choice_letter(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a final answer picks, or None: a leading ``B.`` / ``B:`` / ``B)`` / ``(B)``, or a leading
-    ``B`` that is the only option letter in the answer (``A or B`` picks none); else the text of exactly one
-    option; else the only option letter standing alone (``The answer is B``)."""
-    letters = {letter.upper() for letter in options}
-    pred = prediction.strip()
-    lone = {letter for letter in _LONE_LETTER.findall(pred) if letter in letters}
-    found = _LEADING_CHOICE.match(pred)
-    if found and found.group(1).upper() in letters:
-        letter, rest = found.group(1), pred[found.end() - 1 :]
-        if found.end() == len(pred) or rest[0] in ".:)" or pred.startswith("("):
-            return letter.upper()  # "B", "B.", "B: blue", "(B) blue"
-        if letter.isupper():  # "B blue" picks B, "A or B" nothing
-            return letter if lone <= {letter} else None
-    by_text = [letter for letter, text in options.items() if text and _normalize(text) == _normalize(pred)]
-    if len(by_text) == 1:
-        return by_text[0].upper()
-    return lone.pop() if len(lone) == 1 else None
+__all__ = ["compute_metrics", "score_response", "summarize"]
 
 
 def score_response(text: str, answer: str, options: Mapping[str, str] | None = None) -> tuple[str | None, bool]:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from r4b.eval.data import DEFAULT_GROUP_BY, EvalItem, load_items
 from r4b.eval.errors import EvalError
-from r4b.eval.metrics import full_text, score_response, think_state
+from r4b.eval.metrics import score_response
 from r4b.eval.report import build_report, write_report
-from r4b.models.tokenizer import MODES
+from r4b.format import MODES, THINKING_STATES, full_text, think_state
 
 if TYPE_CHECKING:
     from r4b.rollout.base import RolloutEngine, SamplingParams
@@ -168,8 +168,7 @@ def score_record(record: Mapping[str, Any]) -> dict[str, Any]:
     text = full_text(record["mode"], record["response"])
     extracted, correct = score_response(text, record["answer"], record.get("options") or None)
     state = think_state(text)
-    return {"extracted": extracted, "correct": correct, "think_state": state, "thinking": state in ("thought",
-            "unclosed")}  # fmt: skip
+    return {"extracted": extracted, "correct": correct, "think_state": state, "thinking": state in THINKING_STATES}
 
 
 def _render(tokenizer: Any, item: EvalItem, mode: str) -> str | None:

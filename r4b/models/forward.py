@@ -12,8 +12,9 @@ import torch
 
 from .attention import ATTENTION_NAME
 from .mrope import packed_vl_forward, use_varlen_attention
-from .packed import _vision_dtype, packed_hidden_states
+from .packed import packed_hidden_states
 from .qwen_vl import is_qwen_vl
+from .vision import vision_dtype, vision_dummy_term
 
 
 def lm_head_operands(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,49 +28,6 @@ def lm_head_operands(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torc
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     return hidden.to(dtype), weight.to(dtype)
-
-
-def vision_dummy_term(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """``0 * sum(features)`` of one blank image through the model's vision tower and projector: a scalar zero
-    that runs every vision parameter forward and backward (zero gradients). Added to a micro-batch without
-    images, it keeps sharded engines' per-module parameter gathers (FSDP2, ZeRO-3) and gradient reductions
-    paired across ranks: a rank that skipped the vision tower while another ran it would hang on NCCL."""
-    if is_qwen_vl(model):
-        base = model.model
-        vision = base.config.vision_config
-        merge = int(getattr(vision, "spatial_merge_size", 2))
-        patch = int(vision.patch_size)
-        channels = int(getattr(vision, "in_channels", getattr(vision, "in_chans", 3)))
-        temporal = int(getattr(vision, "temporal_patch_size", 2))
-        grid = torch.tensor([[1, merge, merge]], dtype=torch.long, device=device)
-        pixels = torch.zeros(merge * merge, channels * temporal * patch * patch, device=device)
-        out = base.get_image_features(pixels.to(_vision_dtype(base)), grid, return_dict=True)
-    else:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-        base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
-        config = base.config
-        size = int(config.vision_config.image_size)
-        tiles = image_size_to_num_patches((size, size), config.image_grid_pinpoints, size)
-        pixels = torch.zeros(1, tiles, 3, size, size, device=device, dtype=_vision_dtype(base))
-        sizes = torch.tensor([[size, size]], dtype=torch.long, device=device)
-        out = base.get_image_features(pixels, sizes, return_dict=True)
-    # exactly what the real path consumes (its features; Qwen3-VL's deepstack features too): a tensor that the
-    # real path leaves without gradient (e.g. a final norm's output) must stay so, or the gradient reductions differ
-    used = [out.pooler_output, getattr(out, "deepstack_features", None)]
-    floats = [t for t in _leaves(used) if t.is_floating_point()]
-    return sum(t.float().sum() for t in floats) * 0.0
-
-
-def _leaves(value) -> list[torch.Tensor]:
-    """The tensors in a model output (a ModelOutput, dict, list or tuple of them, nested)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):  # ModelOutput included
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _leaves(v)]
-    return []
 
 
 def packed_final_hidden(
@@ -120,7 +78,7 @@ def packed_final_hidden(
     extra = {"segment_ids": segment_ids} if segment_ids is not None else {}
     dummy = None
     if pixel_values is not None:
-        pixel_values = pixel_values.to(_vision_dtype(model.model))
+        pixel_values = pixel_values.to(vision_dtype(model.model))
     elif vision_every_step:
         dummy = vision_dummy_term(model, input_ids.device)  # before the language model, as real images run
     out = packed_vl_forward(

@@ -15,6 +15,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from r4b.kernels.varlen_attention import remember_cu_seqlens
 
 from .attention import register_varlen_attention
+from .vision import vision_dtype, vision_dummy_term
 
 
 def use_varlen_language_model(model: torch.nn.Module) -> str:
@@ -26,16 +27,6 @@ def use_varlen_language_model(model: torch.nn.Module) -> str:
     if base.language_model.config._attn_implementation != name:
         base.language_model.set_attn_implementation(name)
     return name
-
-
-def _vision_dtype(base: torch.nn.Module) -> torch.dtype:
-    """The dtype the vision tower computes in: its first parameter's as its forward sees it (bf16 once FSDP2 has
-    gathered it: that parameter, the patch embedding, belongs to the root unit, gathered before any forward)."""
-    for name in ("visual", "vision_tower"):
-        tower = getattr(base, name, None)
-        if tower is not None:
-            return next(p for p in tower.parameters() if p.is_floating_point()).dtype
-    return torch.float32
 
 
 def _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra) -> None:
@@ -96,7 +87,7 @@ def packed_hidden_states(
     if pixel_values is not None:
         if image_sizes is None or image_sizes.shape[0] != pixel_values.shape[0]:
             raise ValueError("pixel_values needs image_sizes [num_images, 2], one row per image")
-        pixel_values = pixel_values.to(_vision_dtype(base))
+        pixel_values = pixel_values.to(vision_dtype(base))
         features = base.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.dtype)
         if features.shape[0] != num_image_tokens:
@@ -108,8 +99,6 @@ def packed_hidden_states(
     elif num_image_tokens:
         raise ValueError(f"the row holds {num_image_tokens} <image> tokens but no pixel_values were given")
     elif vision_every_step:
-        from .forward import vision_dummy_term
-
         embeds = embeds + vision_dummy_term(model, embeds.device).to(embeds.dtype)
 
     out = base.language_model(

@@ -1,23 +1,20 @@
-"""The R-4B prompt format and the tiny tokenizer shipped with r4b (the embedded default).
+"""R-4B's chat template and the tiny tokenizer shipped with r4b (the embedded default).
 
 R-4B's prompt is ChatML with an ``<image>`` placeholder; the mode is forced by what follows
-``<|im_start|>assistant\\n``: ``<think>`` lets the model choose (auto), ``<think>\\n`` forces
-thinking, ``<think>\\n\\n</think>`` forces a direct answer. ``\\n`` and ``\\n\\n`` are distinct
-tokens, so the first token after ``<think>`` is the model's mode decision.
+``<|im_start|>assistant\\n``: the template's ``thinking_mode`` (:data:`TEMPLATE_MODE`) renders the mode's suffix,
+:data:`r4b.format.MODE_SUFFIX` (the think tags, modes and response format live in :mod:`r4b.format`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from r4b.format import THINK_CLOSE, THINK_OPEN
+
 IMAGE_TOKEN = "<image>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
 THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)
 
-MODES = ("auto", "thinking", "non_thinking")
-# What the prompt ends with in each mode (the paper's suffixes).
-MODE_SUFFIX = {"auto": "<think>", "thinking": "<think>\n", "non_thinking": "<think>\n\n</think>"}
 # The chat template's `thinking_mode` switch uses R-4B's own names.
 TEMPLATE_MODE = {"auto": "auto", "thinking": "long", "non_thinking": "short"}
 
@@ -47,14 +44,6 @@ def chat_template(image: str = "<image>\\n", text_filter: str = "") -> str:
 
 
 CHAT_TEMPLATE = chat_template()
-
-
-def format_response(answer: str, reasoning: str | None) -> str:
-    """R-4B's assistant text: ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` or, without
-    reasoning, ``<think>\\n\\n</think>\\n\\n{answer}``."""
-    if reasoning is None:
-        return f"{MODE_SUFFIX['non_thinking']}\n\n{answer}"
-    return f"{MODE_SUFFIX['thinking']}{reasoning}\n{THINK_CLOSE}\n\n{answer}"
 
 
 def load_tokenizer(path: str | Path | None = None):

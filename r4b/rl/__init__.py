@@ -1,8 +1,10 @@
 """Reinforcement learning: rewards, BPO advantages, rollout batches and the BPO policy update."""
 
+from r4b.answers import answers_match, extract_answer
+
 from .advantages import ADVANTAGE_MODES, compute_advantages
 from .batch import RolloutBatch
-from .reward import REWARDS, answer_reward, answers_match, extract_answer, format_reward, register_reward
+from .reward import REWARDS, answer_reward, format_reward, register_reward
 from .update import BPOObjective, UpdateConfig, compute_logprobs, policy_update
 
 __all__ = [

@@ -5,7 +5,8 @@
 :class:`VLLMRolloutEngine` with a colocated vLLM (GPU; ``pip install r4b[vllm]``, imported only when built).
 """
 
-from r4b.rollout.base import Prompt, Rollout, RolloutEngine, SamplingParams, check_mode, check_suffixes
+from r4b.format import check_mode
+from r4b.rollout.base import Prompt, Rollout, RolloutEngine, SamplingParams, check_suffixes
 from r4b.rollout.hf import HFRolloutEngine, generation_attention
 from r4b.rollout.prompts import EncodedPrompt, encode_prompt, render_prompt
 from r4b.rollout.vllm import VLLMRolloutEngine

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from r4b.models.tokenizer import MODE_SUFFIX, MODES
+from r4b.format import MODE_SUFFIX, check_mode, full_text
 
 __all__ = [
     "Prompt",
@@ -27,7 +27,6 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "Weights",
-    "check_mode",
     "check_suffixes",
     "weight_pairs",
 ]
@@ -128,7 +127,7 @@ class Rollout:
     @property
     def full_text(self) -> str:
         """The assistant turn as written: mode suffix + response text (what answer rewards read)."""
-        return self.suffix + self.text
+        return full_text(self.mode, self.text, self.suffix)
 
 
 Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -147,13 +146,6 @@ def check_suffixes(suffixes: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(suffix, str) or not suffix:
             raise ValueError(f"the {mode} suffix must be a non-empty string, got {suffix!r}")
     return out
-
-
-def check_mode(mode: str) -> str:
-    """``mode`` itself, or a ValueError naming the modes."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})")
-    return mode
 
 
 class RolloutEngine(abc.ABC):

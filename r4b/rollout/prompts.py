@@ -16,9 +16,10 @@ from PIL import Image
 
 from r4b.data.encode import expand_image_tokens, image_placeholder
 from r4b.data.image import ImageProcessor, load_images
-from r4b.models.tokenizer import MODE_SUFFIX, TEMPLATE_MODE
+from r4b.format import MODE_SUFFIX, check_mode
+from r4b.models.tokenizer import TEMPLATE_MODE
 
-from .base import Prompt, check_mode
+from .base import Prompt
 
 __all__ = ["EncodedPrompt", "encode_for_generation", "encode_prompt", "render_prompt", "stop_token_ids"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from r4b.models.tokenizer import format_response
+from r4b.format import format_response
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "blue", "green")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r4b.models.tokenizer import MODE_SUFFIX, THINK_CLOSE, THINK_OPEN
+from r4b.format import MODE_SUFFIX, THINK_CLOSE, THINK_OPEN, is_thinking
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.reward import off_mode
 from r4b.rl.update import BPOObjective
@@ -469,8 +469,6 @@ class BPOTrainer:
 
     def evaluate_auto(self, step: int) -> dict[str, Any]:
         """Greedy auto-mode answers on the held-out prompts: accuracy and thinking trigger rate."""
-        from r4b.eval.metrics import is_thinking
-
         self._sync_rollout_weights()
         prompts = [Prompt.from_sample(s) for s in self.eval_prompts]
         sampling = self._sampling(step, 0, 99, greedy=True, max_new=self.config.train.eval_max_new_tokens)
@@ -555,8 +553,6 @@ def _rollout_metrics(
     ``off_mode``: the share of rollouts that left their mode (``off``, r4b.rl.reward.off_mode: thinking rollouts
     with an empty think block, non-thinking ones that think); overall, the share of prompts whose 2g rewards are
     all equal (zero advantage: no learning signal)."""
-    from r4b.eval.metrics import is_thinking
-
     if off is None:
         off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
     out: dict[str, Any] = {"reward": float(rewards.mean())}
