@@ -82,6 +82,22 @@ def balance_partitions(
     return _balance_partitions(_as_list(lengths), k, attention_weight=attention_weight, equal_size=equal_size)
 
 
+def plan_ranks(
+    costs: Sequence[int], world_size: int, max_tokens: int, *, attention_weight: float = 0.0
+) -> list[list[list[int]]]:
+    """The two-level plan of one optimizer step: items balanced over ``world_size`` ranks
+    (:func:`balance_partitions` on ``costs``), then each rank's share packed into micro-batches of at most
+    ``max_tokens`` (:func:`plan_micro_batches`).
+
+    Returns, per rank, its micro-batches as lists of indices into ``costs``, each in placement order.
+    """
+    plans = []
+    for share in balance_partitions(costs, world_size, attention_weight=attention_weight):
+        bins = plan_micro_batches([costs[i] for i in share], max_tokens)
+        plans.append([[share[j] for j in micro] for micro in bins])
+    return plans
+
+
 def _as_list(lengths: Sequence[int]) -> Sequence[int]:
     # numpy arrays and tensors: one bulk conversion instead of per-element scalar objects.
     tolist = getattr(lengths, "tolist", None)

@@ -332,3 +332,20 @@ def test_native_matches_python_at_scale():
         assert NATIVE.balance_partitions(lengths, 64, **kwargs) == packing._python_balance_partitions(
             lengths, 64, **kwargs
         )
+
+
+def test_plan_ranks_balances_then_packs_each_rank():
+    """The two-level plan every trainer uses (SFT steps, BPO mini-batches): each item once, per rank the micro-batches
+    plan_micro_batches makes of its balanced share, within the budget."""
+    rng = random.Random(7)
+    for world in (1, 2, 3):
+        costs = [rng.randint(1, 40) for _ in range(rng.randint(world, 30))]
+        plans = packing.plan_ranks(costs, world, 50, attention_weight=0.01)
+        shares = packing.balance_partitions(costs, world, attention_weight=0.01)
+        assert len(plans) == world
+        assert sorted(i for rank in plans for micro in rank for i in micro) == list(range(len(costs)))
+        for plan, share in zip(plans, shares, strict=True):
+            assert sorted(i for micro in plan for i in micro) == share
+            bins = packing.plan_micro_batches([costs[i] for i in share], 50)
+            assert plan == [[share[j] for j in micro] for micro in bins]
+            assert all(sum(costs[i] for i in micro) <= 50 for micro in plan)

@@ -292,55 +292,112 @@ def chunk_columns(n_rows: int, vocab: int, chunk_elements: int | None) -> int:
     return max(1, min(vocab, budget // max(n_rows, 1)))
 
 
-class _LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_elements):
-        logprobs, lse, entropy = _forward(hidden, weight, targets, 1.0 / temperature, with_entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temp = 1.0 / temperature
-        ctx.chunk_elements = chunk_elements
-        return logprobs, entropy
+# The Triton path as torch.library custom ops (forward, backward and their fake implementations), so that
+# torch.compile traces a model calling linear_logprobs without a graph break: Dynamo sees an opaque op of known
+# output shapes, never the Triton launches. Absent outputs are empty tensors (an op returns tensors only).
 
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        n_rows, hidden_size = hidden.shape
-        vocab = weight.shape[0]
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
-        grad_logprobs = grad_logprobs.float().contiguous()
-        has_ent_grad = grad_entropy is not None
-        grad_entropy = grad_entropy.float().contiguous() if has_ent_grad else lse
 
-        grad_hidden32 = (
-            torch.zeros(n_rows, hidden_size, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        )
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        cols = chunk_columns(n_rows, vocab, ctx.chunk_elements)
-        buffer = torch.empty(n_rows, cols, dtype=hidden.dtype, device=hidden.device)
-        for v_lo in range(0, vocab, cols):
-            v_hi = min(vocab, v_lo + cols)
-            d_logits = buffer[:, : v_hi - v_lo]
+@torch.library.custom_op("r4b::linear_logprobs", mutates_args=())
+def _logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    chunk_elements: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs[N], lse[N], entropy[N] or [0]); ``chunk_elements`` is the backward's."""
+    logprobs, lse, entropy = _forward(hidden, weight, targets, inv_temp, with_entropy)
+    return logprobs, lse, entropy if entropy is not None else lse.new_empty(0)
 
-            def grid(meta, width=v_hi - v_lo):
-                return (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))
 
-            _dlogits_kernel[grid](
-                hidden, weight, targets, lse, grad_logprobs, entropy if has_ent_grad else lse, grad_entropy,
-                d_logits,
-                n_rows, vocab, hidden_size, v_lo, v_hi,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d_logits.stride(0),
-                ctx.inv_temp,
-                HAS_ENT_GRAD=has_ent_grad,
-                **_dtype_flags(hidden.dtype),
-            )  # fmt: skip
-            if need_weight:
-                torch.mm(d_logits.t(), hidden, out=grad_weight[v_lo:v_hi])
-            if need_hidden:
-                _add_matmul(grad_hidden32, d_logits, weight[v_lo:v_hi])
-        grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else None
-        return grad_hidden, grad_weight, None, None, None, None
+@_logprobs_op.register_fake
+def _(hidden, weight, targets, inv_temp, with_entropy, chunk_elements):
+    n_rows = hidden.shape[0]
+    stat = functools.partial(hidden.new_empty, dtype=torch.float32)
+    return stat(n_rows), stat(n_rows), stat(n_rows if with_entropy else 0)
+
+
+@torch.library.custom_op("r4b::linear_logprobs_backward", mutates_args=())
+def _logprobs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    inv_temp: float,
+    chunk_elements: int | None,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden or [0], grad_weight or [0]): d_logits per vocabulary chunk (Triton), then cuBLAS."""
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    grad_logprobs = grad_logprobs.float().contiguous()
+    has_ent_grad = grad_entropy is not None
+    grad_entropy = grad_entropy.float().contiguous() if has_ent_grad else lse
+    grad_hidden32 = torch.zeros(n_rows, hidden_size, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    cols = chunk_columns(n_rows, vocab, chunk_elements)
+    buffer = torch.empty(n_rows, cols, dtype=hidden.dtype, device=hidden.device)
+    for v_lo in range(0, vocab, cols):
+        v_hi = min(vocab, v_lo + cols)
+        d_logits = buffer[:, : v_hi - v_lo]
+
+        def grid(meta, width=v_hi - v_lo):
+            return (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))
+
+        _dlogits_kernel[grid](
+            hidden, weight, targets, lse, grad_logprobs, entropy if has_ent_grad else lse, grad_entropy,
+            d_logits,
+            n_rows, vocab, hidden_size, v_lo, v_hi,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d_logits.stride(0),
+            inv_temp,
+            HAS_ENT_GRAD=has_ent_grad,
+            **_dtype_flags(hidden.dtype),
+        )  # fmt: skip
+        if need_weight:
+            torch.mm(d_logits.t(), hidden, out=grad_weight[v_lo:v_hi])
+        if need_hidden:
+            _add_matmul(grad_hidden32, d_logits, weight[v_lo:v_hi])
+    grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else hidden.new_empty(0)
+    return grad_hidden, grad_weight
+
+
+@_logprobs_backward_op.register_fake
+def _(hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, inv_temp, chunk_elements, need_hidden,
+      need_weight):  # fmt: skip
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+    )
+
+
+def _logprobs_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, inv_temp, _, chunk_elements = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    ctx.inv_temp, ctx.chunk_elements = inv_temp, chunk_elements
+    ctx.set_materialize_grads(False)  # an unused entropy gets no gradient pass (None, not zeros)
+
+
+def _logprobs_backward(ctx, grad_logprobs, grad_lse, grad_entropy):
+    hidden, weight, targets, lse, entropy = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[:2]
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if grad_entropy is not None and grad_entropy.numel() == 0:  # with_entropy=False: the empty placeholder
+        grad_entropy = None
+    grad_hidden, grad_weight = _logprobs_backward_op(
+        hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, ctx.inv_temp, ctx.chunk_elements,
+        need_hidden, need_weight,
+    )  # fmt: skip
+    return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None), None, None, None, None
+
+
+_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
 
 
 def check_logprob_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -359,7 +416,7 @@ def check_logprob_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(
             f"hidden, weight and targets must share a device, got {hidden.device}, {weight.device}, {targets.device}"
         )
-    if targets.numel():
+    if targets.numel() and not torch.compiler.is_compiling():  # a host read: eager calls only
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
             bad = lo if lo < 0 else hi
@@ -416,7 +473,8 @@ def linear_logprobs(
             **{k: v for k, v in fused_grad.method_options(method).items() if k == "logits_fp32"},
         )  # fmt: skip
     elif use_triton(hidden, weight):
-        logprobs, entropy = _LinearLogprobs.apply(hidden, weight, targets, temperature, with_entropy, chunk_elements)
+        logprobs, _, entropy = _logprobs_op(hidden, weight, targets, 1.0 / temperature, with_entropy, chunk_elements)
+        entropy = entropy if with_entropy else None
     else:
         logprobs, entropy = reference.linear_logprobs_reference(
             hidden, weight, targets, temperature=temperature, with_entropy=with_entropy

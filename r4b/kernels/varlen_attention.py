@@ -203,70 +203,126 @@ def _bwd_dq_kernel(
 _HOST_INFO: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids, softmax_scale):
-        n_total, n_heads, _ = q.shape
-        num_docs = cu_seqlens.numel() - 1
-        flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
-        # Unused id pointers still need a valid tensor to point at.
-        seg = segment_ids if segment_ids is not None else cu_seqlens
-        bidir = bidir_ids if bidir_ids is not None else cu_seqlens
-        out = torch.empty_like(q)
-        lse = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
-        group = n_heads // k.shape[1]
+# The Triton path as torch.library custom ops with fake implementations: torch.compile traces a model calling
+# varlen_attention as an opaque op (no graph break, no Triton launch in the graph). Absent id tensors are None.
 
-        def grid(meta):
-            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
 
-        _fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens, seg, bidir,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1),
-            n_total, softmax_scale * LOG2E,
-            GROUP=group, **flags,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seg, bidir)
-        ctx.meta = (max_seqlen, softmax_scale, group, flags)
-        return out
+@torch.library.custom_op("r4b::varlen_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    bidir_ids: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, Hq, D], lse [Hq, N] fp32)."""
+    n_total, n_heads, _ = q.shape
+    flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
+    seg, bidir = _id_pointers(cu_seqlens, segment_ids, bidir_ids)
+    out = torch.empty_like(q)
+    lse = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, seg, bidir = ctx.saved_tensors
-        max_seqlen, softmax_scale, group, flags = ctx.meta
-        n_total, n_heads, _ = q.shape
-        num_docs = cu_seqlens.numel() - 1
-        grad_out = grad_out.contiguous()
-        delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
-        delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
-            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
-            HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
-            BLOCK=DELTA_ROWS,
-        )  # fmt: skip
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(GROUP=group, **flags)
-        scales = (n_total, softmax_scale * LOG2E, softmax_scale)
+    def grid(meta):
+        return (cu_seqlens.numel() - 1, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
 
-        def grid_kv(meta):
-            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_N"]), k.shape[1])
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, seg, bidir,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        n_total, softmax_scale * LOG2E,
+        GROUP=n_heads // k.shape[1], **flags,
+    )  # fmt: skip
+    return out, lse
 
-        _bwd_dkdv_kernel[grid_kv](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seg, bidir,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            *scales, **common,
-        )  # fmt: skip
 
-        def grid_q(meta):
-            return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens, segment_ids, bidir_ids, max_seqlen, causal, softmax_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
-        _bwd_dq_kernel[grid_q](
-            q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-            *scales, **common,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None
+
+@torch.library.custom_op("r4b::varlen_attention_backward", mutates_args=())
+def _attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    bidir_ids: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): the row deltas, then the dK/dV kernel (no atomics) and the dQ kernel."""
+    n_total, n_heads, _ = q.shape
+    num_docs = cu_seqlens.numel() - 1
+    flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
+    seg, bidir = _id_pointers(cu_seqlens, segment_ids, bidir_ids)
+    grad_out = grad_out.contiguous()
+    delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
+    delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
+        HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
+        BLOCK=DELTA_ROWS,
+    )  # fmt: skip
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(GROUP=n_heads // k.shape[1], **flags)
+    scales = (n_total, softmax_scale * LOG2E, softmax_scale)
+
+    def grid_kv(meta):
+        return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_N"]), k.shape[1])
+
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seg, bidir,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        *scales, **common,
+    )  # fmt: skip
+
+    def grid_q(meta):
+        return (num_docs, triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_heads)
+
+    _bwd_dq_kernel[grid_q](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, seg, bidir,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
+        *scales, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, grad_out, cu_seqlens, segment_ids, bidir_ids, max_seqlen, causal, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _id_pointers(cu_seqlens, segment_ids, bidir_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The id tensors the kernels index; an absent one (its constexpr off) still needs a valid pointer."""
+    return (
+        segment_ids if segment_ids is not None else cu_seqlens,
+        bidir_ids if bidir_ids is not None else cu_seqlens,
+    )
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, segment_ids, bidir_ids, max_seqlen, causal, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, segment_ids, bidir_ids)
+    ctx.meta = (max_seqlen, causal, softmax_scale)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, segment_ids, bidir_ids = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(q, k, v, out, lse, grad_out, cu_seqlens, segment_ids, bidir_ids, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def remember_cu_seqlens(cu_seqlens: torch.Tensor, values: list[int] | None = None) -> tuple[int, int, int, int]:
@@ -313,11 +369,12 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_id
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
-    _, total, longest, _ = remember_cu_seqlens(cu_seqlens)  # a host read once per cu_seqlens, not per layer
-    if total != q.shape[0]:
-        raise ValueError(f"cu_seqlens[-1] = {total} must equal the packed tokens N = {q.shape[0]}")
-    if max_seqlen < longest:
-        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest document ({longest} tokens)")
+    if not torch.compiler.is_compiling():  # a host read (once per cu_seqlens, not per layer): eager calls only
+        _, total, longest, _ = remember_cu_seqlens(cu_seqlens)
+        if total != q.shape[0]:
+            raise ValueError(f"cu_seqlens[-1] = {total} must equal the packed tokens N = {q.shape[0]}")
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest document ({longest} tokens)")
     if not causal and (segment_ids is not None or bidir_ids is not None):
         raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
     for name, ids in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)):
@@ -370,7 +427,7 @@ def varlen_attention(
     if use_triton(q, k, v):
         # The kernels index head_dim with unit stride.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids, scale)
+        return _attention_op(q, k, v, cu_seqlens, segment_ids, bidir_ids, max_seqlen, causal, scale)[0]
     return varlen_attention_reference(
         q,
         k,

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from r4b import packing
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
 from r4b.models.forward import lm_head_operands, packed_final_hidden
-from r4b.packing import balance_partitions, plan_micro_batches
 from r4b.shared_prefix import unpack_responses
 
 from .batch import Chunk, MicroBatch, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
@@ -219,15 +219,12 @@ def split_mini_batches(batch: RolloutBatch, mini_batches: int) -> list[list[int]
 def plan_ranks(
     batch: RolloutBatch, responses: Sequence[int], *, max_tokens: int, shared: bool, world_size: int
 ) -> list[list[list[Chunk]]]:
-    """Micro-batches (lists of chunks) of each rank for one mini-batch: chunks balanced over ranks by
-    :func:`r4b.packing.balance_partitions` (packed tokens), then packed per rank by ``plan_micro_batches``."""
+    """Micro-batches (lists of chunks) of each rank for one mini-batch: :func:`r4b.packing.plan_ranks` over the
+    chunks' packed tokens."""
     chunks = plan_chunks(batch, responses, max_tokens, shared=shared)
     costs = [chunk_tokens(batch, c.entry, c.responses, shared=shared) for c in chunks]
-    plans = []
-    for part in balance_partitions(costs, world_size):
-        bins = plan_micro_batches([costs[k] for k in part], max_tokens)
-        plans.append([[chunks[part[k]] for k in sorted(b)] for b in bins])
-    return plans
+    plans = packing.plan_ranks(costs, world_size, max_tokens)
+    return [[[chunks[i] for i in sorted(micro)] for micro in rank] for rank in plans]  # chunks in batch order
 
 
 def policy_update(

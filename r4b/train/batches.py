@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from r4b.errors import InputError
-from r4b.packing import balance_partitions, plan_micro_batches
+from r4b.packing import plan_ranks
 
 
 @dataclass(frozen=True)
@@ -83,18 +83,13 @@ class GlobalBatchPlanner:
         start = index * self.global_batch_samples
         chosen = self._order(epoch)[start : start + self.global_batch_samples]
         samples = chosen.tolist()
-        shares = balance_partitions(
-            self.lengths[chosen].tolist(), self.world_size, attention_weight=self.attention_weight
+        plans = plan_ranks(
+            self.lengths[chosen].tolist(), self.world_size, self.max_tokens, attention_weight=self.attention_weight
         )
-        per_rank = []
-        for share in shares:
-            ids = [samples[i] for i in share]
-            bins = plan_micro_batches(self.lengths[ids].tolist(), self.max_tokens)
-            per_rank.append(tuple(tuple(ids[j] for j in b) for b in bins))
         return StepPlan(
             step=step,
             epoch=epoch,
-            micro_batches=tuple(per_rank),
+            micro_batches=tuple(tuple(tuple(samples[i] for i in micro) for micro in rank) for rank in plans),
             loss_tokens=int(self.loss_tokens[chosen].sum()),
             tokens=int(self.lengths[chosen].sum()),
         )
