@@ -18,7 +18,7 @@ TRITON_COMPAT ?= 3.6.0
 COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
 KERNEL_TESTS := tests/test_linear_logprobs.py tests/test_losses.py tests/test_liger_parity.py \
 	tests/test_bad_input.py tests/test_varlen_attention.py tests/test_fused_grad.py \
-	tests/test_attention_schedule.py tests/test_attention_backends.py
+	tests/test_attention_schedule.py tests/test_attention_backends.py tests/test_custom_ops.py
 
 .PHONY: install demo test test-triton-compat test-transformers-compat check-cuda lint format clean
 

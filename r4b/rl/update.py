@@ -16,8 +16,8 @@ calls: a rank with fewer micro-batches runs zero-weight ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -25,9 +25,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from r4b import packing
+from r4b.config.sections import PolicyUpdate
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
 from r4b.models.forward import lm_head_operands, packed_final_hidden
 from r4b.shared_prefix import unpack_responses
+from r4b.train.accumulate import MicroStep, accumulate_gradients, rank_micro_steps
 
 from .batch import Chunk, MicroBatch, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
 
@@ -35,19 +37,18 @@ __all__ = ["BPOObjective", "UpdateConfig", "compute_logprobs", "policy_update"]
 
 
 @dataclass
-class UpdateConfig:
-    """How one BPO policy update runs (verl's names where there is one)."""
+class UpdateConfig(PolicyUpdate):
+    """How one BPO policy update runs (verl's names where there is one): the fields of a run's ``policy`` section
+    (:class:`r4b.config.sections.PolicyUpdate`, documented there; here ``clip_eps_high`` defaults to 0.2, no
+    clip-higher) and two the run takes from elsewhere."""
 
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2  # > clip_eps_low: DAPO's clip-higher
-    beta: float = 0.0  # weight of the k3 KL to the reference policy (needs ref_logprobs)
     temperature: float = 1.0  # log-probs at the rollout temperature
-    loss_agg_mode: str = "token-mean"
     norm_len: int | None = None  # seq-mean-token-sum-norm; None = the batch's padded width (response_ids.shape[1])
-    ppo_epochs: int = 1
-    mini_batches: int = 1  # optimizer steps per epoch; the batch is split by prompt
-    max_tokens: int = 16384  # packed micro-batch budget
-    shared_prefix: bool = True
+
+    @classmethod
+    def from_policy(cls, policy: PolicyUpdate, **extra: Any) -> UpdateConfig:
+        """The update a run's ``policy`` section describes, plus ``temperature`` / ``norm_len`` from ``extra``."""
+        return cls(**{f.name: getattr(policy, f.name) for f in fields(PolicyUpdate)}, **extra)
 
     def __post_init__(self) -> None:
         if self.loss_agg_mode not in LOSS_AGG_MODES:
@@ -176,11 +177,8 @@ def compute_logprobs(
     plan = plan_ranks(
         batch, range(batch.num_responses), max_tokens=max_tokens, shared=shared_prefix, world_size=world_size
     )
-    mine = plan[rank]
     with torch.no_grad():
-        for index in range(max(len(p) for p in plan)):
-            padding = index >= len(mine)  # a forward of no use, so that sharded engines' collectives pair up
-            chunks = mine[index] if not padding else _padding_chunks(plan, batch, shared_prefix)
+        for chunks, padding in rank_micro_steps(plan, rank, lambda: _padding_chunks(plan, batch, shared_prefix)):
             micro = build_micro_batch(batch, chunks, shared=shared_prefix, device=device, pixel_dtype=dtype)
             logp, _ = module(**_model_inputs(micro), temperature=temperature, logprobs_only=True)
             if not padding:
@@ -262,7 +260,7 @@ def policy_update(
             engine, batch, max_tokens=config.max_tokens, shared_prefix=shared, temperature=config.temperature,
             rank=rank, world_size=world_size,
         )  # fmt: skip
-    module, device, dtype = _callable_objective(engine)
+    _, device, dtype = _callable_objective(engine)
     loss_kwargs = {
         "clip_eps_low": config.clip_eps_low,
         "clip_eps_high": config.clip_eps_high,
@@ -282,27 +280,30 @@ def policy_update(
     for epoch in range(config.ppo_epochs):
         for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
             step = epoch * config.mini_batches + k
-            mine = plan[rank]
             mini_tokens = sum(lengths[i] for i in mini)
             denominator = mini_tokens if config.loss_agg_mode == "token-mean" else len(mini)
-            for index in range(max(len(p) for p in plan)):
-                padding = index >= len(mine)
-                chunks = mine[index] if not padding else _padding_chunks(plan, batch, shared)
-                micro = build_micro_batch(
-                    batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
-                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                )  # fmt: skip
-                loss, metrics = module(**micro.inputs, **loss_kwargs)
-                share = 0.0 if padding else (
-                    micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
-                ) / denominator  # fmt: skip
-                engine.backward(loss * (share * world_size))
-                calls += 1
-                if not padding:
-                    sums[step] += share * loss.detach().double()
-                    for j, name in enumerate(("clip_frac", "kl", "entropy")):
-                        sums[steps + j] += metrics[name].detach().double() * micro.loss_tokens
-                    sums[steps + 3] += micro.loss_tokens
+
+            def micro_steps(plan=plan, denominator=denominator) -> Iterator[MicroStep[tuple[float, int]]]:
+                padding_chunks = lambda: _padding_chunks(plan, batch, shared)
+                for chunks, padding in rank_micro_steps(plan, rank, padding_chunks):
+                    micro = build_micro_batch(
+                        batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
+                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                    )  # fmt: skip
+                    share = 0.0 if padding else (
+                        micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
+                    ) / denominator  # fmt: skip
+                    yield MicroStep({**micro.inputs, **loss_kwargs}, share * world_size, padding,
+                                    (share, micro.loss_tokens))  # fmt: skip
+
+            def record(micro: MicroStep[tuple[float, int]], output: Any, step: int = step) -> None:
+                (loss, metrics), (share, loss_tokens) = output, micro.info
+                sums[step] += share * loss.detach().double()
+                for j, name in enumerate(("clip_frac", "kl", "entropy")):
+                    sums[steps + j] += metrics[name].detach().double() * loss_tokens
+                sums[steps + 3] += loss_tokens
+
+            calls += accumulate_gradients(engine, micro_steps(), record)
             grad_norms.append(float(engine.step()))
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)

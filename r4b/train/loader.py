@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from r4b.errors import InputError
+from r4b.train.accumulate import rank_micro_steps
 from r4b.train.batches import GlobalBatchPlanner
 
 __all__ = ["MicroBatchKey", "MicroBatchLoader", "default_workers", "rank_micro_batches"]
@@ -47,12 +48,9 @@ def rank_micro_batches(
     """Every micro-batch rank ``rank`` trains on in steps ``start`` to ``stop - 1``, in training order."""
     for step in range(start, stop):
         plan = planner.plan(step)
-        mine = plan.for_rank(rank)
-        for index in range(plan.micro_steps):
-            if index < len(mine):
-                yield MicroBatchKey(step, index, tuple(mine[index]))
-            else:
-                yield MicroBatchKey(step, index, tuple(padding_sample(plan)), padding=True)
+        micro_steps = rank_micro_steps(plan.micro_batches, rank, lambda plan=plan: padding_sample(plan))
+        for index, (samples, padding) in enumerate(micro_steps):
+            yield MicroBatchKey(step, index, tuple(samples), padding=padding)
 
 
 def default_workers(device: torch.device | str, world_size: int = 1) -> int:

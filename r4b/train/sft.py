@@ -11,80 +11,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from r4b.config.sections import SFTConfig  # the run config (every key: docs/config.md)
+from r4b.train.accumulate import MicroStep, accumulate_gradients
 from r4b.train.batches import GlobalBatchPlanner, StepPlan
 from r4b.train.checkpoint import save_checkpoint
-from r4b.train.engine import EngineConfig, build_engine
+from r4b.train.engine import build_engine
 from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batches
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
 from r4b.train.runtime import StopSignal, export_model, resume, start_run
-from r4b.train.schedule import MODULES, parameter_groups, warmup_cosine
+from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft_data import SFTDataset, batch_to_device
-
-
-@dataclass
-class ModelSection:
-    path: str | None = None  # a Hugging Face directory (R-4B, Qwen2.5-VL, Qwen3-VL); None = the embedded tiny model
-    tokenizer: str | None = None  # default: the model directory's, or the tiny tokenizer
-    seed: int = 0  # initialises the tiny model
-    train: list[str] = field(default_factory=lambda: list(MODULES))  # which of vision, projector, llm train
-    liger: bool = True  # liger-kernel's RMSNorm / RoPE / SwiGLU on a GPU (never on a CPU)
-
-
-@dataclass
-class DataSection:
-    train: list[str] = field(default_factory=list)  # JSONL files
-    max_tokens: int = 16384  # packed micro-batch budget (the paper: 16,384)
-    on_error: str = "raise"  # "raise" | "skip": a bad or over-long sample stops the run or is counted
-    mask_empty_think: bool = True  # the paper's non-thinking loss masking
-    # DataLoader processes per rank that read, pack and preprocess images ahead of the step (r4b.train.loader);
-    # None: 0 on a CPU, else up to 4 per rank. The batches do not depend on it.
-    workers: int | None = None
-
-
-@dataclass
-class OptimSection:
-    lr_llm: float = 4e-5
-    lr_vision: float = 4e-6
-    lr_projector: float = 4e-6
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
-class TrainSection:
-    global_batch_samples: int = 1024
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (the schedule still spans epochs unless schedule_steps is set)
-    schedule_steps: int | None = None  # length of the cosine schedule; default: all steps of all epochs
-    seed: int = 0
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto" (newest checkpoint in output_dir), "none", or a checkpoint directory
-    allow_config_change: list[str] = field(default_factory=list)  # keys (or sections) a resume may change
-    attention_cost_weight: float = 0.0  # quadratic term when balancing ranks (verl's seqlen balancing)
-    tensorboard: bool = True
-    progress: bool = True
-    export: bool = True  # write output_dir/model (Hugging Face, R-4B layout) at the end
-
-
-@dataclass
-class SFTConfig:
-    output_dir: str = "runs/sft"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def train_sft(config: SFTConfig) -> Path:
@@ -197,14 +140,15 @@ def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) ->
     # on the engine's device: NCCL reduces device tensors only (and the sum needs no host sync per micro-batch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     data_wait = 0.0
-    for index in range(plan.micro_steps):
-        # a rank with fewer micro-batches gets a zero-weight pass (rank_micro_batches) to keep collectives paired
-        key, host, waited = loader.next(plan.step, index)
-        data_wait += waited
-        loss = engine.module(**batch_to_device(host, engine.device))
-        engine.backward(loss * (0.0 if key.padding else scale))
-        if not key.padding:
-            loss_sum += loss.detach().double()
+
+    def micro_steps() -> Iterator[MicroStep]:
+        nonlocal data_wait
+        for index in range(plan.micro_steps):  # padding passes included (rank_micro_batches)
+            key, host, waited = loader.next(plan.step, index)
+            data_wait += waited
+            yield MicroStep(batch_to_device(host, engine.device), scale, key.padding)
+
+    accumulate_gradients(engine, micro_steps(), lambda _, loss: loss_sum.add_(loss.detach().double()))
     lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())
     grad_norm = engine.step()
     if world > 1:
