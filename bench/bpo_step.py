@@ -52,11 +52,12 @@ from transformers import Qwen3Config, SiglipVisionConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, error_row, median_ms, peak_gib, print_table, synchronize, write_results
 
+from r4b.config import EngineConfig
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.r4b_model import RConfig, RForConditionalGeneration
 from r4b.rl import BPOObjective, RolloutBatch, UpdateConfig, compute_logprobs, policy_update
 from r4b.rl.batch import chunk_tokens
-from r4b.train.engine import EngineConfig, build_engine
+from r4b.train.engine import build_engine
 
 if TYPE_CHECKING:
     from r4b.train.bpo import BPOTrainer

@@ -95,9 +95,9 @@ def _engine(model: Any, tokenizer: Any, batch_size: int, device: str | None) -> 
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if tokenizer is None:
         raise ValueError("curate needs a tokenizer with a model object")
-    from r4b.rollout.hf import HFRolloutEngine
+    from r4b.rollout.factory import build_rollout_engine
 
-    return HFRolloutEngine(model, tokenizer, batch_size=batch_size)
+    return build_rollout_engine(model, tokenizer, batch_size=batch_size)  # the processor: the model's default
 
 
 def _chunks(items: list[Question], size: int) -> Iterator[list[Question]]:

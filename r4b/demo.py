@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
 def paper_signature(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The demo's targets (issue 6) evaluated on a report: name -> {value, target, met}."""
+    """The demo's targets (docs/demo.md) evaluated on a report: name -> {value, target, met}."""
     models = report["models"]
     bpo, annealed = models["bpo"], models["annealed"]
     by = bpo["auto"].get("by_difficulty", {})

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from r4b.train.engine import EngineConfig, build_engine, init_distributed, is_main_process
+from r4b.config import EngineConfig
+from r4b.train.engine import build_engine, init_distributed, is_main_process
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
 

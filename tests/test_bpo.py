@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,18 +17,12 @@ from r4b.config import load_config
 from r4b.format import MODE_SUFFIX
 from r4b.models.tokenizer import load_tokenizer
 from r4b.rl import RolloutBatch, compute_advantages, compute_logprobs
+from r4b.rl.credit import decision_token_counts, move_decision_tokens
+from r4b.rl.metrics import rollout_metrics
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams
 from r4b.rollout.prompts import encode_for_generation, stop_token_ids
 from r4b.synth import write_synthetic
-from r4b.train.bpo import (
-    BPOConfig,
-    BPOTrainer,
-    _rollout_metrics,
-    decision_token_counts,
-    move_decision_tokens,
-    prompt_indices,
-    train_bpo,
-)
+from r4b.train.bpo import BPOConfig, BPOTrainer, prompt_indices, train_bpo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
@@ -181,14 +176,14 @@ def test_rollout_metrics_by_hand():
              (1, "non_thinking", "\n\n3"), (1, "non_thinking", "\n\n<think>\nb\n</think>\n\n3"))  # fmt: skip
     row = lambda: [Rollout([1], [2] * n, text, True, mode) for n, mode, text in shape]
     rewards = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    out = _rollout_metrics([row(), row()], rewards, rewards, None)
+    out = rollout_metrics([row(), row()], rewards, rewards, None)
     assert out["reward"] == pytest.approx(3 / 8) and out["zero_adv_groups"] == 0.5  # prompt 1's 2g are all equal
     assert out["thinking"] == {"reward": 0.5, "accuracy": 0.5, "response_len": 4.0, "trigger_rate": 0.5,
                                "off_mode": 0.5, "uniform_reward_groups": 1.0}  # fmt: skip
     assert out["non_thinking"] == {"reward": 0.25, "accuracy": 0.25, "response_len": 1.0, "trigger_rate": 0.0,
                                    "off_mode": 0.5, "uniform_reward_groups": 0.5}  # fmt: skip
     auto = [[Rollout([1], [2], "\nc\n</think>\n\n3", True, "auto"), Rollout([1], [2], "\n\n</think>3", True, "auto")]]
-    out = _rollout_metrics(auto, torch.ones(1, 2), torch.ones(1, 2), None)
+    out = rollout_metrics(auto, torch.ones(1, 2), torch.ones(1, 2), None)
     assert out["auto"]["trigger_rate"] == 0.5 and "off_mode" not in out["auto"]  # auto chooses: never off-mode
 
 
@@ -206,7 +201,9 @@ class ScriptedEngine(RolloutEngine):
 
     @staticmethod
     def key(prompt: Prompt) -> str:
-        return json.dumps([prompt.messages, [str(image) for image in prompt.images]])
+        """A prompt's messages and image pixels: the trainer hands engines its prompts with their images decoded."""
+        pixels = [hashlib.sha1(image.tobytes()).hexdigest() for image in prompt.decoded().images]
+        return json.dumps([prompt.messages, pixels])
 
     def texts(self, mode: str, answer: str) -> list[str]:
         """The responses of one prompt in ``mode``, cycled over its ``n`` rollouts."""
@@ -344,6 +341,7 @@ def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, 
     the positive mean advantage moves its decision tokens into the response; the other's net push would be negative
     and hand its token's mass to whatever else is likeliest after <think> (seed 0: <|im_end|>). Scripted: one
     thinking rollout per prompt closes at once (off-mode, -1), the other is cut off (0); non-thinking answers right."""
+    import r4b.rl.credit as credit_module
     import r4b.train.bpo as bpo
 
     extra = (f"advantages.mode_decision_from={credit}", "data.eval=null", "train.export=false")
@@ -351,7 +349,7 @@ def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, 
     trainer.rollout_engine = ScriptedEngine(trainer)
     moved, advantages = [], []
     spy = lambda r, d: moved.append((r.mode, d)) or move_decision_tokens(r, d)
-    monkeypatch.setattr(bpo, "move_decision_tokens", spy)
+    monkeypatch.setattr(credit_module, "move_decision_tokens", spy)
     monkeypatch.setattr(
         bpo, "compute_advantages", lambda *a, **k: advantages.append(compute_advantages(*a, **k)) or advantages[-1]
     )
@@ -370,7 +368,7 @@ def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, 
 
 def test_unknown_mode_decision_from_is_refused(data, tmp_path):
     args = overrides(data, tmp_path / "run", "advantages.mode_decision_from=best")
-    with pytest.raises(ValueError, match=r"advantages\.mode_decision_from must be one of"):
+    with pytest.raises(ValueError, match=r"advantages\.mode_decision_from = 'best': expected one of 'all', 'positive'"):
         BPOTrainer(load_config(BPOConfig, DEMO, args))
 
 

@@ -34,9 +34,10 @@ from r4b.models.loading import load_model_and_processor
 from r4b.models.mrope import mm_token_type_ids, packed_mrope_position_ids, use_varlen_attention
 from r4b.rl import RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.batch import build_micro_batch, chunk_tokens, plan_chunks
+from r4b.rl.credit import decision_token_counts
 from r4b.rollout import HFRolloutEngine, Prompt, Rollout, SamplingParams, encode_prompt, generation_attention
 from r4b.synth import write_synthetic
-from r4b.train.bpo import BPOConfig, BPOTrainer, decision_token_counts
+from r4b.train.bpo import BPOConfig, BPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BPO_DEMO = ROOT / "configs" / "demo" / "bpo.yaml"

@@ -11,6 +11,7 @@ import torch
 from helpers import rel_err
 from PIL import Image
 
+from r4b.config import EngineConfig
 from r4b.kernels import LOSS_AGG_MODES
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.packed import packed_hidden_states
@@ -20,7 +21,7 @@ from r4b.rl import BPOObjective, RolloutBatch, UpdateConfig, compute_advantages,
 from r4b.rl.batch import plan_chunks
 from r4b.rollout import Prompt, Rollout, encode_prompt
 from r4b.shared_prefix import pack_unshared
-from r4b.train.engine import EngineConfig, build_engine
+from r4b.train.engine import build_engine
 
 G_PER_MODE = 2
 MODES = ("thinking", "non_thinking")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_module
 
 import r4b
 from r4b.cli import main
@@ -30,16 +31,8 @@ def test_console_script_is_installed():
     assert info["r4b"] == r4b.__version__ and "torch" in info
 
 
-def _bench_module(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_fused_loss_benchmark_smoke(tmp_path):
-    fused_loss = _bench_module("fused_loss")
+    fused_loss = bench_module("fused_loss")
     assert fused_loss.main(["--smoke", "--no-compile", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("fused_loss-*.json")
     record = json.loads(result.read_text())
@@ -55,7 +48,7 @@ def test_fused_loss_benchmark_smoke(tmp_path):
 
 
 def test_attention_benchmark_smoke(tmp_path):
-    attention = _bench_module("attention")
+    attention = bench_module("attention")
     assert attention.main(["--smoke", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("attention-*.json")
     record = json.loads(result.read_text())
@@ -70,7 +63,7 @@ def test_attention_benchmark_smoke(tmp_path):
 
 def test_sft_step_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch references: a check that it runs, not a timing
-    sft_step = _bench_module("sft_step")
+    sft_step = bench_module("sft_step")
     assert sft_step.main(["--smoke", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("sft_step-*.json")
     record = json.loads(result.read_text())
@@ -88,7 +81,7 @@ def test_full_size_models_build():
 
     from r4b.models.r4b_model import RForConditionalGeneration
 
-    sft_step = _bench_module("sft_step")
+    sft_step = bench_module("sft_step")
     with torch.device("meta"):
         model = RForConditionalGeneration(sft_step.full_size_config())
     assert len(model.model.language_model.layers) == 28

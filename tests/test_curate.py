@@ -156,7 +156,7 @@ def test_bad_questions_are_skipped_and_counted(tmp_path):
 
 
 def test_a_corrupt_image_is_skipped_by_line_or_names_it(tmp_path):
-    """A question whose image cannot be read is a bad line like any other (issue 13): counted under skip, with
+    """A question whose image cannot be read is a bad line like any other: counted under skip, with
     its file:line, else the error names them; curate stops at the reader, before a model runs."""
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}

@@ -18,7 +18,8 @@ import pytest
 import torch
 from helpers import run_two_ranks
 
-from r4b.train.engine import EngineConfig, build_engine
+from r4b.config import EngineConfig
+from r4b.train.engine import build_engine
 
 WORKER = Path(__file__).with_name("engine_worker.py")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

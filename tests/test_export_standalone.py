@@ -1,4 +1,4 @@
-"""A model exported by r4b loads wherever R-4B loads, without r4b (issue 17).
+"""A model exported by r4b loads wherever R-4B loads, without r4b.
 
 Each export is opened in a subprocess that cannot import r4b (``python -I``, a meta-path blocker for ``r4b``): an
 R-4B-family export with stock transformers and ``trust_remote_code=True`` (``AutoModelForImageTextToText``,

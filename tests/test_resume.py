@@ -1,4 +1,4 @@
-"""A run directory holds one run: `r4b sft` resumes only the run it claims to be (issue 13), end to end on the tiny
+"""A run directory holds one run: `r4b sft` resumes only the run it claims to be, end to end on the tiny
 model with 1-2 steps."""
 
 from __future__ import annotations

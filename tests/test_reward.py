@@ -73,7 +73,7 @@ def test_format_reward(response, expected):
     [
         ("thinking", "Two and two.\n</think>\n\n4", False),
         ("thinking", "Two and", False),  # cut inside the thought: still thinking
-        ("thinking", "</think>\n\n4", True),  # issue 16: the forced thought closed at once
+        ("thinking", "</think>\n\n4", True),  # the forced thought closed at once: off-mode
         ("thinking", "\n</think>\n\n4", True),
         ("thinking", " \n ", True),  # nothing but whitespace, cut off
         ("thinking", "<think></think>\n\n4", True),  # only a nested tag: the form of a thought, no reasoning

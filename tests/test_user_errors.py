@@ -1,5 +1,5 @@
 """Every user error is one line, ``r4b <command>: error: ...`` naming the file, line, field or key, with rc 2 and no
-traceback (issue 13); ``R4B_DEBUG=1`` keeps the traceback. The cases fail before a model loads (fast), but for the
+traceback; ``R4B_DEBUG=1`` keeps the traceback. The cases fail before a model loads (fast), but for the
 empty-data ones (the tiny model's tokenizer)."""
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ relies on this protocol, so tests and other models can plug in their own.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -14,7 +15,7 @@ from PIL import Image
 
 from r4b.data.errors import DataError
 
-__all__ = ["ImageProcessor", "image_sizes", "image_token_counts", "load_images"]
+__all__ = ["ImageProcessor", "decode_images", "image_sizes", "image_token_counts", "load_images"]
 
 
 @runtime_checkable
@@ -75,3 +76,19 @@ def load_images(paths: Sequence[Path], *, where: str = "<memory>") -> list[Image
                 where, f"cannot read image {path}: {error}", field=f"images[{k}]", reason="bad_image"
             ) from None
     return images
+
+
+def decode_images(images: Sequence[Image.Image | str | os.PathLike], *, where: str = "prompt") -> list[Image.Image]:
+    """RGB images of a prompt's ``images``, PIL images or paths: an RGB image is kept as it is (the same object),
+    another PIL image converted, a path decoded (:func:`load_images`; a bad file raises :class:`DataError` naming
+    ``{where} image {k}``). The rollout engines and the BPO batch all read a prompt's images through this, so a
+    caller that decodes once (``Prompt.decoded``) hands every later reader the same pixels."""
+    out = []
+    for k, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            out.append(image if image.mode == "RGB" else image.convert("RGB"))
+        elif isinstance(image, (str, os.PathLike)):
+            out.extend(load_images([Path(image)], where=f"{where} image {k}"))
+        else:
+            raise TypeError(f"{where} image {k} is a {type(image).__name__}, not a PIL image or a path")
+    return out

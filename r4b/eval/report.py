@@ -12,7 +12,7 @@
 The numbers are :func:`r4b.eval.metrics.compute_metrics` over the records of ``predictions.jsonl``.
 ``forced_mode_flags`` (:func:`forced_mode_flags`) lists every forced mode whose trigger rate departs from its
 forced value by more than :data:`FORCED_MODE_TOLERANCE` (thinking: 1, non-thinking: 0), e.g. a model that
-closes its forced thought at once (issue 16); ``report.md`` shows them above the tables.
+closes its forced thought at once (BPO can teach that: docs/demo.md); ``report.md`` shows them above the tables.
 """
 
 from __future__ import annotations

@@ -56,9 +56,10 @@ def _engine(
     engine: str = "hf",
     vllm_args: Mapping[str, Any] | None = None,
 ) -> tuple[RolloutEngine, Any]:
-    """``(engine, tokenizer or None)`` of a model spec; a name or directory is loaded here."""
+    """``(engine, tokenizer or None)`` of a model spec; a name or directory is loaded here, the engine built by
+    :func:`r4b.rollout.factory.build_rollout_engine`."""
     from r4b.rollout.base import RolloutEngine
-    from r4b.rollout.hf import HFRolloutEngine
+    from r4b.rollout.factory import build_rollout_engine
 
     if isinstance(spec, RolloutEngine):
         return spec, getattr(spec, "tokenizer", None)
@@ -76,9 +77,7 @@ def _engine(
             f"a model is 'tiny', a directory, a (model, tokenizer[, processor]) tuple or a RolloutEngine, "
             f"not {type(spec).__name__}"
         )
-    if device is not None:
-        model = model.to(device)
-    return HFRolloutEngine(model, tokenizer, processor, batch_size=batch_size), tokenizer
+    return build_rollout_engine(model, tokenizer, processor, batch_size=batch_size, device=device), tokenizer
 
 
 def default_device() -> str:
@@ -93,7 +92,7 @@ def _vllm_engine(
 ) -> tuple[RolloutEngine, Any]:
     """A vLLM engine on a model directory (vLLM loads the weights; r4b only the tokenizer and processor)."""
     from r4b.models.loading import load_tokenizer_and_processor
-    from r4b.rollout.vllm import VLLMRolloutEngine
+    from r4b.rollout.factory import build_rollout_engine
 
     if not isinstance(spec, (str, Path)) or str(spec) == "tiny":
         raise EvalError(f"the vLLM engine loads model directories; {_describe(spec)} is not one (use engine='hf')")
@@ -102,7 +101,8 @@ def _vllm_engine(
     defaults: dict[str, Any] = {"seed": seed, "gpu_memory_utilization": 0.9}  # nothing else shares the GPU
     if dtype is not None:
         defaults["dtype"] = dtype
-    return VLLMRolloutEngine.from_pretrained(spec, tokenizer, processor, **(defaults | dict(vllm_args))), tokenizer
+    engine = build_rollout_engine(spec, tokenizer, processor, engine="vllm", vllm_args=defaults | dict(vllm_args))
+    return engine, tokenizer
 
 
 def _check_spec(spec: ModelSpec) -> None:

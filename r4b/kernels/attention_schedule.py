@@ -241,7 +241,7 @@ def cached_per_batch(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, key: 
     return value
 
 
-# --- kernels walking the schedule (issue 12, item 2): a first version, checked on the CPU only ---------------
+# --- kernels walking the schedule: checked against the reference in the interpreter, not yet timed on a GPU ---
 #
 # One program per (query tile, head) for the forward and dQ, per (key tile, kv head) for dK/dV: no idle
 # programs. Each walks its list in two branch-free loops, the partial tiles (mask arithmetic) then the full
@@ -406,7 +406,7 @@ def schedule_dq_kernel(
     )
 
 
-# --- Hopper launch configs (issue 12, item 2): chosen from sm_90 compiles, not yet timed on an H100 -------------
+# --- Hopper launch configs: chosen from sm_90 compiles, not yet timed on an H100 --------------------------------
 #
 # Tiles (the schedule's): 128 query rows x 64 keys for 16-bit inputs. The forward and dQ hold a 128-row Q tile (and
 # dO) in shared memory for the whole walk and stream 64-key K/V tiles, FA2/FA3's H100 shape for head dims <= 128:

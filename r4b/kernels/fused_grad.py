@@ -435,9 +435,23 @@ METHODS = ("recompute", "cublas", "cublas-fast")
 METHOD_ENV = "R4B_FUSED_LOSS_METHOD"
 
 
+_default_method: list[str] = []  # set_default_method's, if any
+
+
+def set_default_method(method: str | None) -> None:
+    """The process-wide method of calls that pass none (a trainer's config key); ``None``: back to "recompute".
+    ``R4B_FUSED_LOSS_METHOD``, where set, still overrides it."""
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown fused-loss method {method!r}; expected one of {METHODS}")
+    _default_method[:] = [] if method is None else [method]
+
+
 def resolve_method(method: str | None) -> str:
-    """``method``, or where None the ``R4B_FUSED_LOSS_METHOD`` environment variable, or "recompute"."""
-    chosen = os.environ.get(METHOD_ENV, "recompute") if method is None else method
+    """``method``, or where None the ``R4B_FUSED_LOSS_METHOD`` environment variable, or :func:`set_default_method`'s,
+    or "recompute"."""
+    if method is None and METHOD_ENV not in os.environ:
+        return _default_method[0] if _default_method else "recompute"
+    chosen = os.environ[METHOD_ENV] if method is None else method
     if chosen not in METHODS:
         source = f"{METHOD_ENV}={chosen!r}" if method is None else f"method={chosen!r}"
         raise ValueError(f"unknown {source}; expected one of {METHODS}")

@@ -1,7 +1,9 @@
 """Which kernel runs the packed attention of ``r4b_varlen``: r4b's Triton kernel, FlexAttention or torch's FA2 varlen.
 
 The setting, first match wins: :func:`use_attention_backend` (a context manager) or
-:func:`set_attention_backend`, then the environment variable ``R4B_ATTENTION_BACKEND``, then ``auto``.
+:func:`set_attention_backend`, then the environment variable ``R4B_ATTENTION_BACKEND``, then ``auto``. A run's
+``model.attention_backend`` key is applied with :func:`set_attention_backend` where the variable is unset
+(:func:`r4b.train.runtime.apply_kernel_choices`: the variable overrides the key).
 
 - ``r4b``: :func:`r4b.kernels.varlen_attention` (its own dispatch: flash-attn for plain masks where installed).
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built from the same ``cu_seqlens`` /
@@ -30,17 +32,19 @@ import contextlib
 import functools
 import inspect
 import os
+import typing
 from collections.abc import Iterator
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from r4b.config.sections import AttentionBackend
 from r4b.kernels import varlen_attention
 from r4b.kernels._backend import use_triton
 from r4b.kernels.attention_schedule import cached_per_batch, default_blocks, schedule_for, scheduled_varlen_attention
 from r4b.kernels.varlen_attention import cu_seqlens_host_values
 
-BACKENDS = ("auto", "r4b", "flex", "fa2", "r4b-schedule")
+BACKENDS = typing.get_args(AttentionBackend)  # ("auto", "r4b", "flex", "fa2", "r4b-schedule"): model.attention_backend
 ENV_VAR = "R4B_ATTENTION_BACKEND"
 BUILDS: collections.Counter = collections.Counter()  # "flex-block-mask", "tile-schedule": builds so far
 

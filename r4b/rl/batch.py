@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from r4b.data.image import ImageProcessor, load_images
+from r4b.data.image import ImageProcessor, decode_images
 from r4b.models.mrope import continued_mrope_position_ids
 from r4b.rollout.base import Rollout
 from r4b.shared_prefix import PackedGroups, pack_shared_prefix, pack_unshared
@@ -164,7 +164,7 @@ class RolloutBatch:
         for p, row in enumerate(rollouts):
             if len(advantages[p]) != len(row):
                 raise ValueError(f"advantages[{p}] has {len(advantages[p])} values for {len(row)} rollouts")
-            decoded = _decode_images(images[p] if images is not None else [], where=f"prompt {p}")
+            decoded = decode_images(images[p] if images is not None else [], where=f"prompt {p}")
             vision = _preprocess(decoded, processor, where=f"prompt {p}")
             for mode in dict.fromkeys(r.mode for r in row):
                 columns = [j for j, r in enumerate(row) if r.mode == mode]
@@ -215,16 +215,6 @@ class RolloutBatch:
             image_grid_thw=grids if mrope else None,
             mrope_positions=positions if mrope else None,
         )
-
-
-def _decode_images(images: Sequence[Image.Image | str | Path], *, where: str) -> list[Image.Image]:
-    out = []
-    for k, image in enumerate(images):
-        if isinstance(image, Image.Image):
-            out.append(image if image.mode == "RGB" else image.convert("RGB"))
-        else:
-            out.extend(load_images([Path(image)], where=f"{where} image {k}"))
-    return out
 
 
 def _preprocess(images: list[Image.Image], processor: ImageProcessor | None, *, where: str) -> dict[str, Tensor]:

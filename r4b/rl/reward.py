@@ -9,7 +9,7 @@ numeric tolerance, math-verify).
 
 :func:`off_mode` tells whether a forced-mode response left its mode (a forced thought closed at once, or a forced
 direct answer that thinks after all); BPO scores such responses as format failures by default
-(``reward.off_mode``, see :func:`r4b.train.bpo.RewardSection`).
+(``reward.off_mode``, see :class:`r4b.config.sections.RewardSection`).
 """
 
 from __future__ import annotations

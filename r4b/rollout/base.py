@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from r4b.data.image import decode_images
 from r4b.format import MODE_SUFFIX, check_mode, full_text
 
 __all__ = [
@@ -54,6 +55,12 @@ class Prompt:
         if "assistant" in roles:
             messages = messages[: roles.index("assistant")]
         return cls(messages, list(sample.images))
+
+    def decoded(self) -> Prompt:
+        """This prompt with its images decoded (RGB PIL images, :func:`r4b.data.image.decode_images`): a caller
+        that reads the images several times (BPO: each mode's rollouts, then the update's pixel values) decodes
+        them once."""
+        return Prompt(self.messages, decode_images(self.images, where="prompt"))
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from r4b.data.encode import expand_image_tokens, image_placeholder
-from r4b.data.image import ImageProcessor, load_images
+from r4b.data.image import ImageProcessor, decode_images
 from r4b.format import MODE_SUFFIX, check_mode
 from r4b.models.tokenizer import TEMPLATE_MODE
 
@@ -52,25 +51,13 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str,
     return text if suffix is None else text[: -len(MODE_SUFFIX[mode])] + suffix
 
 
-def _images(images: Sequence[Image.Image | str | Path]) -> list[Image.Image]:
-    out = []
-    for k, image in enumerate(images):
-        if isinstance(image, Image.Image):
-            out.append(image if image.mode == "RGB" else image.convert("RGB"))
-        elif isinstance(image, (str, Path)):
-            out.extend(load_images([Path(image)], where=f"prompt image {k}"))
-        else:
-            raise TypeError(f"prompt image {k} is a {type(image).__name__}, not a PIL image or a path")
-    return out
-
-
 def encode_prompt(
     tokenizer: Any, processor: ImageProcessor, prompt: Prompt, mode: str, suffix: str | None = None
 ) -> EncodedPrompt:
     """Token ids of ``prompt`` in ``mode``; each image placeholder becomes ``processor.num_image_tokens(h, w)``
     copies."""
     text = render_prompt(tokenizer, prompt.messages, mode, suffix)
-    images = _images(prompt.images)
+    images = decode_images(prompt.images, where="prompt")  # already decoded ones are kept as they are
     placeholder = image_placeholder(processor)
     template_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     counts = [processor.num_image_tokens(image.height, image.width) for image in images]

@@ -22,6 +22,12 @@ from r4b.errors import InputError
 from r4b.packing import plan_ranks
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of ``n`` items in ``epoch``: a permutation that depends only on (seed, epoch). SFT's
+    global batches and BPO's prompts (:func:`r4b.train.bpo.prompt_indices`) both walk it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 @dataclass(frozen=True)
 class StepPlan:
     step: int
@@ -75,8 +81,7 @@ class GlobalBatchPlanner:
 
     @lru_cache(maxsize=2)  # noqa: B019 - one planner per run; the epoch order is reused by every step
     def _order(self, epoch: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.lengths), generator=generator).numpy()
+        return epoch_order(len(self.lengths), self.seed, epoch).numpy()
 
     def plan(self, step: int) -> StepPlan:
         epoch, index = divmod(step, self.steps_per_epoch)

@@ -31,12 +31,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from r4b.config.sections import EngineConfig  # engine.* of the run configs
 from r4b.train.ranks import barrier, rank
 
 __all__ = [
     "DeepSpeedEngine",
     "Engine",
-    "EngineConfig",
     "FSDP2Engine",
     "SingleEngine",
     "build_engine",
@@ -45,20 +45,6 @@ __all__ = [
 ]
 
 _STATE_FILE = "engine_state.pt"  # scheduler state (and the single engine's model/optimizer)
-
-
-@dataclass
-class EngineConfig:
-    """How to train: which engine, clipping, precision, activation checkpointing."""
-
-    kind: str = "single"  # "single" | "fsdp2" | "deepspeed"
-    zero_stage: int = 2  # deepspeed only: 2 or 3 (1 works too)
-    grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = "no"  # "no" | "bf16" (bf16 params/compute; fp32 master weights)
-    activation_checkpointing: bool = False
-    # how long a rank may wait in one collective (process-group timeout): other ranks wait in a barrier while
-    # rank 0 exports the model or writes a checkpoint, far longer than NCCL's default of 10 minutes allows
-    timeout_minutes: float = 120.0
 
 
 # --------------------------------------------------------------------------------------------------------------

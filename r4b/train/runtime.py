@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 import yaml
 
-from r4b.config import config_to_dict
+from r4b.config import check_values, config_to_dict
+from r4b.config.fields import resume_may_change_keys
+from r4b.config.sections import STAGES
 from r4b.errors import InputError, RunInterrupted, output_dir
 from r4b.train.checkpoint import CONFIG_FILE, DATA_FILE, STATE_FILE, list_checkpoints, load_checkpoint
 from r4b.train.engine import init_distributed
@@ -29,7 +32,9 @@ def seed_everything(seed: int) -> None:
 
 def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int, Path]:
     """Join the process group (under torchrun), create the run directory with its config.yaml, seed.
-    Returns (rank, world size, run directory)."""
+    Returns (rank, world size, run directory). A config built in Python is checked as a loaded one is, and
+    ``model.attention_backend`` / ``model.fused_loss_method`` are applied to the process."""
+    check_values(config)
     init_distributed(getattr(getattr(config, "engine", None), "timeout_minutes", None))  # engine.timeout_minutes
     rank, world_size = world()
     run_dir = Path(output_dir)
@@ -38,25 +43,42 @@ def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         (run_dir / DATA_FILE).write_text(json.dumps(data_fingerprints(config), indent=2))
+    apply_kernel_choices(getattr(config, "model", None))
     seed_everything(seed)
     return rank, world_size, run_dir
 
 
-# Config keys whose change cannot alter what a resumed run computes: where it writes, how often it saves and logs,
-# where it stops (the schedule's length is its own key). Every other change stops a resume unless
-# train.allow_config_change lists it.
-HARMLESS_KEYS = (
-    "output_dir",
-    "train.resume",
-    "train.max_steps",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.tensorboard",
-    "train.progress",
-    "train.export",
-    "train.allow_config_change",
-    "engine.timeout_minutes",
-)
+_BACKEND_FROM_CONFIG: list[str] = []  # the backend apply_kernel_choices set, so that the next run resets it
+
+
+def apply_kernel_choices(model: Any) -> dict[str, str | None]:
+    """Apply ``model.attention_backend`` and ``model.fused_loss_method`` process-wide (None: the library's choice).
+    The environment variables ``R4B_ATTENTION_BACKEND`` / ``R4B_FUSED_LOSS_METHOD`` override the keys when set; a
+    later run of the process starts from the library's defaults again. Returns what the run gets, per key (None:
+    the library's default)."""
+    from r4b.kernels import fused_grad
+    from r4b.models.attention_backends import ENV_VAR, set_attention_backend
+
+    backend = getattr(model, "attention_backend", None)
+    if _BACKEND_FROM_CONFIG:  # undo the previous run's key, never a setting the caller made
+        set_attention_backend(None)
+        _BACKEND_FROM_CONFIG.clear()
+    env_backend = os.environ.get(ENV_VAR, "").strip() or None
+    if backend is not None and env_backend is None:
+        set_attention_backend(backend)
+        _BACKEND_FROM_CONFIG.append(backend)
+    fused_grad.set_default_method(getattr(model, "fused_loss_method", None))
+    method = os.environ.get(fused_grad.METHOD_ENV) or getattr(model, "fused_loss_method", None)
+    return {
+        "attention_backend": env_backend or (backend if _BACKEND_FROM_CONFIG else None),
+        "fused_loss_method": method,
+    }
+
+
+# Config keys whose change cannot alter what a resumed run computes (where it writes, how often it saves and logs,
+# where it stops: the schedule's length is its own key), marked RESUME_MAY_CHANGE on their fields in
+# r4b/config/sections.py. Every other change stops a resume unless train.allow_config_change lists it.
+HARMLESS_KEYS = resume_may_change_keys(*STAGES.values())
 
 
 def check_run_dir(config: Any, run_dir: Path) -> None:
@@ -101,7 +123,7 @@ def check_run_dir(config: Any, run_dir: Path) -> None:
         return
     current = config_to_dict(config)
     previous_data = _checkpoint_data(path)
-    if previous_data is not None:  # the data files' contents, beside their paths (checkpoints since issue 13)
+    if previous_data is not None:  # the data files' contents, beside their paths (older checkpoints lack them)
         previous, current = {**previous, **previous_data}, {**current, **data_fingerprints(config)}
     changed = changed_keys(previous, current, getattr(train, "allow_config_change", None) or [])
     if changed:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Iterable
 
 from torch import nn
+
+from r4b.config.sections import TrainableModule
 
 # Which module a parameter belongs to, by name: R-4B / LLaVA-OneVision (vision_tower,
 # multi_modal_projector, image_newline) and Qwen-VL (visual, visual.merger) layouts.
 VISION_PATTERNS = ("vision_tower.", "visual.")
 PROJECTOR_PATTERNS = ("multi_modal_projector.", "image_newline", "visual.merger.")
-MODULES = ("vision", "projector", "llm")
+MODULES = typing.get_args(TrainableModule)  # ("vision", "projector", "llm"): model.train
 
 
 def module_of(name: str) -> str:

@@ -1,13 +1,36 @@
-"""Rank 0's full state dict on every rank, one tensor at a time (how sharded trainers refresh rollout copies)."""
+"""How a trainer refreshes its rollout engine's weights: :func:`sync_rollout_weights` streams the training engine's
+full tensors into the rollout engine, cast on the training device to the dtype the rollout engine keeps; engines
+that gather on rank 0 send them with :func:`broadcast_state_dict` (rank 0's full state dict on every rank, one tensor
+at a time)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_state_dict"]
+__all__ = ["broadcast_state_dict", "rollout_weights_dtype", "sync_rollout_weights"]
+
+
+def rollout_weights_dtype(rollout_engine: Any) -> torch.dtype | None:
+    """The dtype the rollout engine keeps its weights in (the synced tensors are cast to it on the training
+    device, never gathered in fp32 to one rank's CPU): its ``weights_dtype`` if it says, a transformers engine's
+    model's, else None (the training dtype; the engine's loader casts)."""
+    dtype = getattr(rollout_engine, "weights_dtype", None)
+    model = getattr(rollout_engine, "model", None)
+    if dtype is None and isinstance(model, torch.nn.Module):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return dtype
+
+
+def sync_rollout_weights(engine: Any, rollout_engine: Any, prefix: str = "model.") -> None:
+    """Load the training ``engine``'s current weights into ``rollout_engine`` (``RolloutEngine.load_weights``), one
+    tensor at a time as ``engine.full_tensors`` streams them (a collective: every rank calls it), names without
+    ``prefix`` (the objective's attribute holding the model)."""
+    pairs = engine.full_tensors(dtype=rollout_weights_dtype(rollout_engine))
+    rollout_engine.load_weights((name.removeprefix(prefix), tensor) for name, tensor in pairs)
 
 
 def broadcast_state_dict(

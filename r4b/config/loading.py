@@ -1,9 +1,9 @@
-"""Run configs: nested dataclasses filled from a YAML file and ``key=value`` overrides.
+"""Filling a run config from a YAML file and ``key=value`` overrides, and checking its values.
 
-Every stage (``r4b sft``, ``r4b bpo``, ``r4b eval``) describes its run as a dataclass tree. A YAML
-file sets any subset of its fields; ``section.field=value`` overrides (values parsed as YAML) come
-last. Unknown keys and wrongly typed values are errors naming the file and the dotted key, so a typo
-never silently falls back to a default.
+A YAML file sets any subset of the stage's fields; ``section.field=value`` overrides (values parsed as YAML) come
+last. Unknown keys and wrongly typed values are errors naming the file and the dotted key, so a typo never silently
+falls back to a default; so are a value that is not one of a ``Literal`` field's choices and a number outside the
+range declared on its field (:mod:`r4b.config.fields`), all checked here, before anything loads.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from r4b.config.fields import config_fields
 from r4b.errors import InputError
 
 T = TypeVar("T")
+
+__all__ = ["ConfigError", "check_values", "config_to_dict", "load_config"]
 
 
 class ConfigError(InputError):
@@ -51,81 +54,39 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return config
 
 
-# Range and enum checks by dotted key, for whichever stage config has the key: a bad value is an error naming the
-# key before anything loads (never a traceback or a silently odd run).
-POSITIVE = (
-    "train.global_batch_samples",
-    "train.epochs",
-    "train.max_steps",
-    "train.schedule_steps",
-    "train.steps",
-    "train.prompts_per_step",
-    "data.max_tokens",
-    "rollout.group_size",
-    "rollout.max_new_tokens",
-    "rollout.prompts_per_call",
-    "rollout.batch_size",
-    "policy.ppo_epochs",
-    "policy.mini_batches",
-    "policy.max_tokens",
-    "engine.timeout_minutes",
-)
-NON_NEGATIVE = (
-    "optim.lr_llm",
-    "optim.lr_vision",
-    "optim.lr_projector",
-    "optim.weight_decay",
-    "optim.eps",
-    "optim.warmup_ratio",
-    "optim.min_lr_ratio",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "train.attention_cost_weight",
-    "engine.grad_clip",
-    "rollout.temperature",
-    "rollout.top_k",
-    "policy.beta",
-)
-AT_MOST_ONE = ("optim.warmup_ratio", "optim.min_lr_ratio", "rollout.top_p")
-CHOICES = {
-    "data.on_error": ("raise", "skip"),
-    "engine.kind": ("single", "fsdp2", "deepspeed"),
-    "engine.mixed_precision": ("no", "bf16"),
-    "rollout.strategy": ("bpo", "grpo"),
-    "rollout.engine": ("hf", "vllm"),
-    "advantages.grouping": ("joint", "per_mode"),
-}
-
-
 def check_values(config: Any, source: str = "<config>") -> None:
-    """Raise a :class:`ConfigError` naming the key for a value out of its range or not one of its choices."""
-    flat = _flatten(config_to_dict(config)) if dataclasses.is_dataclass(config) else {}
-    for key, value in flat.items():
-        if value is None or isinstance(value, bool):
-            continue
-        what = None
-        if key in CHOICES and value not in CHOICES[key]:
-            what = f"expected one of {', '.join(map(repr, CHOICES[key]))}"
-        elif key in POSITIVE and isinstance(value, int | float) and value <= 0:
-            what = "must be positive"
-        elif key in NON_NEGATIVE and isinstance(value, int | float) and value < 0:
-            what = "must not be negative"
-        elif key in AT_MOST_ONE and isinstance(value, int | float) and not 0 <= value <= 1:
-            what = "must be between 0 and 1"
+    """Raise a :class:`ConfigError` naming the key for a value that is not one of its field's choices or lies out
+    of its field's range (``Annotated[int, POSITIVE]``...). Loading calls it, and so does every stage's start, for
+    a config built in Python."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return
+    for spec in config_fields(type(config)):
+        value = config
+        for part in spec.key.split("."):
+            value = getattr(value, part)
+        what = _problem(spec.choices, spec.ranges, value)
         if what:
-            name = "--max-steps" if key == "train.max_steps" else key
+            name = "--max-steps" if spec.key == "train.max_steps" else spec.key
             raise ConfigError(f"{source}: {name} = {value!r}: {what}")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and not prefix.count("."):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _problem(choices: tuple[Any, ...] | None, ranges: tuple[Any, ...], value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if choices is not None:
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item not in choices:
+                return _expected(choices)
+        return None
+    if isinstance(value, int | float):
+        for bound in ranges:
+            if not bound.holds(value):
+                return bound.message
+    return None
+
+
+def _expected(choices: tuple[Any, ...]) -> str:
+    return f"expected one of {', '.join(map(repr, choices))}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -146,7 +107,7 @@ def _build(cls: type[T], raw: dict[str, Any], source: str, prefix: str) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)  # Annotated metadata removed
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
@@ -176,6 +137,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return origin(_coerce(item_hint, item, source, key) for item in items)
     if origin is dict or hint is Any:
         return value
+    if origin is typing.Literal:
+        if isinstance(value, bool) or value not in args:
+            raise ConfigError(f"{source}: {key} = {value!r}: {_expected(args)}")
+        return value
     if hint is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)
@@ -183,10 +148,6 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             pass
     if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
-    if typing.get_origin(hint) is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} = {value!r}, expected one of {', '.join(map(repr, args))}")
-        return value
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{source}: {key} = {value!r} is not a {getattr(hint, '__name__', hint)}")

@@ -1,0 +1,418 @@
+"""Every section of the run configs of ``r4b sft`` (:class:`SFTConfig`) and ``r4b bpo`` (:class:`BPOConfig`).
+
+One home for the configuration: each field has its type (``Literal[...]`` where it is a choice), its default, its
+range and resume marker (``Annotated`` metadata, :mod:`r4b.config.fields`) and its docstring, the string right under
+it. ``docs/config.md`` is generated from this file (``python -m r4b.config.docs > docs/config.md``). Standard
+library only: the stages import their configs from here, and so do the pieces that take one section
+(:class:`EngineConfig` for :func:`r4b.train.engine.build_engine`, :class:`PolicyUpdate` under
+:class:`r4b.rl.UpdateConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from r4b.config.fields import FRACTION, NON_NEGATIVE, POSITIVE, RESUME_MAY_CHANGE
+
+__all__ = [
+    "STAGES",
+    "AdvantageSection",
+    "AttentionBackend",
+    "BPOConfig",
+    "BPODataSection",
+    "BPOTrainSection",
+    "DataSection",
+    "EngineConfig",
+    "FusedLossMethod",
+    "LossAggMode",
+    "ModelSection",
+    "OptimSection",
+    "PolicySection",
+    "PolicyUpdate",
+    "RewardSection",
+    "RolloutSection",
+    "SFTConfig",
+    "TrainBase",
+    "TrainSection",
+    "TrainableModule",
+]
+
+# The choices shared by several fields (and by the code that reads them).
+TrainableModule = Literal["vision", "projector", "llm"]
+OnError = Literal["raise", "skip"]
+AttentionBackend = Literal["auto", "r4b", "flex", "fa2", "r4b-schedule"]  # r4b.models.attention_backends.BACKENDS
+FusedLossMethod = Literal["recompute", "cublas", "cublas-fast"]  # r4b.kernels.fused_grad.METHODS (tested equal)
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared by both stages
+
+
+@dataclass
+class ModelSection:
+    """The model to train and the kernels it runs on."""
+
+    path: str | None = None
+    """A Hugging Face directory (R-4B, Qwen2.5-VL or Qwen3-VL) or hub id; null: the embedded tiny R-4B and its
+    tokenizer (no download)."""
+
+    tokenizer: str | None = None
+    """Tokenizer directory; null: the model directory's, or the tiny tokenizer."""
+
+    seed: int = 0
+    """Initialises the tiny model's weights (model.path: null)."""
+
+    train: list[TrainableModule] = field(default_factory=lambda: ["vision", "projector", "llm"])
+    """Which modules train; the others are frozen."""
+
+    liger: bool = True
+    """liger-kernel's RMSNorm / RoPE / SwiGLU on a GPU (never on a CPU, never liger's fused cross-entropy)."""
+
+    attention_backend: Annotated[AttentionBackend | None, RESUME_MAY_CHANGE] = None
+    """Which kernel runs the packed attention (r4b.models.attention_backends): auto picks per mask and device; r4b
+    is r4b's Triton kernel, flex FlexAttention, fa2 torch's FA2 varlen (plain masks), r4b-schedule r4b's
+    tile-schedule kernels. The environment variable R4B_ATTENTION_BACKEND, when set, overrides this key; null: the
+    variable, else auto."""
+
+    fused_loss_method: Annotated[FusedLossMethod | None, RESUME_MAY_CHANGE] = None
+    """How the fused lm_head losses compute (r4b.kernels): recompute (Triton logits recomputed in the backward),
+    cublas (cuBLAS logits, fp32) or cublas-fast (logits in the compute dtype). The environment variable
+    R4B_FUSED_LOSS_METHOD, when set, overrides this key; null: the variable, else recompute."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW with one learning rate per module, linear warmup then cosine decay."""
+
+    lr_llm: Annotated[float, NON_NEGATIVE] = 4e-5
+    """Learning rate of the language model (the paper: 4e-5)."""
+
+    lr_vision: Annotated[float, NON_NEGATIVE] = 4e-6
+    """Learning rate of the vision tower (the paper: 4e-6); 0 freezes it."""
+
+    lr_projector: Annotated[float, NON_NEGATIVE] = 4e-6
+    """Learning rate of the projector (the paper: 4e-6); 0 freezes it."""
+
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    """AdamW's decoupled weight decay."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's beta1, beta2."""
+
+    eps: Annotated[float, NON_NEGATIVE] = 1e-8
+    """AdamW's epsilon."""
+
+    warmup_ratio: Annotated[float, NON_NEGATIVE, FRACTION] = 0.03
+    """Share of the schedule's steps spent in linear warmup."""
+
+    min_lr_ratio: Annotated[float, NON_NEGATIVE, FRACTION] = 0.0
+    """Where the cosine decay ends, as a share of each learning rate."""
+
+
+@dataclass
+class TrainBase:
+    """The keys of the ``train`` section that both stages share: stopping, saving, resuming, logging, export."""
+
+    max_steps: Annotated[int | None, POSITIVE, RESUME_MAY_CHANGE] = None
+    """Stop after this many optimizer steps (--max-steps); the schedule keeps its full length, so a later run
+    resumes on it. null: run the whole schedule."""
+
+    seed: int = 0
+    """Seeds the data order (a per-epoch shuffle), sampling and initialisation; a resumed run repeats it."""
+
+    save_every: Annotated[int, NON_NEGATIVE, RESUME_MAY_CHANGE] = 0
+    """Steps between checkpoints; 0: only at the end."""
+
+    keep_checkpoints: Annotated[int, NON_NEGATIVE, RESUME_MAY_CHANGE] = 2
+    """How many of the newest checkpoints to keep."""
+
+    resume: Annotated[str, RESUME_MAY_CHANGE] = "auto"
+    """auto: the newest complete checkpoint in output_dir (if any); none: start afresh (refused over an earlier
+    run's checkpoints); or a checkpoint directory."""
+
+    allow_config_change: Annotated[list[str], RESUME_MAY_CHANGE] = field(default_factory=list)
+    """Keys (or whole sections) a resume may change although they alter the run."""
+
+    tensorboard: Annotated[bool, RESUME_MAY_CHANGE] = True
+    """Write TensorBoard logs to output_dir/tensorboard."""
+
+    progress: Annotated[bool, RESUME_MAY_CHANGE] = True
+    """Show a progress line on the terminal."""
+
+    export: Annotated[bool, RESUME_MAY_CHANGE] = True
+    """Write output_dir/model (a Hugging Face directory, R-4B's layout) at the end."""
+
+
+@dataclass
+class EngineConfig:
+    """How to train: which engine, clipping, precision, activation checkpointing."""
+
+    kind: Literal["single", "fsdp2", "deepspeed"] = "single"
+    """single: one process; fsdp2: each decoder layer sharded with FSDP2; deepspeed: ZeRO (pip install
+    -e '.[deepspeed]'). Several processes are launched with torchrun."""
+
+    zero_stage: int = 2
+    """DeepSpeed's ZeRO stage (engine.kind: deepspeed): 2 or 3 (1 works too)."""
+
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
+    """Gradient-norm clipping; 0: off."""
+
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16: bf16 parameters and compute with fp32 master weights and fp32 gradient reduction (autocast on the
+    single engine)."""
+
+    activation_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of the decoder layers (for long packs)."""
+
+    timeout_minutes: Annotated[float, POSITIVE, RESUME_MAY_CHANGE] = 120.0
+    """How long a rank may wait in one collective (the process-group timeout): other ranks wait in a barrier while
+    rank 0 exports the model or writes a checkpoint, far longer than NCCL's default of 10 minutes allows."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# r4b sft
+
+
+@dataclass
+class DataSection:
+    """The annealing data (docs/data.md)."""
+
+    train: list[str] = field(default_factory=list)
+    """JSONL files or prepared directories (r4b data prepare)."""
+
+    max_tokens: Annotated[int, POSITIVE] = 16384
+    """Token budget of a packed micro-batch (the paper: 16,384); a longer sample is never cut (see on_error)."""
+
+    on_error: OnError = "raise"
+    """raise: a bad or over-long sample stops the run, naming file, line and field; skip: it is counted in
+    data_report.json."""
+
+    mask_empty_think: bool = True
+    """The paper's non-thinking loss masking: the empty think block of a direct answer is not trained."""
+
+    workers: int | None = None
+    """DataLoader processes per rank that read, pack and preprocess images ahead of the step (r4b.train.loader);
+    null: 0 on a CPU, else up to 4 per rank. The batches do not depend on it."""
+
+
+@dataclass
+class TrainSection(TrainBase):
+    """Steps, epochs and checkpoints of bi-mode annealing."""
+
+    global_batch_samples: Annotated[int, POSITIVE] = 1024
+    """Samples per optimizer step, split over the ranks and packed per rank (the paper: 1,024)."""
+
+    epochs: Annotated[int, POSITIVE] = 1
+    """Passes over the data, each in its own shuffle."""
+
+    schedule_steps: Annotated[int | None, POSITIVE] = None
+    """Length of the warmup+cosine schedule; null: all steps of all epochs."""
+
+    attention_cost_weight: Annotated[float, NON_NEGATIVE] = 0.0
+    """Weight of a quadratic (attention) term in a sample's cost when balancing ranks (verl's seqlen balancing);
+    0: tokens only."""
+
+
+@dataclass
+class SFTConfig:
+    """``r4b sft``: bi-mode annealing, packed SFT over thinking and non-thinking samples."""
+
+    output_dir: Annotated[str, RESUME_MAY_CHANGE] = "runs/sft"
+    """The run directory (--output-dir): config.yaml, metrics.jsonl, checkpoints, model/."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# r4b bpo
+
+
+@dataclass
+class BPODataSection:
+    """The RL prompts."""
+
+    prompts: list[str] = field(default_factory=list)
+    """JSONL prompts, each with a reference answer and no assistant turn."""
+
+    eval: str | None = None
+    """Held-out prompts for the periodic greedy auto-mode evaluation (train.eval_every); null: none."""
+
+    on_error: OnError = "raise"
+    """raise: a bad prompt stops the run, naming file, line and field; skip: it is counted in data_report.json
+    (the evaluation prompts too)."""
+
+
+@dataclass
+class RolloutSection:
+    """How rollouts are generated."""
+
+    strategy: Literal["bpo", "grpo"] = "bpo"
+    """bpo: g thinking and g non-thinking rollouts per prompt; grpo: 2g in auto mode (the paper's baseline)."""
+
+    group_size: Annotated[int, POSITIVE] = 8
+    """g, the rollouts per prompt and mode."""
+
+    temperature: Annotated[float, NON_NEGATIVE] = 1.0
+    """Sampling temperature; the update's log-probs use it too."""
+
+    top_p: Annotated[float, FRACTION] = 1.0
+    """Nucleus sampling's probability mass; 1: off."""
+
+    top_k: Annotated[int, NON_NEGATIVE] = 0
+    """Sample among the k likeliest tokens; 0: off."""
+
+    max_new_tokens: Annotated[int, POSITIVE] = 1024
+    """The longest response; a longer one is cut (and is not off-mode for it)."""
+
+    prompts_per_call: Annotated[int, POSITIVE] = 8
+    """Prompts generated together and seeded together: the seed depends only on (seed, step, chunk), so 1 and N
+    processes and a resumed run see the same rollouts."""
+
+    batch_size: Annotated[int, POSITIVE] = 64
+    """Rows per generate call (rollout.engine: hf)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers generate, runs anywhere; vllm: a colocated vLLM per rank (GPU, pip install -e
+    '.[vllm]')."""
+
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """vllm.LLM keyword arguments (rollout.engine: vllm), e.g. {gpu_memory_utilization: 0.5}."""
+
+    vllm_sleep_level: int | None = None
+    """1 or 2: vLLM sleeps between rollouts, freeing GPU memory for the update (rollout.engine: vllm)."""
+
+    suffixes: dict[str, str] = field(default_factory=dict)
+    """Per-mode prompt suffixes replacing the chat template's, e.g. {thinking: "<think>\\nLet me think.\\n"};
+    mode-decision credit then trains everything after <think> in them."""
+
+
+@dataclass
+class RewardSection:
+    """Rule-based rewards (r4b.rl.reward)."""
+
+    name: str = "answer"
+    """A registered reward (r4b.rl.register_reward): answer, or format alone."""
+
+    pattern: str | None = None
+    """Regular expression for the final answer where there is no \\boxed{}."""
+
+    format_weight: float = 0.0
+    """> 0 adds this weight times the format reward (<think> first, one closed block, then an answer)."""
+
+    off_mode: float | None = -1.0
+    """The reward of a forced-mode rollout that leaves its mode, whatever its answer: a thinking rollout whose
+    think block is empty or a non-thinking one that thinks anyway (r4b.rl.reward.off_mode). Without it the
+    thinking group learns to close forced thoughts at once (issue 16); -1, below a wrong answer's 0, stopped that
+    in the demo. null: the paper's plain answer reward. Auto rollouts (grpo) are never off-mode."""
+
+    min_thought_chars: int = 1
+    """A forced thought shorter than this many characters (tags removed, stripped) is off-mode too: a one-word
+    "thought" keeps the form of thinking without its exploration."""
+
+    close_thoughts: bool = False
+    """true: a forced thought that stops (stop token) before </think> is off-mode too; one cut at
+    rollout.max_new_tokens is not."""
+
+
+@dataclass
+class AdvantageSection:
+    """Advantages of the rollouts' rewards (r4b.rl.advantages)."""
+
+    grouping: Literal["joint", "per_mode"] = "joint"
+    """joint: normalised over all 2g rollouts of a prompt (the paper); per_mode: over each mode's g (ablation)."""
+
+    scale_by_std: bool = True
+    """Divide by the group's standard deviation; false: Dr. GRPO."""
+
+    mode_decision_credit: bool = False
+    """Beyond the paper: the suffix tokens after <think>, where the mode is decided, are trained too."""
+
+    mode_decision_from: Literal["all", "positive"] = "all"
+    """Which rollouts train the mode decision: all, or positive: those of the prompt's mode with a positive mean
+    advantage. The softmax spans the vocabulary, so a negative push on one mode's token feeds the likeliest other
+    token, not the other mode's (issue 16, docs/demo.md)."""
+
+
+@dataclass
+class PolicyUpdate:
+    """The policy update's clipped surrogate and batching (verl's names), shared by the ``policy`` section and
+    :class:`r4b.rl.UpdateConfig`."""
+
+    clip_eps_low: float = 0.2
+    """PPO's lower clip: the ratio is clipped to at least 1 - clip_eps_low."""
+
+    clip_eps_high: float = 0.2
+    """PPO's upper clip: the ratio is clipped to at most 1 + clip_eps_high; above clip_eps_low: DAPO's
+    clip-higher."""
+
+    beta: Annotated[float, NON_NEGATIVE] = 0.0
+    """Weight of the k3 KL to the reference, the frozen initial policy (the paper's beta KL); > 0 costs the
+    reference's forward pass each step."""
+
+    loss_agg_mode: LossAggMode = "token-mean"
+    """verl's loss aggregation: token-mean over all loss tokens, or a mean over responses (seq-mean-*)."""
+
+    ppo_epochs: Annotated[int, POSITIVE] = 1
+    """Passes over each step's rollouts."""
+
+    mini_batches: Annotated[int, POSITIVE] = 1
+    """Optimizer steps per pass; the rollouts are split by prompt. One update step in all is on-policy (no old
+    log-probs)."""
+
+    max_tokens: Annotated[int, POSITIVE] = 16384
+    """Token budget of a packed micro-batch of the update."""
+
+    shared_prefix: bool = True
+    """Pack each (prompt, mode) once with its responses, so the prompt and its image tokens are computed once."""
+
+
+@dataclass
+class PolicySection(PolicyUpdate):
+    """The policy update (r4b.rl.policy_update) and its fused BPO loss."""
+
+    clip_eps_high: float = 0.28  # DAPO's clip-higher by default (r4b.rl.UpdateConfig's default stays 0.2)
+
+
+@dataclass
+class BPOTrainSection(TrainBase):
+    """Steps, evaluation and checkpoints of BPO."""
+
+    prompts_per_step: Annotated[int, POSITIVE] = 32
+    """Prompts per step, consecutive positions of a per-epoch shuffle."""
+
+    steps: Annotated[int, POSITIVE] = 300
+    """The schedule's length (the paper's RL ran about 300 steps)."""
+
+    eval_every: Annotated[int, NON_NEGATIVE] = 0
+    """Steps between greedy auto-mode evaluations on data.eval; 0: only at the end (if data.eval is set)."""
+
+    eval_max_new_tokens: int = 512
+    """The longest response of those evaluations."""
+
+
+@dataclass
+class BPOConfig:
+    """``r4b bpo``: GRPO with g thinking and g non-thinking rollouts per prompt and joint advantages."""
+
+    output_dir: Annotated[str, RESUME_MAY_CHANGE] = "runs/bpo"
+    """The run directory (--output-dir): config.yaml, metrics.jsonl, checkpoints, model/."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: BPODataSection = field(default_factory=BPODataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    advantages: AdvantageSection = field(default_factory=AdvantageSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr_llm=1e-6, lr_vision=0.0, lr_projector=0.0))
+    train: BPOTrainSection = field(default_factory=BPOTrainSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "bpo": BPOConfig}
+"""The run config of each ``r4b`` stage that takes ``--config``."""
