@@ -11,14 +11,14 @@ TORCH_CPU ?= torch==2.13.0
 # The Triton kernels run in Triton's CPU interpreter where there is no GPU.
 INTERPRET := $(if $(HAS_GPU),0,1)
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test: one per core (a test file stays on one worker: --dist loadfile)
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 # The oldest Triton the kernels support (the GPU image's); its interpreter
 # needs numpy < 2.3 (int() of a 1-element array).
 TRITON_COMPAT ?= 3.6.0
 COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
-KERNEL_TESTS := tests/test_linear_logprobs.py tests/test_losses.py tests/test_liger_parity.py \
-	tests/test_bad_input.py tests/test_varlen_attention.py tests/test_fused_grad.py \
-	tests/test_attention_schedule.py tests/test_attention_backends.py tests/test_custom_ops.py
+KERNEL_TESTS := tests/kernels tests/models/test_attention_backends.py
 
 .PHONY: install demo test test-triton-compat test-transformers-compat check-cuda lint format clean
 
@@ -47,19 +47,15 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 # The oldest transformers r4b supports (the GPU image's, the lower bound in pyproject.toml): the model, data, SFT,
 # BPO and eval tests again on it, less the two-process runs (the engines' code does not depend on transformers; the
 # model forward they run is the one-process one) and the R-4B SFT/BPO tests of resuming, logging and checkpoints.
-# The venv holds every other lower bound of pyproject.toml's ranges too (tests/test_transformers_compat.py checks
-# the two lists agree); torch's (2.11, the GPU image's) is exercised by scripts/gpu_checks.sh, triton's above.
+# The venv holds every other lower bound of pyproject.toml's ranges too (tests/models/test_transformers_compat.py
+# checks the two lists agree); torch's (2.11, the GPU image's) is exercised by scripts/gpu_checks.sh, triton's above.
 TRANSFORMERS_COMPAT ?= 5.17.0
 LOWER_BOUNDS := transformers==$(TRANSFORMERS_COMPAT) datasets==4.7.0 math-verify==0.7.0 pillow==10.1.0 matplotlib==3.9.0
 TRANSFORMERS_VENV := .venv-transformers$(TRANSFORMERS_COMPAT)
-TRANSFORMERS_TESTS := tests/test_transformers_compat.py tests/test_r4b_model.py tests/test_export_standalone.py \
-	tests/test_mrope.py \
-	tests/test_hf_attention.py tests/test_liger_patches.py tests/test_tokenizer.py tests/test_data_encode.py \
-	tests/test_rollout.py tests/test_eval.py tests/test_sft_qwen_vl.py tests/test_bpo_qwen_vl.py \
-	tests/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \
-	tests/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode \
-	tests/test_reward.py tests/test_data_prepare.py tests/test_synth.py tests/test_image_processing.py \
-	tests/test_eval_metrics.py
+TRANSFORMERS_TESTS := tests/models tests/data tests/rollout/test_rollout.py tests/eval tests/rl/test_reward.py \
+	tests/train/test_sft_qwen_vl.py tests/train/test_bpo_qwen_vl.py \
+	tests/train/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \
+	tests/train/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode
 
 $(TRANSFORMERS_VENV)/.installed: pyproject.toml setup.py
 	$(call make-venv,$(TRANSFORMERS_VENV),$(LOWER_BOUNDS))
@@ -83,7 +79,7 @@ demo-sweep: install
 	OUT=$(SWEEP_DIR) PYTHON=$(BIN)/python scripts/demo_sweep.sh
 
 test: install
-	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The kernel tests again on the oldest supported Triton.
 test-triton-compat: $(COMPAT_VENV)/.installed

@@ -19,14 +19,13 @@ one document each, delimited by ``cu_seqlens``.
 
 Three implementations compute the same function: CUDA kernels (``r4b._cuda``, one launch to pack,
 one to unpack) for CUDA tensors where the extension was built, vectorized torch everywhere else,
-and :func:`pack_shared_prefix_reference`, the layout above transcribed as a loop over groups,
-responses and tokens (the tests' oracle). Packing reads the response lengths and group indices on
+and the layout above transcribed as a loop over groups, responses and tokens (the oracle of
+tests/kernels/test_shared_prefix.py). Packing reads the response lengths and group indices on
 the host once (validation and the output size need them); the per-token work stays on the device.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +43,6 @@ __all__ = [
     "IGNORE_INDEX",
     "PackedGroups",
     "pack_shared_prefix",
-    "pack_shared_prefix_reference",
     "pack_unshared",
     "unpack_responses",
 ]
@@ -180,65 +178,6 @@ def unpack_responses(packed: PackedGroups, values: Tensor) -> Tensor:
     out = out.zero_()
     out[valid] = values[(packed.response_starts[:, None] + token)[valid]]
     return out
-
-
-def pack_shared_prefix_reference(
-    prompts: Sequence[Tensor],
-    responses: Tensor,
-    response_lengths: Tensor,
-    group_index: Tensor,
-    advantages: Tensor,
-    *,
-    old_logprobs: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-    shared: bool = True,
-) -> PackedGroups:
-    """:func:`pack_shared_prefix` (or, with ``shared=False``, :func:`pack_unshared`) transcribed token
-    by token from the layout, in Python: the tests' oracle, not a fast path."""
-    lengths, groups = _validate(
-        prompts, responses, response_lengths, group_index, advantages, old_logprobs, ref_logprobs
-    )
-    if not shared:
-        prompts, groups = _one_group_per_response(prompts, groups)
-    zeros = [[0.0] * responses.shape[1]] * responses.shape[0]
-    old, ref = (zeros if t is None else t.tolist() for t in (old_logprobs, ref_logprobs))
-    adv, tokens, group_of, length_of = advantages.tolist(), responses.tolist(), groups.tolist(), lengths.tolist()
-    rows, doc_lengths, starts = [], [], []  # a row: one packed position's values, in _COLUMNS order
-    for g, prompt in enumerate(prompts):
-        p, doc_start = prompt.tolist(), len(rows)
-        rows += [(p[i], i, 0, IGNORE_INDEX, 0.0, -1, 0.0, 0.0) for i in range(len(p) - 1)]
-        for k, i in enumerate((i for i, gi in enumerate(group_of) if gi == g), start=1):
-            n = length_of[i]
-            starts.append(len(rows))
-            for j, token in enumerate([p[-1], *tokens[i][:n]]):
-                loss = j < n
-                rows.append((
-                    token, len(p) - 1 + j, k if shared else 0, tokens[i][j] if loss else IGNORE_INDEX,
-                    adv[i] if loss else 0.0, i if loss else -1, old[i][j] if loss else 0.0, ref[i][j] if loss else 0.0,
-                ))  # fmt: skip
-        doc_lengths.append(len(rows) - doc_start)
-
-    device = responses.device
-    columns = zip(_COLUMNS, zip(*rows, strict=True), strict=True)
-    cols = {name: torch.tensor(col, dtype=dtype, device=device) for (name, dtype), col in columns}
-    for name, given in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        cols[name] = cols[name] if given is not None else None
-    return PackedGroups(
-        **cols,
-        loss_mask=cols["targets"] != IGNORE_INDEX,
-        cu_seqlens=_on_device_cu_seqlens([0, *itertools.accumulate(doc_lengths)], device),
-        max_seqlen=max(doc_lengths),
-        response_starts=torch.tensor(starts, dtype=torch.long, device=device),
-        response_lengths=lengths.to(device),
-        max_response_len=responses.shape[1],
-    )
-
-
-_COLUMNS = (
-    ("input_ids", torch.long), ("position_ids", torch.long), ("segment_ids", torch.int32), ("targets", torch.long),
-    ("advantages", torch.float32), ("seq_ids", torch.long), ("old_logprobs", torch.float32),
-    ("ref_logprobs", torch.float32),
-)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -134,10 +134,11 @@ print("r4b._C and r4b._cuda import; r4b from", r4b.__file__)'
 fi
 
 # --- 2. correctness, three jobs at once -----------------------------------------------------------------------
-KERNEL_TESTS=(test_linear_logprobs.py test_losses.py test_liger_parity.py test_varlen_attention.py
-    test_shared_prefix.py test_bad_input.py test_hf_attention.py)
+KERNEL_TESTS=(kernels/test_linear_logprobs.py kernels/test_losses.py kernels/test_liger_parity.py
+    kernels/test_varlen_attention.py kernels/test_shared_prefix.py kernels/test_bad_input.py models/test_hf_attention.py)
 # the paths no GPU has compiled yet (issues 12 and 15): their own step, so a slow compile cannot cut the above
-NEW_KERNEL_TESTS=(test_fused_grad.py test_attention_backends.py test_attention_schedule.py)
+NEW_KERNEL_TESTS=(kernels/test_fused_grad.py models/test_attention_backends.py kernels/test_attention_schedule.py
+    kernels/test_custom_ops.py)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --durations=8)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${R4B_GPU_TEST_WORKERS:-8}")

@@ -26,3 +26,22 @@ def torch_reference_kernels(monkeypatch):
     """For the trainer's tests (``pytestmark = pytest.mark.usefixtures("torch_reference_kernels")``): CPU tensors
     take the torch references, the fast CPU path; the kernels are checked against them in their own tests."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+# Shared fixtures: what several test areas build the same way.
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The shipped tiny tokenizer (R-4B's specials and chat template); read-only in every test."""
+    from r4b.models.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_r4b():
+    """The embedded tiny R-4B, seed 0, fresh per test module."""
+    from r4b.models.tiny import build_tiny_r4b
+
+    return build_tiny_r4b(seed=0)

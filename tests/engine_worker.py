@@ -1,4 +1,4 @@
-"""Worker for tests/test_engine.py: trains a tiny Qwen3 with one engine on fixed data, writes what it saw.
+"""Worker for tests/train/test_engine.py: trains a tiny Qwen3 with one engine on fixed data, writes what it saw.
 
 Run as ``python tests/engine_worker.py ...`` (engine single) or under ``torchrun --nproc_per_node N``. Each
 global step uses the same 4 sequences whatever the world size: rank r takes rows r::world, split into

@@ -1,8 +1,8 @@
 """docs/config.md, generated from the config dataclasses: ``python -m r4b.config.docs > docs/config.md``.
 
 Every key of every stage config (:data:`r4b.config.sections.STAGES`) with its type, the stage's default, its choices
-or range, whether a resume may change it, and its docstring. ``tests/test_config.py`` regenerates the page and fails
-when the file differs.
+or range, whether a resume may change it, and its docstring. ``tests/train/test_config.py`` regenerates the page
+and fails when the file differs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ INTRO = f"""\
 # Configuration reference
 
 <!-- Generated from r4b/config/sections.py by `{COMMAND}`: edit the dataclasses, not this page
-(tests/test_config.py fails when it is stale). -->
+(tests/train/test_config.py fails when it is stale). -->
 
 `r4b sft` and `r4b bpo` take `--config FILE [--output-dir DIR] [--max-steps N] [key=value ...]`: a YAML file that
 sets any subset of the keys below, section by section, then dotted overrides whose values are read as YAML

@@ -413,7 +413,7 @@ def schedule_dq_kernel(
 # a 128 x 64 x D wgmma per tile for 8 warps (two warpgroups of 64 rows each), P kept in registers as the A operand
 # of P @ V. dK/dV holds its 64-key K/V tile and streams 128-row Q/dO tiles (same schedule, transposed lists).
 # Stages: shared memory per CTA as Triton 3.9 allocates it for sm_90, bf16 (bytes; the H100 allows 232,448 =
-# 227 KiB per CTA, 228 KiB per SM), from `compile_for_sm90` (tests/test_attention_schedule.py checks the pins):
+# 227 KiB per CTA, 228 KiB per SM), from `compile_for_sm90` (tests/kernels/test_attention_schedule.py checks the pins):
 #
 #   head dim          64       72/80     96       128
 #   fwd  (3 stages)   66,560   82,944    99,328   132,096     K+V ring 3 x 2 x 64 x D x 2 B + Q 128 x D x 2 B

@@ -13,7 +13,7 @@ optimizer, so all engines produce the same numbers) and a ``LambdaLR`` schedule:
 base lr times ``lr_lambda(step)``. Gradients are averaged over ranks (each rank's loss is a mean over its
 share of the batch). DeepSpeed is configured with ``gradient_accumulation_steps=1``: its ``backward`` never
 rescales the loss and every ``engine.step()`` is an optimizer step; micro-batch gradients accumulate in its
-partitioned gradient buffers across several ``backward`` calls (checked by tests/test_engine.py).
+partitioned gradient buffers across several ``backward`` calls (checked by tests/train/test_engine.py).
 """
 
 from __future__ import annotations
