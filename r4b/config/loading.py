@@ -9,6 +9,7 @@ range declared on its field (:mod:`r4b.config.fields`), all checked here, before
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,7 +36,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(Path(path).read_text(), Loader=_StrictLoader) or {}
+        except _DuplicateKey as error:
+            raise ConfigError(f"{path}:{error}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
         except FileNotFoundError:
@@ -52,6 +55,25 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     config = _build(cls, raw, source, prefix="")
     check_values(config, source)
     return config
+
+
+class _DuplicateKey(Exception):
+    """A mapping that sets a key twice (``line: message``)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key set twice in one mapping: by default the second silently replaces the
+    first, so a repeated ``optim:`` section would send every rate it does not repeat back to its default."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"{line}: key {key!r} is set twice in one mapping (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def check_values(config: Any, source: str = "<config>") -> None:
@@ -143,9 +165,13 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return value
     if hint is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # .nan, .inf, 1.0e+400: never a meant setting
+            raise ConfigError(f"{source}: {key} = {value!r}: must be a finite number")
+        if number is not None:
+            return number
     if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def clean_kernel_choices(monkeypatch):
         (BPOConfig, "rollout.top_p=-0.1", "rollout.top_p = -0.1: must be between 0 and 1"),
         (BPOConfig, "policy.beta=-0.1", "policy.beta = -0.1: must not be negative"),
         (BPOConfig, "train.eval_every=-1", "train.eval_every = -1: must not be negative"),
+        (SFTConfig, "optim.lr_llm=nan", "optim.lr_llm = 'nan': must be a finite number"),
+        (SFTConfig, "optim.lr_llm=.inf", "optim.lr_llm = inf: must be a finite number"),
+        (SFTConfig, "optim.lr_llm=1.0e+400", "optim.lr_llm = inf: must be a finite number"),
+        (BPOConfig, "policy.beta=.nan", "policy.beta = nan: must be a finite number"),
     ],
 )
 def test_bad_values_are_refused_naming_the_file_and_key(stage, override, message):
@@ -80,6 +85,18 @@ def test_bad_values_are_refused_naming_the_file_and_key(stage, override, message
     with pytest.raises(ConfigError, match="^" + str(demo).replace(".", r"\.") + ": ") as error:
         load_config(stage, demo, [override])
     assert message in str(error.value)
+
+
+def test_a_key_set_twice_in_the_file_is_refused_with_its_line(tmp_path):
+    """A second section of the same name would silently replace the first (every rate it does not repeat back to its
+    default): the file, the line and the key instead."""
+    config = tmp_path / "sft.yaml"
+    config.write_text("optim:\n  lr_llm: 1.0e-3\n  lr_vision: 2.0e-4\ntrain:\n  epochs: 2\noptim:\n  lr_llm: 5.0e-4\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}:6: key 'optim' is set twice .*line 1\)$"):
+        load_config(SFTConfig, config)
+    config.write_text("optim:\n  lr_llm: 1.0e-3\n  lr_llm: 5.0e-4\n")
+    with pytest.raises(ConfigError, match=r":3: key 'lr_llm' is set twice in one mapping \(first on line 2\)"):
+        load_config(SFTConfig, config)
 
 
 def test_accepted_values_and_defaults_load():
