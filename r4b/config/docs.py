@@ -111,9 +111,10 @@ def _value(config: Any, key: str) -> Any:
 
 def _row(spec: ConfigField, default: Any) -> str:
     values = ", ".join(f"`{_yaml(c)}`" for c in spec.choices) if spec.choices else ""
-    ranges = [r.text for r in spec.ranges]
-    if ranges:  # the narrowest last: "0 to 1" says ">= 0" too
-        values = ranges[-1]
+    per_value = [r.text for r in spec.ranges if not r.of_list][-1:]  # the narrowest last: "0 to 1" says ">= 0" too
+    ranges = [r.text for r in spec.ranges if r.of_list] + per_value
+    if ranges:
+        values = "; ".join(filter(None, [values, ", ".join(ranges)]))
     doc = spec.doc + (" *Resume may change.*" if spec.resume_may_change else "")
     cells = [f"`{spec.key}`", _type(spec.hint), f"`{_yaml(default)}`", values, doc]
     return "| " + " | ".join(_cell(c) for c in cells) + " |\n"

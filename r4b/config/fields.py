@@ -25,8 +25,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 __all__ = [
+    "BELOW_ONE",
     "FRACTION",
+    "NON_EMPTY",
     "NON_NEGATIVE",
+    "PAIR",
     "POSITIVE",
     "RESUME_MAY_CHANGE",
     "ConfigField",
@@ -44,12 +47,16 @@ class Range:
 
     text: str  # how the reference page writes it
     message: str  # the error's ending: "{source}: {key} = {value!r}: {message}"
-    holds: Callable[[float], bool] = dataclasses.field(compare=False)
+    holds: Callable[[Any], bool] = dataclasses.field(compare=False)
+    of_list: bool = False  # holds() judges a list field as a whole (its length); else each number in it
 
 
 POSITIVE = Range("> 0", "must be positive", lambda v: v > 0)
 NON_NEGATIVE = Range(">= 0", "must not be negative", lambda v: v >= 0)
 FRACTION = Range("0 to 1", "must be between 0 and 1", lambda v: 0 <= v <= 1)
+BELOW_ONE = Range("each in [0, 1)", "each must be at least 0 and below 1", lambda v: 0 <= v < 1)
+NON_EMPTY = Range("at least one", "must name at least one", lambda v: len(v) > 0, of_list=True)
+PAIR = Range("two values", "must be two numbers", lambda v: len(v) == 2, of_list=True)
 
 
 class _ResumeMayChange:

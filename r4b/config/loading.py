@@ -99,10 +99,14 @@ def _problem(choices: tuple[Any, ...] | None, ranges: tuple[Any, ...], value: An
         for item in value if isinstance(value, list | tuple) else [value]:
             if item not in choices:
                 return _expected(choices)
-        return None
-    if isinstance(value, int | float):
+    if isinstance(value, list | tuple):
+        numbers = [item for item in value if isinstance(item, int | float) and not isinstance(item, bool)]
         for bound in ranges:
-            if not bound.holds(value):
+            if not (bound.holds(value) if bound.of_list else all(bound.holds(item) for item in numbers)):
+                return bound.message
+    elif isinstance(value, int | float):
+        for bound in ranges:
+            if not bound.of_list and not bound.holds(value):
                 return bound.message
     return None
 

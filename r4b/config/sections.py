@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from r4b.config.fields import FRACTION, NON_NEGATIVE, POSITIVE, RESUME_MAY_CHANGE
+from r4b.config.fields import BELOW_ONE, FRACTION, NON_EMPTY, NON_NEGATIVE, PAIR, POSITIVE, RESUME_MAY_CHANGE
 
 __all__ = [
     "STAGES",
@@ -64,7 +64,7 @@ class ModelSection:
     seed: int = 0
     """Initialises the tiny model's weights (model.path: null)."""
 
-    train: list[TrainableModule] = field(default_factory=lambda: ["vision", "projector", "llm"])
+    train: Annotated[list[TrainableModule], NON_EMPTY] = field(default_factory=lambda: ["vision", "projector", "llm"])
     """Which modules train; the others are frozen."""
 
     liger: bool = True
@@ -98,7 +98,7 @@ class OptimSection:
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
     """AdamW's decoupled weight decay."""
 
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: Annotated[list[float], PAIR, BELOW_ONE] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW's beta1, beta2."""
 
     eps: Annotated[float, NON_NEGATIVE] = 1e-8

@@ -78,6 +78,9 @@ def clean_kernel_choices(monkeypatch):
         (SFTConfig, "optim.lr_llm=.inf", "optim.lr_llm = inf: must be a finite number"),
         (SFTConfig, "optim.lr_llm=1.0e+400", "optim.lr_llm = inf: must be a finite number"),
         (BPOConfig, "policy.beta=.nan", "policy.beta = nan: must be a finite number"),
+        (SFTConfig, "optim.betas=0.9", "optim.betas = [0.9]: must be two numbers"),
+        (SFTConfig, "optim.betas=[0.9,2.0]", "optim.betas = [0.9, 2.0]: each must be at least 0 and below 1"),
+        (SFTConfig, "model.train=[]", "model.train = []: must name at least one"),
     ],
 )
 def test_bad_values_are_refused_naming_the_file_and_key(stage, override, message):
