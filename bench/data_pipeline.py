@@ -211,9 +211,9 @@ def measure_loader(prepared: Path, tokenizer, processor, workers: int, micro_bat
     started, cpu = time.perf_counter(), _cpu_s()
     with MicroBatchLoader(dataset.host_batch, keys, workers=workers, prefetch=2) as loader:
         for index in range(count):
-            _, batch, _ = loader.next(0, index)
-            tokens += int(batch["input_ids"].numel())
-            images += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+            _, row, _ = loader.next(0, index)
+            tokens += row.num_tokens
+            images += int(row.pixel_values.shape[0]) if row.pixel_values is not None else 0
     seconds = time.perf_counter() - started
     return {
         "what": "loader",

@@ -15,7 +15,8 @@ Per position: ``input_ids``; ``position_ids`` (prompt body 0..P-2, segment k P-1
 local index j < L_k of segment k, else -100); ``loss_mask``; ``advantages`` (A_k on loss tokens, else
 0); optional ``old_logprobs`` / ``ref_logprobs`` (the value for ``r_k[j]`` at local index j, else 0);
 ``seq_ids`` (the global response index on loss tokens, else -1). Groups are packed back to back,
-one document each, delimited by ``cu_seqlens``.
+one document each, delimited by ``cu_seqlens``. The result is a :class:`~r4b.packed_row.PackedRow` (its loss
+inputs and the bookkeeping :func:`unpack_responses` reads filled in), on the responses' device.
 
 Three implementations compute the same function: CUDA kernels (``r4b._cuda``, one launch to pack,
 one to unpack) for CUDA tensors where the extension was built, vectorized torch everywhere else,
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from r4b.kernels.varlen_attention import remember_cu_seqlens
+from r4b.packed_row import PackedRow
 
 try:
     from r4b import _cuda
@@ -41,7 +42,6 @@ except ImportError:  # no CUDA build (a CPU machine): the torch implementation d
 
 __all__ = [
     "IGNORE_INDEX",
-    "PackedGroups",
     "pack_shared_prefix",
     "pack_unshared",
     "unpack_responses",
@@ -49,46 +49,6 @@ __all__ = [
 
 IGNORE_INDEX = -100
 _INT32_MAX = 2**31 - 1
-
-
-@dataclass
-class PackedGroups:
-    """A packed batch of N tokens and the bookkeeping to map per-token values back to responses.
-
-    Per-token tensors are [N] on the device of ``responses``. ``response_starts[i]`` is the packed
-    index of the position predicting response i's first token; its j-th token is predicted at
-    ``response_starts[i] + j``, which is what :func:`unpack_responses` inverts.
-    """
-
-    input_ids: Tensor  # int64
-    position_ids: Tensor  # int64
-    segment_ids: Tensor  # int32: 0 prompt body, k response k of its group (all 0 when unshared)
-    targets: Tensor  # int64, IGNORE_INDEX off the loss
-    loss_mask: Tensor  # bool, targets != IGNORE_INDEX
-    advantages: Tensor  # float32
-    seq_ids: Tensor  # int64: global response index on loss tokens, else -1
-    old_logprobs: Tensor | None  # float32
-    ref_logprobs: Tensor | None  # float32
-    cu_seqlens: Tensor  # int32 [num_documents + 1]
-    max_seqlen: int
-    response_starts: Tensor  # int64 [R]
-    response_lengths: Tensor  # int64 [R]
-    max_response_len: int  # the padded width unpack_responses restores
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
-
-    @property
-    def num_responses(self) -> int:
-        return self.response_lengths.numel()
-
-
-def _on_device_cu_seqlens(bounds: list[int], device: torch.device | str) -> Tensor:
-    """``cu_seqlens`` on ``device``, its host values handed to the attention's cache (no device read per forward)."""
-    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
-    remember_cu_seqlens(cu_seqlens, bounds)
-    return cu_seqlens
 
 
 def pack_shared_prefix(
@@ -100,7 +60,7 @@ def pack_shared_prefix(
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-) -> PackedGroups:
+) -> PackedRow:
     """Pack every group (a prompt and its responses) into one document; all groups in one call.
 
     Args:
@@ -113,8 +73,9 @@ def pack_shared_prefix(
         old_logprobs, ref_logprobs: optional [R, Lmax] per-token log-probs of the responses' tokens.
 
     Returns:
-        The packed batch on ``responses.device``; CUDA tensors take one kernel launch (plus small
-        host-computed index tables), others the vectorized torch implementation.
+        The packed row on ``responses.device``, its host ``cu_seqlens`` handed to the attention
+        (:meth:`PackedRow.to`); CUDA tensors take one kernel launch (plus small host-computed index
+        tables), others the vectorized torch implementation.
 
     Raises:
         ValueError: naming the argument and index: an empty prompt, a length outside [1, Lmax], a
@@ -136,11 +97,11 @@ def pack_unshared(
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-) -> PackedGroups:
+) -> PackedRow:
     """The naive layout, for comparisons: each response its own document, full prompt + response.
 
-    Same arguments as :func:`pack_shared_prefix`. Positions run 0..P+L-1 and ``segment_ids`` are all
-    0 (plain causal documents). It is the shared layout of one-response groups, so it is computed by
+    Same arguments as :func:`pack_shared_prefix`. Positions run 0..P+L-1 and ``segment_ids`` is None
+    (plain causal documents). It is the shared layout of one-response groups, so it is computed by
     the same code with each prompt repeated per response.
     """
     lengths, groups = _validate(
@@ -150,11 +111,12 @@ def pack_unshared(
     return _pack(prompts, responses, lengths, groups, advantages, old_logprobs, ref_logprobs, shared=False)
 
 
-def unpack_responses(packed: PackedGroups, values: Tensor) -> Tensor:
+def unpack_responses(packed: PackedRow, values: Tensor) -> Tensor:
     """Gather per-token values at the predicting positions back to [response, token].
 
     Args:
-        packed: the result of :func:`pack_shared_prefix` or :func:`pack_unshared`.
+        packed: a row of :func:`pack_shared_prefix` or :func:`pack_unshared` (or
+            :func:`r4b.rl.batch.build_micro_batch`).
         values: [N, ...] per packed position, e.g. log-probs of ``packed.targets``.
 
     Returns:
@@ -271,7 +233,7 @@ class _Plan:
     response_lengths: Tensor  # [R]
     group_index: Tensor  # [R]
     segment_index: Tensor  # [R] each response's segment id: k within its group, or 0 unshared
-    cu_seqlens: Tensor  # int32 [G+1]
+    cu_seqlens: tuple[int, ...]  # [G+1], host ints
     num_tokens: int
     max_seqlen: int
     max_segment_len: int  # longest prompt body or response segment (sizes the CUDA grid)
@@ -309,7 +271,7 @@ def _plan(prompts: Sequence[Tensor], lengths: Tensor, groups: Tensor, *, shared:
         response_lengths=lengths_d,
         group_index=groups_d,
         segment_index=segments,
-        cu_seqlens=_on_device_cu_seqlens([*doc_starts.tolist(), num_tokens], device),
+        cu_seqlens=(*doc_starts.tolist(), num_tokens),
         num_tokens=num_tokens,
         max_seqlen=int(doc_lengths.max()),
         max_segment_len=max(int(segment_lengths.max()), int(prompt_lengths.max()) - 1),
@@ -326,8 +288,9 @@ def _exclusive_cumsum(x: Tensor, *, total: bool = False) -> Tensor:
 # The scatter: CUDA kernel or vectorized torch, into the same freshly allocated outputs
 
 
-def _pack(prompts, responses, lengths, groups, advantages, old_logprobs, ref_logprobs, *, shared: bool) -> PackedGroups:
-    """Allocate the outputs and fill them in one scatter; ``lengths``/``groups`` are validated host tensors."""
+def _pack(prompts, responses, lengths, groups, advantages, old_logprobs, ref_logprobs, *, shared: bool) -> PackedRow:
+    """Allocate the outputs and fill them in one scatter; ``lengths``/``groups`` are validated host tensors. The
+    unshared layout's segment ids (all 0) are written, then left out of the row."""
     device = responses.device
     plan = _plan(prompts, lengths, groups, shared=shared, device=device)
     responses = responses.long().contiguous()
@@ -336,18 +299,20 @@ def _pack(prompts, responses, lengths, groups, advantages, old_logprobs, ref_log
 
     n = plan.num_tokens
     empty = lambda dtype: torch.empty(n, dtype=dtype, device=device)
-    packed = PackedGroups(
+    packed = PackedRow(
         input_ids=empty(torch.long),
         position_ids=empty(torch.long),
-        segment_ids=empty(torch.int32),
+        cu_seqlens=torch.tensor(plan.cu_seqlens, dtype=torch.int32),
+        max_seqlen=plan.max_seqlen,
         targets=empty(torch.long),
+        cu_seqlens_host=plan.cu_seqlens,
+        loss_tokens=int(lengths.sum()),
+        segment_ids=empty(torch.int32),
         loss_mask=empty(torch.bool),
         advantages=empty(torch.float32),
         seq_ids=empty(torch.long),
         old_logprobs=None if old_logprobs is None else empty(torch.float32),
         ref_logprobs=None if ref_logprobs is None else empty(torch.float32),
-        cu_seqlens=plan.cu_seqlens,
-        max_seqlen=plan.max_seqlen,
         response_starts=plan.response_starts,
         response_lengths=plan.response_lengths,
         max_response_len=responses.shape[1],
@@ -361,14 +326,16 @@ def _pack(prompts, responses, lengths, groups, advantages, old_logprobs, ref_log
         )  # fmt: skip
     else:
         _scatter_torch(plan, responses, advantages, old_logprobs, ref_logprobs, packed)
-    return packed
+    if not shared:
+        packed.segment_ids = None
+    return packed.to(device, non_blocking=False)  # cu_seqlens (built on the host) joins the rest
 
 
 def _use_cuda(t: Tensor) -> bool:
     return t.is_cuda and _cuda is not None
 
 
-def _scatter_torch(plan: _Plan, responses, advantages, old_logprobs, ref_logprobs, out: PackedGroups) -> None:
+def _scatter_torch(plan: _Plan, responses, advantages, old_logprobs, ref_logprobs, out: PackedRow) -> None:
     """The CUDA kernel's work in vectorized torch: O(tokens) memory, no loop over groups or tokens."""
     for t, ignored in ((out.targets, IGNORE_INDEX), (out.seq_ids, -1), (out.segment_ids, 0), (out.advantages, 0)):
         t.fill_(ignored)

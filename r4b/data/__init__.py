@@ -10,7 +10,7 @@ counted in a :class:`DataReport`.
 from r4b.data.encode import IGNORE_INDEX, EncodedSample, encode_sample, encode_samples, render_segments
 from r4b.data.errors import DataError
 from r4b.data.image import ImageProcessor, image_sizes, image_token_counts, load_images
-from r4b.data.pack import PackedBatch, collate_packed, pack
+from r4b.data.pack import collate_packed, pack
 from r4b.data.report import DataReport
 from r4b.data.schema import SAMPLE_MODES, Sample, check_prompt, parse_sample, read_jsonl, read_prompts
 from r4b.data.tsv import EvalSample, read_vlmeval_tsv
@@ -23,7 +23,6 @@ __all__ = [
     "EncodedSample",
     "EvalSample",
     "ImageProcessor",
-    "PackedBatch",
     "Sample",
     "check_prompt",
     "collate_packed",

@@ -3,93 +3,47 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from r4b.data.encode import IGNORE_INDEX, EncodedSample
 from r4b.data.errors import DataError
 from r4b.data.report import DataReport
+from r4b.packed_row import PackedRow
 from r4b.packing import plan_micro_batches
 
-__all__ = ["PackedBatch", "collate_packed", "overlong_error", "pack"]
+__all__ = ["collate_packed", "overlong_error", "pack"]
 
 
-@dataclass
-class PackedBatch:
-    """Samples concatenated into one row of N tokens (the varlen layout).
-
-    Attributes:
-        input_ids: [N] int64.
-        labels: [N] int64 targets, already shifted: position t of a sample holds the label of its token t+1,
-            the last position of each sample holds -100 (nothing to predict across a sample boundary).
-        position_ids: [N] int64, restarting at 0 for each sample.
-        cu_seqlens: [S+1] int32 sample boundaries (0, l0, l0+l1, ...).
-        max_seqlen: the longest sample's length.
-        sample_indices: for each sample in the row, its index in the list that was packed.
-        images: the samples' image paths, in row order.
-        image_token_counts: tokens of each image in ``images``.
-        sources: ``file:line`` of each sample.
-        vision: ``ImageProcessor.preprocess`` output for ``images`` when the caller attached it.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    sample_indices: list[int]
-    images: list[Path] = field(default_factory=list)
-    image_token_counts: list[int] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    vision: dict[str, Any] | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """[N] bool: positions whose (shifted) target carries loss."""
-        return self.labels != IGNORE_INDEX
-
-    def seq_ids(self) -> torch.Tensor:
-        """[N] int64: which sample (0..S-1) each token belongs to."""
-        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-
-
-def collate_packed(samples: Sequence[EncodedSample], indices: Sequence[int]) -> PackedBatch:
-    """One :class:`PackedBatch` of ``samples`` in the order given (``indices`` are recorded as is)."""
+def collate_packed(samples: Sequence[EncodedSample], indices: Sequence[int]) -> PackedRow:
+    """One :class:`~r4b.packed_row.PackedRow` of ``samples`` in the order given, on the host (``indices`` are
+    recorded as is, in ``sample_indices``): ``targets`` already shifted (position t of a sample holds the label of
+    its token t+1, the last position of each sample -100: nothing to predict across a sample boundary),
+    ``position_ids`` restarting at 0 for each sample, no images loaded yet (``images`` names them)."""
     input_ids: list[int] = []
-    labels: list[int] = []
+    targets: list[int] = []
     positions: list[int] = []
     cu_seqlens = [0]
     images: list[Path] = []
-    counts: list[int] = []
     for sample in samples:
         input_ids.extend(sample.input_ids)
-        labels.extend(sample.labels[1:])
-        labels.append(IGNORE_INDEX)
+        targets.extend(sample.labels[1:])
+        targets.append(IGNORE_INDEX)
         positions.extend(range(sample.length))
         cu_seqlens.append(cu_seqlens[-1] + sample.length)
         images.extend(sample.images)
-        counts.extend(sample.image_token_counts)
-    return PackedBatch(
+    return PackedRow(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
-        labels=torch.tensor(labels, dtype=torch.int64),
         position_ids=torch.tensor(positions, dtype=torch.int64),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max((sample.length for sample in samples), default=0),
+        targets=torch.tensor(targets, dtype=torch.int64),
+        cu_seqlens_host=tuple(cu_seqlens),
+        loss_tokens=sum(target != IGNORE_INDEX for target in targets),
         sample_indices=list(indices),
         images=images,
-        image_token_counts=counts,
         sources=[sample.source for sample in samples],
     )
 
@@ -104,7 +58,7 @@ def overlong_error(sample: EncodedSample, max_tokens: int) -> DataError:
 
 def pack(
     encoded: Sequence[EncodedSample], max_tokens: int, *, on_overlong: Literal["raise", "skip"] = "raise"
-) -> tuple[list[PackedBatch], DataReport]:
+) -> tuple[list[PackedRow], DataReport]:
     """Pack samples into batches of at most ``max_tokens`` tokens with best-fit decreasing.
 
     Batches come in the order the planner opened them; within a batch, samples in the order placed

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,11 @@ from torch import Tensor
 
 from r4b.data.image import ImageProcessor, decode_images
 from r4b.models.mrope import continued_mrope_position_ids
+from r4b.packed_row import PackedRow
 from r4b.rollout.base import Rollout
-from r4b.shared_prefix import PackedGroups, pack_shared_prefix, pack_unshared
+from r4b.shared_prefix import pack_shared_prefix, pack_unshared
 
-__all__ = ["Chunk", "MicroBatch", "RolloutBatch", "build_micro_batch", "plan_chunks"]
+__all__ = ["Chunk", "RolloutBatch", "build_micro_batch", "plan_chunks"]
 
 
 @dataclass
@@ -272,20 +272,6 @@ def plan_chunks(batch: RolloutBatch, responses: Sequence[int], max_tokens: int, 
     return chunks
 
 
-@dataclass
-class MicroBatch:
-    """One packed forward: the objective's keyword arguments, the packing and which responses it holds."""
-
-    inputs: dict[str, Any]
-    packed: PackedGroups
-    responses: Tensor  # [r] batch indices of the packed responses, in packing order
-    loss_tokens: int
-
-    @property
-    def num_responses(self) -> int:
-        return self.responses.numel()
-
-
 def build_micro_batch(
     batch: RolloutBatch,
     chunks: Sequence[Chunk],
@@ -295,15 +281,17 @@ def build_micro_batch(
     pixel_dtype: torch.dtype = torch.float32,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-) -> MicroBatch:
-    """Pack ``chunks`` (in entry order) into one row on ``device``; ``old``/``ref`` are ``[R, Lmax]`` of the batch."""
+) -> PackedRow:
+    """Pack ``chunks`` (in entry order) into one row on ``device``; ``old``/``ref`` are ``[R, Lmax]`` of the batch.
+    The row's ``responses`` are the batch indices of its responses, in packing order; its ``inputs()`` the
+    objective's keyword arguments."""
     chunks = sorted(chunks, key=lambda c: (c.entry, c.responses))
     index = torch.tensor([i for c in chunks for i in c.responses], dtype=torch.long)
     lengths = batch.response_lengths[index]
     width = int(lengths.max())
     on = lambda t: None if t is None else t[index, :width].to(device)
     pack = pack_shared_prefix if shared else pack_unshared
-    packed = pack(
+    row = pack(
         [batch.prompt_ids[c.entry].to(device) for c in chunks],
         batch.response_ids[index, :width].to(device),
         lengths.to(device),
@@ -312,37 +300,25 @@ def build_micro_batch(
         old_logprobs=on(old_logprobs),
         ref_logprobs=on(ref_logprobs),
     )
+    row.responses = tuple(index.tolist())
     # One copy of an entry's images per packed document: per chunk (shared) or per response (unshared).
     docs = [c.entry for c in chunks for _ in (c.responses if not shared else (0,))]
-    inputs: dict[str, Any] = {
-        "input_ids": packed.input_ids,
-        "position_ids": packed.position_ids,
-        "cu_seqlens": packed.cu_seqlens,
-        "max_seqlen": packed.max_seqlen,
-        "targets": packed.targets,
-        "loss_mask": packed.loss_mask,
-        "advantages": packed.advantages,
-        "seq_ids": packed.seq_ids,
-        "old_logprobs": packed.old_logprobs,
-        "ref_logprobs": packed.ref_logprobs,
-        "segment_ids": packed.segment_ids if shared else None,
-    }
     with_images = [e for e in docs if batch.pixel_values[e] is not None]
     if batch.mrope:
-        inputs["position_ids"] = _mrope_position_ids(batch, docs, packed)
+        row.position_ids = _mrope_position_ids(batch, docs, row)
         if with_images:  # patch rows and grids of every image, in document order
-            inputs["pixel_values"] = torch.cat([batch.pixel_values[e] for e in with_images]).to(device, pixel_dtype)
-            inputs["image_grid_thw"] = torch.cat([batch.image_grid_thw[e] for e in with_images]).to(device)
+            row.pixel_values = torch.cat([batch.pixel_values[e] for e in with_images])
+            row.image_grid_thw = torch.cat([batch.image_grid_thw[e] for e in with_images])
     elif with_images:
-        inputs["pixel_values"] = _cat_tiles([batch.pixel_values[e] for e in with_images]).to(device, pixel_dtype)
-        inputs["image_sizes"] = torch.cat([batch.image_sizes[e] for e in with_images]).to(device)
-    return MicroBatch(inputs, packed, index, int(lengths.sum()))
+        row.pixel_values = _cat_tiles([batch.pixel_values[e] for e in with_images])
+        row.image_sizes = torch.cat([batch.image_sizes[e] for e in with_images])
+    return row.to(device, pixel_dtype=pixel_dtype, non_blocking=False)  # the images join the packed tokens
 
 
-def _mrope_position_ids(batch: RolloutBatch, docs: Sequence[int], packed: PackedGroups) -> Tensor:
+def _mrope_position_ids(batch: RolloutBatch, docs: Sequence[int], packed: PackedRow) -> Tensor:
     """``[3, N]`` mRoPE positions of the packed row: each document (entry ``docs[d]``) maps its 1-D positions
     through its prompt's mRoPE positions, responses continuing after the prompt."""
-    bounds = packed.cu_seqlens.tolist()
+    bounds = packed.cu_seqlens_host
     device = packed.position_ids.device
     return torch.cat(
         [

@@ -28,10 +28,11 @@ from r4b import packing
 from r4b.config.sections import PolicyUpdate
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
 from r4b.models.forward import lm_head_operands, packed_final_hidden
+from r4b.packed_row import PackedRow
 from r4b.shared_prefix import unpack_responses
 from r4b.train.accumulate import MicroStep, accumulate_gradients, rank_micro_steps
 
-from .batch import Chunk, MicroBatch, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
+from .batch import Chunk, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
 
 __all__ = ["BPOObjective", "UpdateConfig", "compute_logprobs", "policy_update"]
 
@@ -182,17 +183,17 @@ def compute_logprobs(
             micro = build_micro_batch(batch, chunks, shared=shared_prefix, device=device, pixel_dtype=dtype)
             logp, _ = module(**_model_inputs(micro), temperature=temperature, logprobs_only=True)
             if not padding:
-                values = unpack_responses(micro.packed, logp.float())
-                out[micro.responses.to(device), : values.shape[1]] = values
+                values = unpack_responses(micro, logp.float())
+                out[torch.tensor(micro.responses, device=device), : values.shape[1]] = values
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(out)
     return out.to(batch.response_ids.device)
 
 
-def _model_inputs(micro: MicroBatch) -> dict[str, Any]:
-    keys = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "loss_mask", "segment_ids",
-            "pixel_values", "image_sizes", "image_grid_thw")  # fmt: skip
-    return {k: micro.inputs[k] for k in keys if micro.inputs.get(k) is not None}
+def _model_inputs(micro: PackedRow) -> dict[str, Any]:
+    """The log-prob pass's keyword arguments: the row's inputs but the loss's (``loss_mask`` stays: the mask)."""
+    loss_only = ("advantages", "seq_ids", "old_logprobs", "ref_logprobs")
+    return {k: v for k, v in micro.inputs().items() if k not in loss_only}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def policy_update(
                     share = 0.0 if padding else (
                         micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
                     ) / denominator  # fmt: skip
-                    yield MicroStep({**micro.inputs, **loss_kwargs}, share * world_size, padding,
+                    yield MicroStep({**micro.inputs(), **loss_kwargs}, share * world_size, padding,
                                     (share, micro.loss_tokens))  # fmt: skip
 
             def record(micro: MicroStep[tuple[float, int]], output: Any, step: int = step) -> None:

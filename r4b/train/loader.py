@@ -16,13 +16,16 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from r4b.errors import InputError
 from r4b.train.accumulate import rank_micro_steps
 from r4b.train.batches import GlobalBatchPlanner
+
+if TYPE_CHECKING:
+    from r4b.packed_row import PackedRow
 
 __all__ = ["MicroBatchKey", "MicroBatchLoader", "default_workers", "rank_micro_batches"]
 
@@ -63,11 +66,11 @@ def default_workers(device: torch.device | str, world_size: int = 1) -> int:
 
 
 class _Source(torch.utils.data.Dataset):
-    """The DataLoader's view: a key in, ``(key, host batch)`` out. A user's data error (a missing or undecodable
+    """The DataLoader's view: a key in, ``(key, host row)`` out. A user's data error (a missing or undecodable
     image) travels back as the exception itself, raised by the loop as the one-line error it is: the DataLoader
     would re-raise it as a RuntimeError holding the worker's traceback."""
 
-    def __init__(self, build: Callable[[Sequence[int]], dict[str, Any]]):
+    def __init__(self, build: Callable[[Sequence[int]], PackedRow]):
         self.build = build
 
     def __getitem__(self, key: MicroBatchKey) -> tuple[MicroBatchKey, Any]:
@@ -90,8 +93,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class MicroBatchLoader:
-    """Host batches of ``keys`` built by ``build`` (``SFTDataset.host_batch``), ``workers`` processes ahead of the
-    loop, each keeping ``prefetch`` micro-batches ready; ``workers=0`` builds each one when the loop asks for it.
+    """Host rows (:class:`~r4b.packed_row.PackedRow`) of ``keys`` built by ``build`` (``SFTDataset.host_batch``),
+    ``workers`` processes ahead of the loop, each keeping ``prefetch`` micro-batches ready; ``workers=0`` builds each
+    one when the loop asks for it. With ``pin_memory`` the DataLoader pins each row (``PackedRow.pin_memory``).
 
     Use as a context manager (the workers stop on exit, also on Ctrl-C); :meth:`next` returns the next micro-batch's
     key (its samples, whether it is a padding pass), the micro-batch and the seconds the loop waited for it.
@@ -99,7 +103,7 @@ class MicroBatchLoader:
 
     def __init__(
         self,
-        build: Callable[[Sequence[int]], dict[str, Any]],
+        build: Callable[[Sequence[int]], PackedRow],
         keys: Iterable[MicroBatchKey],
         *,
         workers: int = 0,
@@ -128,7 +132,7 @@ class MicroBatchLoader:
             )
             self._iterator = iter(self._loader)
 
-    def next(self, step: int, index: int) -> tuple[MicroBatchKey, dict[str, Any], float]:
+    def next(self, step: int, index: int) -> tuple[MicroBatchKey, PackedRow, float]:
         """Micro-batch ``index`` of ``step`` (the order is fixed: asking for another one is a bug) and the wait."""
         started = time.perf_counter()
         key, batch = next(self._iterator)

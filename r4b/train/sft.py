@@ -27,7 +27,7 @@ from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
 from r4b.train.runtime import StopSignal, export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
-from r4b.train.sft_data import SFTDataset, batch_to_device
+from r4b.train.sft_data import SFTDataset
 
 
 def train_sft(config: SFTConfig) -> Path:
@@ -146,7 +146,7 @@ def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) ->
         for index in range(plan.micro_steps):  # padding passes included (rank_micro_batches)
             key, host, waited = loader.next(plan.step, index)
             data_wait += waited
-            yield MicroStep(batch_to_device(host, engine.device), scale, key.padding)
+            yield MicroStep(host.to(engine.device).inputs(), scale, key.padding)
 
     accumulate_gradients(engine, micro_steps(), lambda _, loss: loss_sum.add_(loss.detach().double()))
     lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())

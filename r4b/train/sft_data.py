@@ -17,7 +17,7 @@ from r4b.data.pack import overlong_error
 from r4b.data.prepare import is_prepared
 from r4b.data.prepared import open_prepared
 from r4b.errors import InputError
-from r4b.kernels.varlen_attention import remember_cu_seqlens
+from r4b.packed_row import PackedRow
 
 
 @dataclass
@@ -106,12 +106,12 @@ class SFTDataset:
             return self.samples.loss_tokens
         return [sum(label != IGNORE_INDEX for label in sample.labels[1:]) for sample in self.samples]
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
-        """The keyword arguments of :class:`~r4b.train.objective.PackedSFTObjective` for these samples, on
-        ``device``: :meth:`host_batch` then :func:`batch_to_device`."""
-        return batch_to_device(self.host_batch(indices), device)
+    def collate(self, indices: Sequence[int], device: torch.device | str) -> PackedRow:
+        """These samples as one packed row on ``device`` (``inputs()``: the keyword arguments of
+        :class:`~r4b.train.objective.PackedSFTObjective`): :meth:`host_batch`, then ``to(device)``."""
+        return self.host_batch(indices).to(device)
 
-    def host_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+    def host_batch(self, indices: Sequence[int]) -> PackedRow:
         """These samples packed into one micro-batch of host tensors, images decoded and preprocessed: the work a
         DataLoader worker does (:mod:`r4b.train.loader`).
 
@@ -120,38 +120,25 @@ class SFTDataset:
         the ``[3, N]`` mRoPE positions of the row, each sample's own, and ``pixel_values`` / ``image_grid_thw``.
         """
         samples = [self.samples[i] for i in indices]
-        packed = collate_packed(samples, indices)
-        batch: dict[str, Any] = {
-            "input_ids": packed.input_ids,
-            "position_ids": packed.position_ids,
-            "targets": packed.labels,
-            "cu_seqlens": packed.cu_seqlens,
-            "max_seqlen": packed.max_seqlen,
-        }
+        row = collate_packed(samples, indices)
         vision: dict[str, torch.Tensor] = {}
-        if packed.images:
-            vision = self.processor.preprocess(load_images(packed.images, where=", ".join(packed.sources)))
-            batch.update({key: vision[key] for key in VISION_KEYS if key in vision})
+        if row.images:
+            vision = self.processor.preprocess(load_images(row.images, where=", ".join(row.sources)))
+            for key in VISION_KEYS:
+                if key in vision:
+                    setattr(row, key, vision[key])
         if hasattr(self.processor, "packed_position_ids"):
             grids = vision.get("image_grid_thw")
             starts = [0]
             for sample in samples:
                 starts.append(starts[-1] + len(sample.images))
             per_sample = [None if a == b else grids[a:b] for a, b in pairwise(starts)]
-            ids = [packed.input_ids[a:b] for a, b in pairwise(packed.cu_seqlens.tolist())]
-            batch["position_ids"] = self.processor.packed_position_ids(ids, per_sample)
-        return batch
+            ids = [row.input_ids[a:b] for a, b in pairwise(row.cu_seqlens_host)]
+            row.position_ids = self.processor.packed_position_ids(ids, per_sample)
+        return row
 
 
 VISION_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
-
-
-def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """A :meth:`SFTDataset.host_batch` on ``device`` (asynchronous copies from pinned memory); ``cu_seqlens``'
-    host values go to the attention's cache, so no layer reads them back from the device."""
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    remember_cu_seqlens(out["cu_seqlens"], batch["cu_seqlens"].tolist())
-    return out
 
 
 def _check_not_empty(paths: Sequence[str], report: DataReport, report_to: Path | None) -> None:

@@ -39,17 +39,21 @@ def test_every_sample_once_within_budget_with_shifted_targets(n, high, budget):
         assert batch.max_seqlen == max(lengths)
         assert batch.images == [p for i in batch.sample_indices for p in encoded[i].images]
         assert batch.sources == [encoded[i].source for i in batch.sample_indices]
-        ids, labels, positions = batch.input_ids.tolist(), batch.labels.tolist(), batch.position_ids.tolist()
-        cu, seq_ids = batch.cu_seqlens.tolist(), batch.seq_ids().tolist()
+        ids, targets, positions = batch.input_ids.tolist(), batch.targets.tolist(), batch.position_ids.tolist()
+        cu = batch.cu_seqlens.tolist()
+        assert batch.cu_seqlens_host == tuple(cu)  # the host copy the attention is handed
         for s, i in enumerate(batch.sample_indices):
             lo, hi, e = cu[s], cu[s + 1], encoded[i]
+            assert hi - lo == e.length
             assert ids[lo:hi] == e.input_ids
             assert positions[lo:hi] == list(range(e.length))
-            assert labels[lo:hi] == [*e.labels[1:], IGNORE_INDEX]  # position t predicts token t+1
-            assert seq_ids[lo:hi] == [s] * e.length
-        assert batch.num_loss_tokens == sum(
+            assert targets[lo:hi] == [*e.labels[1:], IGNORE_INDEX]  # position t predicts token t+1
+        assert batch.loss_tokens == sum(
             sum(x != IGNORE_INDEX for x in encoded[i].labels[1:]) for i in batch.sample_indices
         )
+        # SFT rows: no segment ids, no BPO loss inputs; inputs() is what PackedSFTObjective takes
+        assert batch.segment_ids is None and batch.loss_mask is None and batch.num_responses == 0
+        assert set(batch.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets"}
 
 
 def test_shift_by_hand():
@@ -58,9 +62,10 @@ def test_shift_by_hand():
     (batch,), _ = pack([e, f], 8)
     assert batch.sample_indices == [0, 1]  # longest first
     assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10]
-    assert batch.labels.tolist() == [IGNORE_INDEX, 7, 8, IGNORE_INDEX, 10, IGNORE_INDEX]
+    assert batch.targets.tolist() == [IGNORE_INDEX, 7, 8, IGNORE_INDEX, 10, IGNORE_INDEX]
     assert batch.position_ids.tolist() == [0, 1, 2, 3, 0, 1]
     assert batch.cu_seqlens.tolist() == [0, 4, 6] and batch.max_seqlen == 4
+    assert batch.cu_seqlens_host == (0, 4, 6) and batch.loss_tokens == 3
 
 
 def test_overlong_raises_with_location_or_is_reported():
@@ -84,3 +89,24 @@ def test_bad_arguments():
         pack(synthetic(2, 3), 8, on_overlong="truncate")
     with pytest.raises(ValueError, match="max_tokens"):
         pack(synthetic(2, 3), 0)
+
+
+def test_a_row_pins_and_moves_as_one(monkeypatch):
+    """PackedRow.pin_memory pins every tensor (the DataLoader calls it); to() moves them, casts only the pixels and
+    hands cu_seqlens' host values to the attention with the moved tensor."""
+    from r4b.kernels.varlen_attention import cu_seqlens_host_values
+
+    (row,), _ = pack(synthetic(3, 6), 64)
+    row.pixel_values = torch.ones(2, 3)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())  # no accelerator here
+    out = row.pin_memory()
+    assert len(pinned) == 5 and all(getattr(out, k) is not getattr(row, k) for k in ("input_ids", "pixel_values"))
+    kept = ("cu_seqlens_host", "loss_tokens", "sample_indices", "sources")
+    assert [getattr(out, k) for k in kept] == [getattr(row, k) for k in kept]
+    moved = out.to("cpu", pixel_dtype=torch.bfloat16)
+    assert moved.pixel_values.dtype == torch.bfloat16 and moved.input_ids.dtype == torch.int64
+    monkeypatch.setattr(torch.Tensor, "tolist", None)  # the attention's host values, without reading the tensor
+    assert cu_seqlens_host_values(moved.cu_seqlens) == list(row.cu_seqlens_host)
+    monkeypatch.undo()
+    assert set(moved.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "pixel_values"}

@@ -48,9 +48,9 @@ def test_jsonl_to_packed_batches(tmp_path):
     # Shifted targets: the position before <think> predicts <think>; in a thinking sample the <think>
     # position predicts "\n" (the mode decision), in a masked non-thinking sample nothing until the answer.
     (batch,), _ = pack(encoded[:2], 4096)
-    ids, labels = batch.input_ids.tolist(), batch.labels.tolist()
+    ids, labels = batch.input_ids.tolist(), batch.targets.tolist()
     for s, index in enumerate(batch.sample_indices):
-        lo, hi = batch.cu_seqlens[s].item(), batch.cu_seqlens[s + 1].item()
+        lo, hi = batch.cu_seqlens_host[s], batch.cu_seqlens_host[s + 1]
         think = ids.index(THINK, lo, hi)
         if encoded[index].mode == "thinking":
             assert labels[think - 1 : think + 1] == [THINK, NL]

@@ -68,9 +68,10 @@ def test_prepared_dir_holds_the_jsonl_samples_and_report_whatever_the_workers(da
     for a, b in zip(prepared.samples, jsonl.samples, strict=True):
         _same(a, b)
     batch_a, batch_b = prepared.collate([0, 3, 5], "cpu"), jsonl.collate([0, 3, 5], "cpu")
-    assert batch_a.keys() == batch_b.keys()
-    for key, value in batch_a.items():
-        assert value.equal(batch_b[key]) if hasattr(value, "equal") else value == batch_b[key], key
+    inputs_a, inputs_b = batch_a.inputs(), batch_b.inputs()
+    assert inputs_a.keys() == inputs_b.keys() and batch_a.cu_seqlens_host == batch_b.cu_seqlens_host
+    for key, value in inputs_a.items():
+        assert value.equal(inputs_b[key]) if hasattr(value, "equal") else value == inputs_b[key], key
     # on_error=raise refuses a DIR whose preparation skipped records, as it refuses the bad JSONL line
     with pytest.raises(InputError, match="skipped record"):
         SFTDataset.from_files([str(tmp_path / "two")], tokenizer, processor, max_tokens=4096)

@@ -132,12 +132,12 @@ def test_parquet_and_datasets_dir_give_the_jsonl_samples_and_locate_bad_rows(syn
         assert used == stored if images == "bytes" else not stored and all(p.startswith(str(synth)) for p in used)
         # training reads the stored images: the batch's pixels are the JSONL's
         batch, expected = prepared.collate([0, 2], "cpu"), reference.collate([0, 2], "cpu")
-        assert batch["pixel_values"].equal(expected["pixel_values"]) and batch["input_ids"].equal(expected["input_ids"])
+        assert batch.pixel_values.equal(expected.pixel_values) and batch.input_ids.equal(expected.input_ids)
     # a DIR holding its images can be moved (copied to a node's disk): they are named relative to it
     moved = tmp_path / "moved"
     shutil.move(tmp_path / datasets_dir.name, moved)
     batch = _samples(moved, tools).collate([0, 2], "cpu")
-    assert batch["pixel_values"].equal(expected["pixel_values"])
+    assert batch.pixel_values.equal(expected.pixel_values)
 
 
 def test_parquet_shards_follow_row_groups(synth, tmp_path):

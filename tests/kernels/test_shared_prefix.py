@@ -25,9 +25,9 @@ from torch import Tensor
 
 from r4b import shared_prefix as sp
 from r4b.kernels.reference import attention_mask_reference
+from r4b.packed_row import PackedRow
 from r4b.shared_prefix import (
     IGNORE_INDEX,
-    PackedGroups,
     pack_shared_prefix,
     pack_unshared,
     unpack_responses,
@@ -54,7 +54,7 @@ def pack_shared_prefix_reference(
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     shared: bool = True,
-) -> PackedGroups:
+) -> PackedRow:
     """:func:`pack_shared_prefix` (or, with ``shared=False``, :func:`pack_unshared`) transcribed token
     by token from the layout, in Python: the oracle of these tests, not a fast path."""
     lengths, groups = sp._validate(
@@ -85,15 +85,20 @@ def pack_shared_prefix_reference(
     cols = {name: torch.tensor(col, dtype=dtype, device=device) for (name, dtype), col in columns}
     for name, given in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         cols[name] = cols[name] if given is not None else None
-    return PackedGroups(
+    if not shared:
+        cols["segment_ids"] = None  # plain causal documents
+    bounds = (0, *itertools.accumulate(doc_lengths))
+    return PackedRow(
         **cols,
         loss_mask=cols["targets"] != IGNORE_INDEX,
-        cu_seqlens=sp._on_device_cu_seqlens([0, *itertools.accumulate(doc_lengths)], device),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        cu_seqlens_host=bounds,
+        loss_tokens=sum(length_of),
         max_seqlen=max(doc_lengths),
         response_starts=torch.tensor(starts, dtype=torch.long, device=device),
         response_lengths=lengths.to(device),
         max_response_len=responses.shape[1],
-    )
+    ).to(device)
 
 
 _COLUMNS = (
@@ -138,8 +143,8 @@ def to(batch: dict, device: str) -> dict:
     return {k: [p.to(device) for p in v] if k == "prompts" else v.to(device) for k, v in batch.items()}
 
 
-def assert_packed_equal(actual: PackedGroups, expected: PackedGroups) -> None:
-    for field in dataclasses.fields(PackedGroups):
+def assert_packed_equal(actual: PackedRow, expected: PackedRow) -> None:
+    for field in dataclasses.fields(PackedRow):
         a, e = getattr(actual, field.name), getattr(expected, field.name)
         if isinstance(e, torch.Tensor):
             assert a is not None and a.dtype == e.dtype, field.name
@@ -167,7 +172,7 @@ def test_hand_worked_layout(pack) -> None:
     assert torch.equal(packed.old_logprobs, expected_old)
     assert packed.ref_logprobs is None
     assert packed.cu_seqlens.tolist() == [0, 9, 11] and packed.cu_seqlens.dtype == torch.int32
-    assert packed.max_seqlen == 9
+    assert packed.cu_seqlens_host == (0, 9, 11) and packed.max_seqlen == 9 and packed.loss_tokens == 6
     assert packed.response_starts.tolist() == [2, 5, 9]
     assert (packed.num_tokens, packed.num_responses, packed.max_response_len) == (11, 3, 3)
 
@@ -176,7 +181,7 @@ def test_hand_worked_unshared() -> None:
     packed = pack_unshared(**hand_batch())
     assert packed.input_ids.tolist() == [10, 11, 12, 1, 2, 10, 11, 12, 3, 4, 5, 20, 6]
     assert packed.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1]
-    assert packed.segment_ids.tolist() == [0] * 13
+    assert packed.segment_ids is None  # plain causal documents
     assert packed.targets.tolist() == [X, X, 1, 2, X, X, X, 3, 4, 5, X, 6, X]
     assert packed.cu_seqlens.tolist() == [0, 5, 11, 13] and packed.max_seqlen == 6
     assert_packed_equal(packed, pack_shared_prefix_reference(**hand_batch(), shared=False))
@@ -221,13 +226,13 @@ def test_every_response_token_once(seed: int) -> None:
         assert torch.equal(packed.position_ids[body], torch.arange(prompt.numel() - 1))
 
 
-def loss_tokens(packed: PackedGroups) -> Counter:
+def loss_tokens(packed: PackedRow) -> Counter:
     at = packed.loss_mask
     columns = (packed.targets, packed.position_ids, packed.advantages, packed.seq_ids, packed.old_logprobs)
     return Counter(zip(*(c[at].tolist() for c in columns), strict=True))
 
 
-def visible_context(packed: PackedGroups) -> dict[tuple[int, int], list[tuple[int, int]]]:
+def visible_context(packed: PackedRow) -> dict[tuple[int, int], list[tuple[int, int]]]:
     """For each loss token (response, target index): the (token, position) pairs its query attends to."""
     mask = attention_mask_reference(packed.cu_seqlens, segment_ids=packed.segment_ids)
     out = {}

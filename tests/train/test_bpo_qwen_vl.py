@@ -244,22 +244,22 @@ def test_logprobs_and_mrope_positions_of_both_packings(qwen):
     # positions for the prompt body and each response segment
     chunks = plan_chunks(batch, range(batch.num_responses), BIG, shared=True)
     one, many = (build_micro_batch(batch, chunks, shared=s, device="cpu") for s in (True, False))
-    assert one.inputs["position_ids"].shape == (3, one.packed.num_tokens)
-    assert one.inputs["image_grid_thw"].shape[0] < many.inputs["image_grid_thw"].shape[0]  # prompts' images once
-    cu = many.packed.cu_seqlens.tolist()
-    for k, i in enumerate(many.responses.tolist()):
+    assert one.position_ids.shape == (3, one.num_tokens)
+    assert one.image_grid_thw.shape[0] < many.image_grid_thw.shape[0]  # prompts' images once
+    cu = many.cu_seqlens_host
+    for k, i in enumerate(many.responses):
         e = int(batch.groups[i])
-        ids = many.inputs["input_ids"][cu[k] : cu[k + 1]]
+        ids = many.input_ids[cu[k] : cu[k + 1]]
         full = packed_mrope_position_ids(model, [ids], [batch.image_grid_thw[e]])
-        assert torch.equal(many.inputs["position_ids"][:, cu[k] : cu[k + 1]], full)
+        assert torch.equal(many.position_ids[:, cu[k] : cu[k + 1]], full)
         prompt = batch.prompt_ids[e].numel()
         assert full[:, prompt:].max() == full[:, :prompt].max() + int(batch.response_lengths[i])  # text continues
     # shared: every response's segment (the last prompt token, then the response) has the unshared positions
-    assert torch.equal(one.responses, many.responses)
-    for k, i in enumerate(one.responses.tolist()):
+    assert one.responses == many.responses
+    for k, i in enumerate(one.responses):
         n = int(batch.response_lengths[i])
-        a, b = int(one.packed.response_starts[k]), int(many.packed.response_starts[k])
-        assert torch.equal(one.inputs["position_ids"][:, a : a + n], many.inputs["position_ids"][:, b : b + n])
+        a, b = int(one.response_starts[k]), int(many.response_starts[k])
+        assert torch.equal(one.position_ids[:, a : a + n], many.position_ids[:, b : b + n])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from r4b.cli import main
 from r4b.config import load_config
 from r4b.data import DataError
 from r4b.data.prepare import load_data_tools
+from r4b.packed_row import PackedRow
 from r4b.train.batches import GlobalBatchPlanner
 from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batches
 from r4b.train.sft import SFTConfig, padding_sample, train_sft
@@ -42,7 +44,7 @@ def dataset_and_keys(data: Path, world_size: int = 1, rank: int = 0, steps: int 
     return dataset, planner, keys
 
 
-def drain(loader: MicroBatchLoader, planner: GlobalBatchPlanner, steps: int) -> list[dict]:
+def drain(loader: MicroBatchLoader, planner: GlobalBatchPlanner, steps: int) -> list[PackedRow]:
     out = []
     with loader:
         for step in range(steps):
@@ -61,11 +63,12 @@ def test_worker_batches_equal_the_in_loop_batches(data, world_size):
     dataset, planner, keys = dataset_and_keys(data, world_size, rank)
     workers = drain(MicroBatchLoader(dataset.host_batch, keys, workers=2, prefetch=3), planner, 3)
     assert len(inline) == len(workers) == sum(planner.plan(s).micro_steps for s in range(3))
-    assert any("pixel_values" in batch for batch in inline)
+    assert any(row.pixel_values is not None for row in inline)
     for a, b in zip(inline, workers, strict=True):
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+        assert a.inputs().keys() == b.inputs().keys()
+        for field in dataclasses.fields(a):
+            value, other = getattr(a, field.name), getattr(b, field.name)
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, field.name
 
 
 def test_micro_batches_cover_each_step_in_the_planned_order(data):

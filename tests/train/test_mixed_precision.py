@@ -133,14 +133,17 @@ def test_cu_seqlens_is_read_once_not_per_layer(monkeypatch):
 
 
 def test_packings_hand_their_host_cu_seqlens_to_the_attention():
-    """The packed batches (shared-prefix, unshared) come with cu_seqlens already known on the host."""
+    """The packed rows (shared-prefix, unshared, SFT) carry cu_seqlens' host values, and the row on its device
+    (PackedRow.to) comes with them already known to the attention."""
+    from r4b.data import EncodedSample, collate_packed
     from r4b.shared_prefix import pack_shared_prefix, pack_unshared
 
     args = ([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], torch.tensor([[6, 7], [8, 0], [9, 9]]),
             torch.tensor([2, 1, 2]), torch.tensor([0, 0, 1]), torch.zeros(3))  # fmt: skip
-    for pack in (pack_shared_prefix, pack_unshared):
-        packed = pack(*args)
+    samples = [EncodedSample([1, 2, 3], [-100, 2, 3]), EncodedSample([4, 5], [-100, 5])]
+    for packed in (pack_shared_prefix(*args), pack_unshared(*args), collate_packed(samples, [0, 1]).to("cpu")):
         expected = packed.cu_seqlens.tolist()
+        assert packed.cu_seqlens_host == tuple(expected)
         hit = _varlen._HOST_INFO.get(packed.cu_seqlens)
         shortest = min(b - a for a, b in itertools.pairwise(expected))
         assert hit is not None and hit[1] == (0, expected[-1], packed.max_seqlen, shortest)

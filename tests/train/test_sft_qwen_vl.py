@@ -106,9 +106,9 @@ def test_packed_collate_equals_per_sample_stock_forwards(model_dir, data):
 
     model.zero_grad()
     batch = dataset.collate(indices, torch.device("cpu"))
-    assert batch["position_ids"].shape == (3, batch["input_ids"].numel())
-    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
-    loss = PackedSFTObjective(model)(**batch)
+    assert batch.position_ids.shape == (3, batch.num_tokens)
+    assert batch.image_grid_thw.tolist() == [[1, 8, 8], [1, 8, 8]]
+    loss = PackedSFTObjective(model)(**batch.inputs())
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
