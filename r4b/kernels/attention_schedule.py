@@ -26,17 +26,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import interpreting
 from .attention_tiles import (
-    DELTA_ROWS,
     LOG2E,
-    delta_kernel,
     dkdv_step,
     doc_tile,
     dq_step,
     fwd_finish,
     fwd_step,
+    id_pointers,
     kernel_flags,
     load_head,
     query_side,
+    row_deltas,
     store_head,
     visible_mask,
     zeros_head,
@@ -458,8 +458,7 @@ class _ScheduledAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule):
         n_total, n_heads, _ = q.shape
         flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
-        seg = segment_ids if segment_ids is not None else cu_seqlens
-        bidir = bidir_ids if bidir_ids is not None else cu_seqlens
+        seg, bidir = id_pointers(cu_seqlens, segment_ids, bidir_ids)
         out = torch.empty_like(q)
         lse = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
         group = n_heads // k.shape[1]
@@ -482,12 +481,7 @@ class _ScheduledAttention(torch.autograd.Function):
         scale, group, flags, schedule = ctx.meta
         n_total, n_heads, _ = q.shape
         grad_out = grad_out.contiguous()
-        delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
-        delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
-            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
-            HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
-            BLOCK=DELTA_ROWS,
-        )  # fmt: skip
+        delta = row_deltas(out, grad_out, flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = (schedule.block_m, schedule.block_n)
         common = dict(GROUP=group, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, **flags)

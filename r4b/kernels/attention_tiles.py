@@ -296,6 +296,29 @@ def delta_kernel(
     tl.store(delta_ptr + head * n_total + rows, delta, mask=row_ok)
 
 
+def row_deltas(out: torch.Tensor, grad_out: torch.Tensor, flags: dict) -> torch.Tensor:
+    """``delta [Hq, N]`` (fp32) of the backward: per row and head, the sum over the head dim of dO * O
+    (:func:`delta_kernel`; ``flags``: the launch's :func:`kernel_flags`; ``grad_out`` contiguous)."""
+    n_total, n_heads, _ = out.shape
+    delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=out.device)
+    delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
+        HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
+        BLOCK=DELTA_ROWS,
+    )  # fmt: skip
+    return delta
+
+
+def id_pointers(
+    cu_seqlens: torch.Tensor, segment_ids: torch.Tensor | None, bidir_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The id tensors the kernels index; an absent one (its constexpr off) still needs a valid pointer."""
+    return (
+        segment_ids if segment_ids is not None else cu_seqlens,
+        bidir_ids if bidir_ids is not None else cu_seqlens,
+    )
+
+
 def stride_align(head_dim: int, *tensors: torch.Tensor) -> int:
     """The largest power of two (at most 16) dividing ``head_dim`` and the row and head strides of ``tensors``: every
     tile row a kernel loads or stores then starts ALIGN elements into an aligned tensor (the outputs and

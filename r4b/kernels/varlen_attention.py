@@ -31,17 +31,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import autotune_configs, interpreting, use_triton
 from .attention_tiles import (
-    DELTA_ROWS,
     LOG2E,
-    delta_kernel,
     dkdv_step,
     doc_tile,
     dq_step,
     fwd_finish,
     fwd_step,
+    id_pointers,
     kernel_flags,
     load_head,
     query_side,
+    row_deltas,
     store_head,
     visible_mask,
     worth_computing,
@@ -222,7 +222,7 @@ def _attention_op(
     """(out [N, Hq, D], lse [Hq, N] fp32)."""
     n_total, n_heads, _ = q.shape
     flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
-    seg, bidir = _id_pointers(cu_seqlens, segment_ids, bidir_ids)
+    seg, bidir = id_pointers(cu_seqlens, segment_ids, bidir_ids)
     out = torch.empty_like(q)
     lse = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
 
@@ -263,14 +263,9 @@ def _attention_backward_op(
     n_total, n_heads, _ = q.shape
     num_docs = cu_seqlens.numel() - 1
     flags = kernel_flags(q, causal, segment_ids, bidir_ids, k, v)
-    seg, bidir = _id_pointers(cu_seqlens, segment_ids, bidir_ids)
+    seg, bidir = id_pointers(cu_seqlens, segment_ids, bidir_ids)
     grad_out = grad_out.contiguous()
-    delta = torch.empty((n_heads, n_total), dtype=torch.float32, device=q.device)
-    delta_kernel[(triton.cdiv(n_total, DELTA_ROWS), n_heads)](
-        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n_total,
-        HEAD_DIM=flags["HEAD_DIM"], D0=flags["D0"], D1=flags["D1"], ALIGN=flags["ALIGN"],
-        BLOCK=DELTA_ROWS,
-    )  # fmt: skip
+    delta = row_deltas(out, grad_out, flags)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(GROUP=n_heads // k.shape[1], **flags)
     scales = (n_total, softmax_scale * LOG2E, softmax_scale)
@@ -300,14 +295,6 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, grad_out, cu_seqlens, segment_ids, bidir_ids, max_seqlen, causal, softmax_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _id_pointers(cu_seqlens, segment_ids, bidir_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """The id tensors the kernels index; an absent one (its constexpr off) still needs a valid pointer."""
-    return (
-        segment_ids if segment_ids is not None else cu_seqlens,
-        bidir_ids if bidir_ids is not None else cu_seqlens,
-    )
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
