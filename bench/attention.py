@@ -26,6 +26,7 @@ Writes bench/results/attention-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ from kernel_inspect import current_kernel_stats
 
 from r4b.kernels import varlen_attention
 from r4b.kernels.attention_schedule import default_blocks, schedule_for
+from r4b.kernels.packed_layout import PackedLayout
 from r4b.kernels.reference import attention_mask_reference
 from r4b.models.attention_backends import fa2_varlen, packed_attention
 
@@ -69,13 +71,20 @@ class Layout:
         self.n = sum(lengths)
         self.seg = None if segments is None else torch.tensor([s for doc in segments for s in doc], dtype=torch.int32)
         self.bidir = None if bidir is None else torch.tensor(bidir, dtype=torch.int32)
+        self.packed = self._packed()
 
     def to(self, device: str) -> Layout:
         for name in ("cu", "seg", "bidir"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        self.packed = self._packed()
         return self
+
+    def _packed(self) -> PackedLayout:
+        """r4b's per-batch layout (host values known: no device read in the timed calls)."""
+        host = [0, *itertools.accumulate(self.lengths)]
+        return PackedLayout(self.cu, host, segment_ids=self.seg, bidir_ids=self.bidir)
 
     def visible_pairs(self) -> int:
         """Pairs the mask allows, computed one document at a time (no N x N tensor)."""
@@ -189,24 +198,15 @@ def torch_fa2_fn(layout: Layout):
 
 def r4b_auto_fn(layout: Layout):
     """What the r4b_varlen model plug-in runs with R4B_ATTENTION_BACKEND=auto (its block mask built once)."""
-    max_len = max(layout.lengths)
-    return lambda q, k, v: packed_attention(
-        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
-        backend="auto",
-    )  # fmt: skip
+    return lambda q, k, v: packed_attention(q, k, v, layout.packed, causal=layout.causal, backend="auto")
 
 
 def r4b_schedule_fn(layout: Layout, dtype: torch.dtype):
     """r4b's kernels walking the exact tile schedule (built once per layout, outside the timed region; its tiles
     are the kernels' for ``dtype``)."""
-    max_len = max(layout.lengths)
     block_m, block_n = default_blocks(dtype)
-    schedule_for(layout.cu, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
-                 block_m=block_m, block_n=block_n)  # fmt: skip
-    return lambda q, k, v: packed_attention(
-        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
-        backend="r4b-schedule",
-    )  # fmt: skip
+    schedule_for(layout.packed, causal=layout.causal, block_m=block_m, block_n=block_n)
+    return lambda q, k, v: packed_attention(q, k, v, layout.packed, causal=layout.causal, backend="r4b-schedule")
 
 
 def tile_efficiency(layout: Layout, mask: str, block_m: int = 128, block_n: int = 64) -> dict:
@@ -221,8 +221,9 @@ def tile_efficiency(layout: Layout, mask: str, block_m: int = 128, block_n: int 
 def r4b_fn(layout: Layout):
     max_len = max(layout.lengths)
     return lambda q, k, v: varlen_attention(
-        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir
-    )
+        q, k, v, layout.cu, max_len, causal=layout.causal, segment_ids=layout.seg, bidir_ids=layout.bidir,
+        cu_seqlens_host=layout.packed.host,
+    )  # fmt: skip
 
 
 def time_impl(name: str, fn, layout: Layout, args, extra: dict) -> list[dict]:

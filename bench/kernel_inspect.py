@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 from r4b.kernels import attention_schedule
 from r4b.kernels.attention_schedule import build_tile_schedule, launch_config
 from r4b.kernels.attention_tiles import kernel_flags
+from r4b.kernels.packed_layout import PackedLayout
 
 
 def current_kernel_stats(
@@ -30,9 +31,8 @@ def current_kernel_stats(
     key tiles below its causal bound (all of the document with bidir ids or ``causal=False``) and computes
     every tile it loops over, except that with segment or bidir ids it skips the empty ones (after loading
     their ids). ``visited`` = tiles computed (matmuls), ``iterated`` = loop steps."""
-    schedule = build_tile_schedule(
-        cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m, block_n=block_n
-    )
+    layout = PackedLayout(cu_seqlens, segment_ids=segment_ids, bidir_ids=bidir_ids)
+    schedule = build_tile_schedule(layout, causal=causal, block_m=block_m, block_n=block_n)
     stats = schedule.stats()
     lengths = cu_seqlens.diff().long()
     length = lengths[schedule.q_doc.long()]

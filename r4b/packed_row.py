@@ -7,12 +7,9 @@ and mRoPE positions), the BPO update and the log-prob passes (:func:`r4b.shared_
 a device.
 
 Host lengths travel with the row. ``cu_seqlens_host`` holds ``cu_seqlens``' values as Python ints, known where the
-row is built; :meth:`PackedRow.to` hands them to the attention's per-tensor host cache
-(:func:`r4b.kernels.varlen_attention.remember_cu_seqlens`) for the device tensor it returns, so no layer of the
-language model reads ``cu_seqlens`` back from the device. The vision towers' own ``cu_seqlens`` (Qwen-VL builds
-them inside its tower, one document per image, from ``image_grid_thw``) are no row's: they still go through that
-cache, which reads each such tensor to the host once and serves every later layer from the copy; without it the
-attention would read them back in every layer (a host sync per layer).
+row is built; it is one of :meth:`PackedRow.inputs`, from which the forward makes the row's
+:class:`~r4b.kernels.packed_layout.PackedLayout`, so no layer of the language model reads ``cu_seqlens`` back from
+the device.
 """
 
 from __future__ import annotations
@@ -25,13 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from r4b.kernels.varlen_attention import remember_cu_seqlens
-
 __all__ = ["PackedRow"]
 
 # The objective's keyword arguments: the model's inputs, then the BPO loss's (None for SFT)
-MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "segment_ids", "pixel_values",
-                "image_sizes", "image_grid_thw")  # fmt: skip
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "cu_seqlens_host", "max_seqlen", "targets", "segment_ids",
+                "pixel_values", "image_sizes", "image_grid_thw")  # fmt: skip
 LOSS_INPUTS = ("loss_mask", "advantages", "seq_ids", "old_logprobs", "ref_logprobs")
 
 
@@ -107,17 +102,14 @@ class PackedRow:
         self, device: torch.device | str, *, pixel_dtype: torch.dtype | None = None, non_blocking: bool = True
     ) -> PackedRow:
         """This row on ``device`` (``pixel_values`` also cast to ``pixel_dtype`` when given; tensors already there
-        are not copied), its ``cu_seqlens_host`` handed to the attention's host cache for the returned
-        ``cu_seqlens``: the one place a row moves to a device."""
+        are not copied): the one place a row moves to a device."""
         moved = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 dtype = pixel_dtype if f.name == "pixel_values" else None
                 moved[f.name] = value.to(device, dtype=dtype, non_blocking=non_blocking)
-        out = dataclasses.replace(self, **moved)
-        remember_cu_seqlens(out.cu_seqlens, list(self.cu_seqlens_host))
-        return out
+        return dataclasses.replace(self, **moved)
 
     def pin_memory(self) -> PackedRow:
         """This row with every tensor in page-locked memory (the DataLoader calls it with ``pin_memory=True``), so

@@ -3,6 +3,8 @@
 import torch
 from helpers import DEVICE, random_problem
 
+from r4b.kernels.packed_layout import PackedLayout
+
 
 def packed_documents(lengths, *, seed, responses_in=(), bidir_in=()):
     """cu_seqlens plus segment ids (doc index -> (prompt_len, response lengths)) and bidir blocks."""
@@ -36,6 +38,12 @@ def mask_kwargs(mask: str, seg, bidir) -> dict:
         "bidir": {"bidir_ids": bidir},
         "full": {"causal": False},
     }[mask]
+
+
+def mask_layout(cu, mask: str, seg, bidir) -> tuple[PackedLayout, bool]:
+    """The per-batch form of one of MASKS: the row's PackedLayout (packed_attention, the tile schedule) and causal."""
+    kw = mask_kwargs(mask, seg, bidir)
+    return PackedLayout(cu, segment_ids=kw.get("segment_ids"), bidir_ids=kw.get("bidir_ids")), kw.get("causal", True)
 
 
 def bpo_batch(n=60, h=40, v=90, *, seed=0, num_seqs=6):

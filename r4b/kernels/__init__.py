@@ -24,6 +24,7 @@ from .fused_grad import DEFAULT_CHUNK_BYTES, METHODS
 from .liger_compat import FusedLinearGRPOLoss
 from .linear_logprobs import DEFAULT_CHUNK_ELEMENTS, linear_logprobs
 from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
+from .packed_layout import PackedLayout
 from .reference import LOSS_AGG_MODES
 from .varlen_attention import varlen_attention
 
@@ -33,6 +34,7 @@ __all__ = [
     "LOSS_AGG_MODES",
     "METHODS",
     "FusedLinearGRPOLoss",
+    "PackedLayout",
     "bpo_loss_from_logprobs",
     "fused_grad",
     "fused_linear_bpo_loss",

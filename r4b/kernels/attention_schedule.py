@@ -8,11 +8,11 @@ schedule lists, for each query tile, exactly the key tiles of its document holdi
 full when all ``block_m x block_n`` pairs are inside the document and visible (no mask arithmetic needed)
 and partial otherwise; the transposed lists (query tiles per key tile) serve the dK/dV pass.
 
-Built with torch operations on the tensors' device: the only host values are the document lengths (the
-cached host copy of ``cu_seqlens``, read once per tensor) and the sizes of the lists. Candidate tile pairs
+Built with torch operations on the tensors' device: the only host values are the packed length (from the
+row's :class:`~r4b.kernels.packed_layout.PackedLayout`) and the sizes of the lists. Candidate tile pairs
 come from per-tile summaries (causal bound; segment and bidir id ranges), a superset of the non-empty
-pairs; each candidate is then checked pair by pair, in chunks. :func:`schedule_for` caches the schedule on
-the ``cu_seqlens`` tensor, so that every layer of a forward (and its backward) shares one build.
+pairs; each candidate is then checked pair by pair, in chunks. :func:`schedule_for` keeps the schedule on
+the layout, so that every layer of a forward (and its backward) shares one build.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import interpreting
 from .attention_tiles import (
@@ -41,11 +40,10 @@ from .attention_tiles import (
     visible_mask,
     zeros_head,
 )
-from .varlen_attention import cu_seqlens_host_values
+from .packed_layout import PackedLayout
 
 BUILDS = {"count": 0}  # schedule builds so far (the tests count them)
 _CHUNK_ELEMENTS = 1 << 24  # pairs checked per chunk of candidate tiles
-_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -101,21 +99,15 @@ def _tile_range(values: torch.Tensor, tile_of_token: torch.Tensor, n_tiles: int,
 
 
 def build_tile_schedule(
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
-    block_m: int = 128,
-    block_n: int = 64,
+    layout: PackedLayout, *, causal: bool = True, block_m: int = 128, block_n: int = 64
 ) -> TileSchedule:
-    """The exact tile schedule of one packed row (see the module docstring). Not cached: :func:`schedule_for`."""
+    """The exact tile schedule of one packed row (see the module docstring). Not kept: :func:`schedule_for`."""
+    cu_seqlens, segment_ids, bidir_ids = layout.cu_seqlens, layout.segment_ids, layout.bidir_ids
     if not causal and (segment_ids is not None or bidir_ids is not None):
         raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
     BUILDS["count"] += 1
     device = cu_seqlens.device
-    values = cu_seqlens_host_values(cu_seqlens)
-    n = values[-1]
+    n = layout.total
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens.diff().long()
     tm, q_doc, q_start = _tiles(lengths, block_m)
@@ -202,43 +194,11 @@ def build_tile_schedule(
     )  # fmt: skip
 
 
-def schedule_for(
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
-    block_m: int = 128,
-    block_n: int = 64,
-    cache_ids: tuple = (),
-) -> TileSchedule:
-    """:func:`build_tile_schedule`, built once per ``cu_seqlens`` tensor object (and id tensors, mask kind and
-    tile sizes) while none of them changes in place: every layer of a forward shares one build.
-    ``cache_ids``: the id tensors as every layer receives them (default: ``segment_ids``, ``bidir_ids``)."""
-    key = (causal, block_m, block_n, segment_ids is None, bidir_ids is None)
-    build = lambda: build_tile_schedule(
-        cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m, block_n=block_n
-    )
-    return cached_per_batch(_CACHE, cu_seqlens, key, tuple(cache_ids) or (segment_ids, bidir_ids), build)
-
-
-def cached_per_batch(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, key: tuple, ids: tuple, build, limit=8):
-    """``build()`` once per (``cu_seqlens`` tensor object, ``key``, id tensors ``ids``) while none of them changed
-    in place: what every layer of a forward (and its backward) shares. ``cache`` maps the tensor to its entries
-    (at most ``limit``, oldest dropped); an entry keeps its id tensors alive, so their id() cannot be reused."""
-    entries = cache.get(cu_seqlens)
-    if entries is None:
-        entries = cache[cu_seqlens] = {}
-    full_key = (*key, *(None if t is None else id(t) for t in ids))
-    version = (cu_seqlens._version, *(None if t is None else t._version for t in ids))
-    hit = entries.get(full_key)
-    if hit is not None and hit[0] == version:
-        return hit[2]
-    value = build()
-    if len(entries) >= limit:
-        entries.pop(next(iter(entries)))
-    entries[full_key] = (version, ids, value)
-    return value
+def schedule_for(layout: PackedLayout, *, causal: bool = True, block_m: int = 128, block_n: int = 64) -> TileSchedule:
+    """:func:`build_tile_schedule`, built once per layout (and mask kind and tile sizes) and kept on it: every
+    layer of a forward, and the backward, share one build."""
+    build = lambda: build_tile_schedule(layout, causal=causal, block_m=block_m, block_n=block_n)
+    return layout.memo(("tile-schedule", causal, block_m, block_n), build)
 
 
 # --- kernels walking the schedule: checked against the reference in the interpreter, not yet timed on a GPU ---
@@ -507,21 +467,19 @@ def scheduled_varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    layout: PackedLayout,
     *,
     causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     schedule: TileSchedule | None = None,
 ) -> torch.Tensor:
-    """``varlen_attention``'s contract on the kernels that walk the tile schedule (built here, cached on
-    ``cu_seqlens``, unless given; its tile sizes are the kernels'). Triton only (GPU or the interpreter)."""
+    """``varlen_attention``'s contract on the kernels that walk the tile schedule (the layout's, with its tile sizes
+    the kernels', unless given). The mask is the layout's: its ``cu_seqlens``, ``segment_ids`` and ``bidir_ids``.
+    Triton only (GPU or the interpreter)."""
     if schedule is None:
         bm, bn = default_blocks(q.dtype)
-        schedule = schedule_for(
-            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=bm, block_n=bn
-        )
+        schedule = schedule_for(layout, causal=causal, block_m=bm, block_n=bn)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _ScheduledAttention.apply(q, k, v, cu_seqlens, causal, segment_ids, bidir_ids, scale, schedule)
+    ids = (layout.segment_ids, layout.bidir_ids)
+    return _ScheduledAttention.apply(q, k, v, layout.cu_seqlens, causal, *ids, scale, schedule)

@@ -23,11 +23,11 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._backend import autotune_configs, interpreting, use_triton
 from .attention_tiles import (
@@ -199,10 +199,6 @@ def _bwd_dq_kernel(
     )
 
 
-# cu_seqlens tensor -> (its version, (first, total, longest, shortest), its values): see remember_cu_seqlens
-_HOST_INFO: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 # The Triton path as torch.library custom ops with fake implementations: torch.compile traces a model calling
 # varlen_attention as an opaque op (no graph break, no Triton launch in the graph). Absent id tensors are None.
 
@@ -312,34 +308,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-def remember_cu_seqlens(cu_seqlens: torch.Tensor, values: list[int] | None = None) -> tuple[int, int, int, int]:
-    """``(first, total, longest, shortest)`` of ``cu_seqlens`` (the last two: document lengths), read to the
-    host once per tensor object (and version).
-
-    Every layer of a forward gets the same ``cu_seqlens`` tensor: the first call reads it (one host sync,
-    none when ``values`` -- its host copy, which a packed batch's collate already has -- is given) and
-    later calls reuse the result, so the per-layer checks and the launch grid cost no device sync.
-    """
-    version = cu_seqlens._version
-    hit = _HOST_INFO.get(cu_seqlens)
-    if hit is not None and hit[0] == version and values is None:
-        return hit[1]
-    values = cu_seqlens.tolist() if values is None else [int(x) for x in values]
-    if len(values) < 2:
-        raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
-    lengths = [b - a for a, b in itertools.pairwise(values)]
-    info = (values[0], values[-1], max(lengths), min(lengths))
-    _HOST_INFO[cu_seqlens] = (version, info, values)
-    return info
-
-
-def cu_seqlens_host_values(cu_seqlens: torch.Tensor) -> list[int]:
-    """``cu_seqlens`` as a host list, from the same once-per-tensor read as :func:`remember_cu_seqlens`."""
-    remember_cu_seqlens(cu_seqlens)
-    return _HOST_INFO[cu_seqlens][2]
-
-
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids) -> None:
+def _check_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [N, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -356,8 +325,11 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_id
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_docs + 1] starting at 0")
-    if not torch.compiler.is_compiling():  # a host read (once per cu_seqlens, not per layer): eager calls only
-        _, total, longest, _ = remember_cu_seqlens(cu_seqlens)
+    if not torch.compiler.is_compiling():  # eager calls only: a device read where the host values are not given
+        host = cu_seqlens.tolist() if cu_seqlens_host is None else list(cu_seqlens_host)
+        if len(host) != cu_seqlens.numel() or host[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0 (host values {host}, {cu_seqlens.numel()} boundaries)")
+        total, longest = host[-1], max(b - a for a, b in itertools.pairwise(host))
         if total != q.shape[0]:
             raise ValueError(f"cu_seqlens[-1] = {total} must equal the packed tokens N = {q.shape[0]}")
         if max_seqlen < longest:
@@ -390,6 +362,7 @@ def varlen_attention(
     segment_ids: torch.Tensor | None = None,
     bidir_ids: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention over packed documents: q [N, Hq, D], k and v [N, Hkv, D] -> [N, Hq, D].
 
@@ -399,12 +372,15 @@ def varlen_attention(
     tokens sharing a nonzero id see each other both ways (image tokens).
     ``causal=False``: every pair of a document (a vision tower's images).
     GQA when Hq is a multiple of Hkv. Differentiable in q, k and v.
+    ``cu_seqlens_host``: ``cu_seqlens``' values as Python ints, where the caller
+    has them (:class:`r4b.kernels.packed_layout.PackedLayout` ``.host``): the
+    checks use them instead of reading ``cu_seqlens`` back (a device sync).
 
     Dispatch: flash-attn's varlen kernel for plain causal / full documents on a
     GPU when installed; else the Triton kernel (GPU, or CPU under
     ``TRITON_INTERPRET=1``); else the explicit-mask reference.
     """
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, segment_ids, bidir_ids)
+    _check_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plain = segment_ids is None and bidir_ids is None
     half = q.dtype in (torch.float16, torch.bfloat16)  # q, k and v share it (checked)

@@ -4,10 +4,15 @@ After :func:`register_varlen_attention`, any model loaded with
 ``attn_implementation="r4b_varlen"`` runs packed batches (one row of N tokens)
 through ``r4b.kernels.varlen_attention``. The packing travels as keyword
 arguments of the model's forward, which transformers hands to every attention
-call: ``cu_seq_lens_q`` / ``max_length_q`` (the names flash-attn's path uses),
-plus r4b's ``segment_ids`` (shared-prefix responses) and ``bidir_ids``
-(bidirectional image blocks). Without ``cu_seq_lens_q`` each row is one
-document. A padding mask is refused: pack instead of padding.
+call. r4b's own forwards pass ``r4b_layout``, the row's
+:class:`~r4b.kernels.packed_layout.PackedLayout` (``cu_seqlens`` with its host
+values, r4b's ``segment_ids`` for shared-prefix responses and ``bidir_ids`` for
+bidirectional image blocks): no layer reads the device, and the block mask or
+tile schedule is built once per forward. Other callers may pass the names
+flash-attn's path uses, ``cu_seq_lens_q`` / ``max_length_q`` (a vision tower
+does), with ``segment_ids`` / ``bidir_ids``: each call then reads
+``cu_seq_lens_q`` to the host. Without either each row is one document. A
+padding mask is refused: pack instead of padding.
 
 The kernel that runs it is chosen per call by :mod:`r4b.models.attention_backends` (``R4B_ATTENTION_BACKEND``:
 ``auto``, ``r4b``, ``flex`` or ``fa2``); FlexAttention's block mask is built once per packed batch.
@@ -15,13 +20,15 @@ The kernel that runs it is chosen per call by :mod:`r4b.models.attention_backend
 
 from __future__ import annotations
 
+import collections
 import functools
+from collections.abc import Sequence
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-from r4b.kernels.varlen_attention import remember_cu_seqlens
+from r4b.kernels.packed_layout import PackedLayout
 
 from .attention_backends import attention_backend, flex_rows_attention, packed_attention, resolve_backend
 
@@ -41,15 +48,32 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
+_BY_CONTENT: collections.OrderedDict = collections.OrderedDict()  # (device, host values) -> PackedLayout
+
+
 @functools.lru_cache(maxsize=16)
-def _rows_cu_seqlens(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens`` of ``batch`` unpacked rows of ``seq_len`` tokens: one tensor per shape (never written), so that
-    every layer hands the same object to the caches keyed on it (the host copy, the r4b-schedule tile schedule and
-    Flex's block mask: one build per shape, not per layer)."""
-    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-    # its host values are known: never read back from the device (a sync per layer, per vision window)
-    remember_cu_seqlens(cu, values=[row * seq_len for row in range(batch + 1)])
-    return cu
+def _rows_layout(batch: int, seq_len: int, device: torch.device) -> PackedLayout:
+    """``batch`` unpacked rows of ``seq_len`` tokens: one layout per shape, so every layer shares what is built
+    from it (Flex's block mask, the tile schedule: one build per shape, not per layer)."""
+    return PackedLayout.rows(batch, seq_len, device)
+
+
+def _layout_of(cu_seqlens: torch.Tensor, segment_ids, bidir_ids) -> PackedLayout:
+    """A layout for a caller that passed ``cu_seq_lens_q`` itself (one host read). Without id tensors (a vision
+    tower's windows: several layers, a few distinct layouts) the layout is shared by content, so the layers of
+    one forward share its builds; with them it serves this call only."""
+    cu_seqlens = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    if segment_ids is not None or bidir_ids is not None:
+        return PackedLayout(cu_seqlens, segment_ids=segment_ids, bidir_ids=bidir_ids)
+    host = tuple(cu_seqlens.tolist())
+    key = (str(cu_seqlens.device), host)
+    layout = _BY_CONTENT.get(key)
+    if layout is None:
+        layout = _BY_CONTENT[key] = PackedLayout(cu_seqlens, host)
+        while len(_BY_CONTENT) > 16:
+            _BY_CONTENT.popitem(last=False)
+    _BY_CONTENT.move_to_end(key)
+    return layout
 
 
 def varlen_attention_forward(
@@ -62,12 +86,14 @@ def varlen_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     cu_seq_lens_q: torch.Tensor | None = None,
-    max_length_q: int | None = None,
     segment_ids: torch.Tensor | None = None,
     bidir_ids: torch.Tensor | None = None,
+    r4b_layout: PackedLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' calling convention: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None)."""
+    """transformers' calling convention: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None).
+
+    ``max_length_q`` is not read: the longest document comes from the layout's host values."""
     if attention_mask is not None:
         raise ValueError(
             f"{ATTENTION_NAME} takes packed batches, not padding masks: pass one row of packed tokens with "
@@ -75,11 +101,14 @@ def varlen_attention_forward(
         )
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} has no attention dropout (got {dropout})")
+    if r4b_layout is not None and (segment_ids is not None or bidir_ids is not None):
+        raise ValueError("r4b_layout carries the row's segment_ids and bidir_ids: do not pass them beside it")
     batch, _, seq_len, _ = query.shape
     dtype = _compute_dtype(query, key, value)
     causal = getattr(module, "is_causal", True)
     backend = attention_backend()
-    if cu_seq_lens_q is None and segment_ids is None and bidir_ids is None:
+    unpacked = r4b_layout is None and cu_seq_lens_q is None
+    if unpacked and segment_ids is None and bidir_ids is None:
         kind = resolve_backend(backend, query, causal=causal, segment_ids=None, bidir_ids=None)
         if kind == "flex":  # each row one document: no packing, no block mask (a causal one cached per length)
             q, k, v = (t.to(dtype) for t in (query, key, value))
@@ -87,31 +116,50 @@ def varlen_attention_forward(
     q, k, v = (
         t.to(dtype).transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[3]) for t in (query, key, value)
     )
-    if cu_seq_lens_q is None:
-        cu_seq_lens_q = _rows_cu_seqlens(batch, seq_len, q.device)
-        max_length_q = seq_len
-    elif batch != 1:
-        raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch} rows")
-    cu_seqlens = cu_seq_lens_q if cu_seq_lens_q.dtype == torch.int32 else cu_seq_lens_q.to(torch.int32)
-    if max_length_q is None or isinstance(max_length_q, torch.Tensor):
-        # e.g. a vision tower's per-layer (cu_seqlens.diff().max()): the host value comes from the cu_seqlens
-        # read that varlen_attention caches per tensor, not from a device sync in every layer
-        max_length_q = remember_cu_seqlens(cu_seqlens)[2]
+    if not unpacked and batch != 1:
+        raise ValueError(f"a packed layout describes one packed row; got a batch of {batch} rows")
     flat = lambda ids: None if ids is None else ids.reshape(-1).to(torch.int32)
-    out = packed_attention(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        int(max_length_q),
-        causal=causal,
-        segment_ids=flat(segment_ids),
-        bidir_ids=flat(bidir_ids),
-        softmax_scale=scaling,
-        backend=backend,
-        cache_ids=(segment_ids, bidir_ids),  # the objects every layer receives: the block mask's cache key
-    )
+    layout = r4b_layout
+    if layout is None and cu_seq_lens_q is not None:
+        layout = _layout_of(cu_seq_lens_q, flat(segment_ids), flat(bidir_ids))
+    elif layout is None:
+        layout = _rows_layout(batch, seq_len, q.device)
+        if segment_ids is not None or bidir_ids is not None:
+            layout = PackedLayout(
+                layout.cu_seqlens, layout.host, segment_ids=flat(segment_ids), bidir_ids=flat(bidir_ids)
+            )
+    out = packed_attention(q, k, v, layout, causal=causal, softmax_scale=scaling, backend=backend)
     return out.view(batch, seq_len, *out.shape[1:]), None
+
+
+def packed_layout(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    cu_seqlens_host: Sequence[int] | None = None,
+    **ids: torch.Tensor | None,
+) -> PackedLayout:
+    """The checked :class:`PackedLayout` of one packed row [N] (``ids``: its ``segment_ids`` / ``bidir_ids``, each
+    [N] or None), which every attention layer of the forward receives. ``cu_seqlens_host``: ``cu_seqlens``' values
+    where the caller has them (a :class:`~r4b.packed_row.PackedRow` does); else one read from the device."""
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be one packed row [N], got shape {tuple(input_ids.shape)}")
+    n = input_ids.shape[0]
+    if position_ids.shape[-1] != n:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not end in N={n}")
+    layout = PackedLayout(cu_seqlens, cu_seqlens_host, **{k: _flat_ids(k, v, n) for k, v in ids.items()})
+    if layout.total != n:
+        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {list(layout.host)}")
+    if layout.shortest <= 0 or layout.max_seqlen > max_seqlen:
+        raise ValueError(f"cu_seqlens lengths {layout.lengths} must be positive and <= max_seqlen={max_seqlen}")
+    return layout
+
+
+def _flat_ids(name: str, ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if ids is not None and ids.shape != (n,):
+        raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {(n,)}")
+    return None if ids is None else ids.to(torch.int32)
 
 
 def register_varlen_attention() -> str:

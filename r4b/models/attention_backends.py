@@ -15,14 +15,14 @@ The setting, first match wins: :func:`use_attention_backend` (a context manager)
   bidir and full (vision) masks, r4b's kernel for the rest; on the CPU, r4b's kernel (the Triton interpreter
   or the torch reference), as before.
 
-The block mask is built once per packed micro-batch, not per layer: it is cached on the ``cu_seqlens`` tensor
-object that every layer of a forward receives (as r4b's host copy of ``cu_seqlens`` is), together with the
-segment / bidir id tensors it was built from. ``BUILDS`` counts the builds (the tests read it).
+Every call takes the packed row's :class:`~r4b.kernels.packed_layout.PackedLayout` (``cu_seqlens`` with its host
+values and the row's segment / bidir ids). The block mask is built once per packed micro-batch, not per layer: it
+is kept on the layout, which every layer of a forward receives. ``BUILDS`` counts the builds (the tests read it).
 
 ``r4b-schedule`` (never chosen by ``auto``: not yet measured on a GPU) runs r4b's kernels that walk the exact
-tile schedule (:mod:`r4b.kernels.attention_schedule`), built on the device once per packed batch (cached on
-``cu_seqlens`` like the block mask) and shared by every layer, forward and backward; float64 and CPU tensors
-outside the Triton interpreter take r4b's path (the reference).
+tile schedule (:mod:`r4b.kernels.attention_schedule`), built on the device once per packed batch (kept on the
+layout like the block mask) and shared by every layer, forward and backward; float64 and CPU tensors outside the
+Triton interpreter take r4b's path (the reference).
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ import typing
 from collections.abc import Iterator
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from r4b.config.sections import AttentionBackend
 from r4b.kernels import varlen_attention
 from r4b.kernels._backend import use_triton
-from r4b.kernels.attention_schedule import cached_per_batch, default_blocks, schedule_for, scheduled_varlen_attention
-from r4b.kernels.varlen_attention import cu_seqlens_host_values
+from r4b.kernels.attention_schedule import scheduled_varlen_attention
+from r4b.kernels.packed_layout import PackedLayout
 
 BACKENDS = typing.get_args(AttentionBackend)  # ("auto", "r4b", "flex", "fa2", "r4b-schedule"): model.attention_backend
 ENV_VAR = "R4B_ATTENTION_BACKEND"
@@ -50,10 +49,7 @@ BUILDS: collections.Counter = collections.Counter()  # "flex-block-mask", "tile-
 
 _override: list[str] = []  # use_attention_backend, innermost last
 _setting: list[str] = []  # set_attention_backend
-# cu_seqlens tensor -> {key: (version, id tensors kept alive, value)}: masks built for that packed batch
-_PER_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _PER_SHAPE: collections.OrderedDict = collections.OrderedDict()  # rows without cu_seqlens: (kind, T, ...) -> mask
-_MAX_PER_BATCH = 8
 
 
 def _check(name: str) -> str:
@@ -142,36 +138,17 @@ def resolve_backend(
     return "r4b"
 
 
-def _cached(cu_seqlens: torch.Tensor, key: tuple, ids: tuple, build):
-    """``build()`` once per (cu_seqlens tensor, key, id tensors), while none of them changed in place."""
-    return cached_per_batch(_PER_BATCH, cu_seqlens, key, ids, build, _MAX_PER_BATCH)
-
-
-def flex_block_mask(
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
-    block_size: int = 128,
-    cache_ids: tuple = (),
-):
-    """FlexAttention's block mask of r4b's mask contract over one packed row (cached per ``cu_seqlens`` object).
-
-    ``cache_ids``: the caller's id tensors as every layer receives them (the cache keys on their identity);
-    ``segment_ids`` / ``bidir_ids`` are their flat int32 forms."""
-    key = ("flex", causal, block_size, segment_ids is None, bidir_ids is None)
+def flex_block_mask(layout: PackedLayout, *, causal: bool = True, block_size: int = 128):
+    """FlexAttention's block mask of r4b's mask contract over one packed row (built once per layout, kept on it)."""
 
     def build():
         BUILDS["flex-block-mask"] += 1
         flex = _flex()
-        values = cu_seqlens_host_values(cu_seqlens)
-        n = values[-1]
-        device = cu_seqlens.device
-        lengths = cu_seqlens.diff().long()
+        n, device = layout.total, layout.cu_seqlens.device
+        lengths = layout.cu_seqlens.diff().long()
         doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
-        seg = segment_ids.long() if segment_ids is not None else None
-        bid = bidir_ids.long() if bidir_ids is not None else None
+        seg = layout.segment_ids.long() if layout.segment_ids is not None else None
+        bid = layout.bidir_ids.long() if layout.bidir_ids is not None else None
 
         def mask_mod(b, h, q_idx, kv_idx):
             same = doc[q_idx] == doc[kv_idx]
@@ -188,7 +165,7 @@ def flex_block_mask(
             mask_mod, None, None, n, n, device=device, BLOCK_SIZE=block_size, _compile=device.type == "cuda"
         )
 
-    return _cached(cu_seqlens, key, tuple(cache_ids) or (segment_ids, bidir_ids), build)
+    return layout.memo(("flex-block-mask", causal, block_size), build)
 
 
 def _flex_rows_mask(seq_len: int, device: torch.device, block_size: int):
@@ -215,23 +192,19 @@ def _flex_call(q, k, v, block_mask, scale):
 
 
 def flex_varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    cache_ids: tuple = (),
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *, causal: bool = True, softmax_scale=None
 ) -> torch.Tensor:
     """:func:`r4b.kernels.varlen_attention`'s contract (q [N, Hq, D], k / v [N, Hkv, D]) on FlexAttention."""
-    if not causal and (segment_ids is not None or bidir_ids is not None):
-        raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
-    mask = flex_block_mask(cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, cache_ids=cache_ids)
-    out = _flex_call(*(t.transpose(0, 1)[None] for t in (q, k, v)), mask, softmax_scale)
+    _check_mask(layout, causal)
+    out = _flex_call(
+        *(t.transpose(0, 1)[None] for t in (q, k, v)), flex_block_mask(layout, causal=causal), softmax_scale
+    )
     return out[0].transpose(0, 1)
+
+
+def _check_mask(layout: PackedLayout, causal: bool) -> None:
+    if not causal and (layout.segment_ids is not None or layout.bidir_ids is not None):
+        raise ValueError("causal=False attends all pairs of a document: segment_ids and bidir_ids must be None")
 
 
 @functools.cache
@@ -265,40 +238,27 @@ def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    layout: PackedLayout,
     *,
     causal: bool = True,
-    segment_ids: torch.Tensor | None = None,
-    bidir_ids: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str | None = None,
-    cache_ids: tuple = (),
 ) -> torch.Tensor:
-    """:func:`r4b.kernels.varlen_attention` on the backend ``backend`` (``None``: :func:`attention_backend`)."""
-    kind = resolve_backend(
-        backend or attention_backend(), q, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids
-    )
+    """:func:`r4b.kernels.varlen_attention` over ``layout`` (its ``cu_seqlens``, ``segment_ids`` and ``bidir_ids``)
+    on the backend ``backend`` (``None``: :func:`attention_backend`). No device read: the host values are the
+    layout's."""
+    seg, bidir, cu_seqlens = layout.segment_ids, layout.bidir_ids, layout.cu_seqlens
+    kind = resolve_backend(backend or attention_backend(), q, causal=causal, segment_ids=seg, bidir_ids=bidir)
     if kind == "fa2":
-        return fa2_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+        return fa2_varlen_attention(q, k, v, cu_seqlens, layout.max_seqlen, causal=causal, softmax_scale=softmax_scale)
     if kind == "flex":
-        return flex_varlen_attention(
-            q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
-            softmax_scale=softmax_scale, cache_ids=cache_ids,
-        )  # fmt: skip
+        return flex_varlen_attention(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
     if kind == "r4b-schedule" and use_triton(q, k, v):
-        block_m, block_n = default_blocks(q.dtype)
-        schedule = schedule_for(
-            cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids, block_m=block_m,
-            block_n=block_n, cache_ids=tuple(cache_ids),
-        )  # fmt: skip
-        return scheduled_varlen_attention(
-            q, k, v, cu_seqlens, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
-            softmax_scale=softmax_scale, schedule=schedule,
-        )  # fmt: skip
+        _check_mask(layout, causal)
+        return scheduled_varlen_attention(q, k, v, layout, causal=causal, softmax_scale=softmax_scale)
     return varlen_attention(
-        q, k, v, cu_seqlens, max_seqlen, causal=causal, segment_ids=segment_ids, bidir_ids=bidir_ids,
-        softmax_scale=softmax_scale,
+        q, k, v, cu_seqlens, layout.max_seqlen, causal=causal, segment_ids=seg, bidir_ids=bidir,
+        softmax_scale=softmax_scale, cu_seqlens_host=layout.host,
     )  # fmt: skip
 
 

@@ -8,6 +8,8 @@ with ``model.lm_head.weight``; no logits are built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .attention import ATTENTION_NAME
@@ -42,8 +44,10 @@ def packed_final_hidden(
     image_grid_thw: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     vision_every_step: bool = False,
+    cu_seqlens_host: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Final hidden states [N, H] of one packed row (``segment_ids``: shared-prefix responses).
+    """Final hidden states [N, H] of one packed row (``segment_ids``: shared-prefix responses; ``cu_seqlens_host``:
+    ``cu_seqlens``' values on the host, which a :class:`~r4b.packed_row.PackedRow` carries: no device read).
 
     ``pixel_values`` are cast to the vision tower's dtype here (sharded engines do not cast forward inputs:
     the RL inputs beside them must stay fp32). ``vision_every_step``: a row without images runs the vision
@@ -62,6 +66,7 @@ def packed_final_hidden(
             image_sizes=image_sizes,
             segment_ids=segment_ids,
             vision_every_step=vision_every_step,
+            cu_seqlens_host=cu_seqlens_host,
         )
     if image_sizes is not None:
         raise ValueError("image_sizes is for R-4B; a Qwen2.5-VL / Qwen3-VL model takes image_grid_thw")
@@ -75,7 +80,6 @@ def packed_final_hidden(
     # Language model and vision tower on r4b_varlen; persistent, so activation checkpointing recomputes alike.
     if model.config.text_config._attn_implementation != ATTENTION_NAME:
         use_varlen_attention(model)
-    extra = {"segment_ids": segment_ids} if segment_ids is not None else {}
     dummy = None
     if pixel_values is not None:
         pixel_values = pixel_values.to(vision_dtype(model.model))
@@ -89,7 +93,8 @@ def packed_final_hidden(
         int(max_seqlen),
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
-        **extra,
+        segment_ids=segment_ids,
+        cu_seqlens_host=cu_seqlens_host,
     )
     hidden = out.last_hidden_state[0]
     return hidden if dummy is None else hidden + dummy.to(hidden.dtype)

@@ -9,12 +9,12 @@ How transformers 5.24 takes position ids in these models (``Qwen2_5_VLTextModel`
 ``[3, B, T]`` are the mRoPE rows; ``[4, B, T]`` prepends a row of plain text positions, which only serves to
 build the attention mask (sdpa/eager detect packing from positions that restart) and is handed to the
 attention function as ``position_ids`` (flash-attn derives cu_seqlens from it). With ``r4b_varlen`` the
-packing travels as ``cu_seq_lens_q`` / ``max_length_q`` and the text row is not needed; both forms work.
+packing travels as the row's ``r4b_layout`` and the text row is not needed; both forms work.
 
 The vision tower: its attention calls, unless the implementation's name contains "flash", run once per
 image (per window for Qwen2.5-VL's window attention) with no cu_seqlens, so ``r4b_varlen`` serves them as one
 bidirectional document each (``module.is_causal`` is False there). But the models forward their own ``**kwargs``
-to the vision tower, so the text's ``cu_seq_lens_q`` would reach it: :func:`packed_vl_forward` therefore runs
+to the vision tower, so the text's ``r4b_layout`` would reach it: :func:`packed_vl_forward` therefore runs
 the vision tower first without them and hands its output to the model as ``mm_encoder_outputs`` (transformers
 5.24). Where the model's forward has no such parameter (transformers 5.17, which would swallow it in ``**kwargs``
 and drop the images), :func:`packed_vl_forward` scatters the vision features into the token embeddings itself and
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from .attention import register_varlen_attention
+from .attention import packed_layout, register_varlen_attention
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -167,36 +167,37 @@ def packed_vl_forward(
     image_grid_thw: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
-    **kwargs: Any,
+    segment_ids: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
 ) -> Any:
     """Packed forward of a Qwen2.5-VL / Qwen3-VL model: returns its base model output (``last_hidden_state[1, N, H]``).
 
     ``input_ids[N]`` is the packed row, ``position_ids`` the ``[3|4, N]`` of :func:`packed_mrope_position_ids`,
     ``cu_seqlens`` / ``max_seqlen`` the sample boundaries; ``pixel_values`` / ``image_grid_thw`` are all the
     row's images in order (the processor's outputs concatenated). The vision tower runs first, without the
-    text's packing kwargs; ``kwargs`` (e.g. r4b's ``segment_ids``) go to the language model's attention only.
+    text's packing; ``segment_ids`` (shared-prefix responses) reach the language model's attention only, in the
+    row's layout. ``cu_seqlens_host``: ``cu_seqlens``' values where known (else read once from the device).
     No logits: r4b's fused loss takes the hidden states and ``lm_head.weight``.
     """
     if input_ids.ndim != 1 or position_ids.ndim != 2 or position_ids.shape[1] != input_ids.shape[0]:
         raise ValueError(
             f"want input_ids [N] and position_ids [3|4, N]; got {tuple(input_ids.shape)}, {tuple(position_ids.shape)}"
         )
+    layout = packed_layout(input_ids, position_ids, cu_seqlens, max_seqlen, cu_seqlens_host, segment_ids=segment_ids)
     base = base_vl_model(model)
     encoded = {}
     if pixel_values is not None:
         encoded["image"] = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
     if pixel_values_videos is not None:
         encoded["video"] = base.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-    packing = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
     if not accepts_mm_encoder_outputs(base):
-        return _language_model_forward(base, input_ids, position_ids, encoded, **packing, **kwargs)
+        return _language_model_forward(base, input_ids, position_ids, encoded, r4b_layout=layout)
     return base(
         input_ids=input_ids[None],
         position_ids=position_ids[:, None],
         mm_encoder_outputs=encoded or None,
         use_cache=False,
-        **packing,
-        **kwargs,
+        r4b_layout=layout,
     )
 
 

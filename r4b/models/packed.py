@@ -3,18 +3,19 @@
 The vision tower and projector run as in LLaVA-OneVision (``get_image_features``: AnyRes tiles, unpadding,
 newlines; the tower keeps its own attention implementation); the features replace the ``<image>`` tokens in
 order, as LLaVA-OneVision's ``masked_scatter`` does; the language model runs with ``r4b_varlen`` attention
-and the packing (``cu_seqlens``) so that no token sees another sample. The result is the final hidden state
-(after the last norm), for r4b's fused losses with ``model.lm_head.weight`` -- never an [N, V] logits tensor.
+and the row's :class:`~r4b.kernels.packed_layout.PackedLayout` (``cu_seqlens``) so that no token sees another
+sample. The result is the final hidden state (after the last norm), for r4b's fused losses with
+``model.lm_head.weight`` -- never an [N, V] logits tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionForConditionalGeneration
 
-from r4b.kernels.varlen_attention import remember_cu_seqlens
-
-from .attention import register_varlen_attention
+from .attention import packed_layout, register_varlen_attention
 from .vision import vision_dtype, vision_dummy_term
 
 
@@ -29,29 +30,6 @@ def use_varlen_language_model(model: torch.nn.Module) -> str:
     return name
 
 
-def _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra) -> None:
-    if input_ids.dim() != 1:
-        raise ValueError(f"input_ids must be one packed row [N], got shape {tuple(input_ids.shape)}")
-    n = input_ids.shape[0]
-    if position_ids.shape != input_ids.shape:
-        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {(n,)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
-    # one host read of cu_seqlens per forward (none when the collate primed it), which every layer's attention reuses
-    first, total, longest, shortest = remember_cu_seqlens(cu_seqlens)
-    if first != 0 or total != n:
-        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
-    if shortest <= 0 or longest > max_seqlen:
-        raise ValueError(
-            f"cu_seqlens lengths {cu_seqlens.diff().tolist()} must be positive and <= max_seqlen={max_seqlen}"
-        )
-    for name, ids in extra.items():
-        if ids.shape != input_ids.shape:
-            raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {(n,)}")
-
-
 def packed_hidden_states(
     model: torch.nn.Module,
     *,
@@ -64,6 +42,7 @@ def packed_hidden_states(
     segment_ids: torch.Tensor | None = None,
     bidir_ids: torch.Tensor | None = None,
     vision_every_step: bool = False,
+    cu_seqlens_host: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Final hidden states [N, H] of a packed row through an R-4B (or any LLaVA-OneVision) model.
 
@@ -74,10 +53,14 @@ def packed_hidden_states(
     attention (shared-prefix responses, bidirectional blocks). Switches the language model to ``r4b_varlen``.
     ``pixel_values`` are cast to the vision tower's parameter dtype. ``vision_every_step``: a row without images
     still runs the vision tower, on a blank image contributing exactly zero (:func:`r4b.models.forward.
-    vision_dummy_term`), so that every rank of a sharded engine runs the same modules.
+    vision_dummy_term`), so that every rank of a sharded engine runs the same modules. ``cu_seqlens_host``:
+    ``cu_seqlens``' values on the host, where known (else read once from the device).
     """
-    extra = {k: v for k, v in (("segment_ids", segment_ids), ("bidir_ids", bidir_ids)) if v is not None}
-    _check_packing(input_ids, position_ids, cu_seqlens, max_seqlen, extra)
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    layout = packed_layout(
+        input_ids, position_ids, cu_seqlens, max_seqlen, cu_seqlens_host, segment_ids=segment_ids, bidir_ids=bidir_ids
+    )
     base = model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
     use_varlen_language_model(base)
 
@@ -102,13 +85,6 @@ def packed_hidden_states(
         embeds = embeds + vision_dummy_term(model, embeds.device).to(embeds.dtype)
 
     out = base.language_model(
-        inputs_embeds=embeds[None],
-        position_ids=position_ids[None],
-        cu_seq_lens_q=cu_seqlens,
-        cu_seq_lens_k=cu_seqlens,
-        max_length_q=int(max_seqlen),
-        max_length_k=int(max_seqlen),
-        use_cache=False,
-        **{k: v[None] for k, v in extra.items()},
+        inputs_embeds=embeds[None], position_ids=position_ids[None], r4b_layout=layout, use_cache=False
     )
     return out.last_hidden_state[0]

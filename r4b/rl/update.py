@@ -89,6 +89,7 @@ class BPOObjective(nn.Module):
         pixel_values: Tensor | None = None,
         image_sizes: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
+        cu_seqlens_host: tuple[int, ...] | None = None,
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
         beta: float = 0.0,
@@ -109,6 +110,7 @@ class BPOObjective(nn.Module):
             image_grid_thw=image_grid_thw,
             segment_ids=segment_ids,
             vision_every_step=self.vision_every_step,
+            cu_seqlens_host=cu_seqlens_host,
         )
         hidden, weight = lm_head_operands(self.model, hidden)
         mask = targets >= 0 if loss_mask is None else loss_mask

@@ -36,6 +36,7 @@ class PackedSFTObjective(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        cu_seqlens_host: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         hidden = packed_final_hidden(
             self.model,
@@ -47,6 +48,7 @@ class PackedSFTObjective(nn.Module):
             image_sizes=image_sizes,
             image_grid_thw=image_grid_thw,
             vision_every_step=self.vision_every_step,
+            cu_seqlens_host=cu_seqlens_host,
         )
         hidden, weight = lm_head_operands(self.model, hidden)
         return fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")

@@ -41,7 +41,7 @@ def test_every_sample_once_within_budget_with_shifted_targets(n, high, budget):
         assert batch.sources == [encoded[i].source for i in batch.sample_indices]
         ids, targets, positions = batch.input_ids.tolist(), batch.targets.tolist(), batch.position_ids.tolist()
         cu = batch.cu_seqlens.tolist()
-        assert batch.cu_seqlens_host == tuple(cu)  # the host copy the attention is handed
+        assert batch.cu_seqlens_host == tuple(cu)  # the host copy the forward's layout is made with
         for s, i in enumerate(batch.sample_indices):
             lo, hi, e = cu[s], cu[s + 1], encoded[i]
             assert hi - lo == e.length
@@ -53,7 +53,8 @@ def test_every_sample_once_within_budget_with_shifted_targets(n, high, budget):
         )
         # SFT rows: no segment ids, no BPO loss inputs; inputs() is what PackedSFTObjective takes
         assert batch.segment_ids is None and batch.loss_mask is None and batch.num_responses == 0
-        assert set(batch.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets"}
+        assert set(batch.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "cu_seqlens_host", "max_seqlen",
+                                       "targets"}  # fmt: skip
 
 
 def test_shift_by_hand():
@@ -92,10 +93,8 @@ def test_bad_arguments():
 
 
 def test_a_row_pins_and_moves_as_one(monkeypatch):
-    """PackedRow.pin_memory pins every tensor (the DataLoader calls it); to() moves them, casts only the pixels and
-    hands cu_seqlens' host values to the attention with the moved tensor."""
-    from r4b.kernels.varlen_attention import cu_seqlens_host_values
-
+    """PackedRow.pin_memory pins every tensor (the DataLoader calls it); to() moves them and casts only the pixels;
+    cu_seqlens' host values go with the row into the forward's inputs."""
     (row,), _ = pack(synthetic(3, 6), 64)
     row.pixel_values = torch.ones(2, 3)
     pinned = []
@@ -106,7 +105,6 @@ def test_a_row_pins_and_moves_as_one(monkeypatch):
     assert [getattr(out, k) for k in kept] == [getattr(row, k) for k in kept]
     moved = out.to("cpu", pixel_dtype=torch.bfloat16)
     assert moved.pixel_values.dtype == torch.bfloat16 and moved.input_ids.dtype == torch.int64
-    monkeypatch.setattr(torch.Tensor, "tolist", None)  # the attention's host values, without reading the tensor
-    assert cu_seqlens_host_values(moved.cu_seqlens) == list(row.cu_seqlens_host)
-    monkeypatch.undo()
-    assert set(moved.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "pixel_values"}
+    assert moved.inputs()["cu_seqlens_host"] == row.cu_seqlens_host == tuple(row.cu_seqlens.tolist())
+    assert set(moved.inputs()) == {"input_ids", "position_ids", "cu_seqlens", "cu_seqlens_host", "max_seqlen",
+                                   "targets", "pixel_values"}  # fmt: skip

@@ -5,10 +5,11 @@ import itertools
 import pytest
 import torch
 from helpers import DEVICE, ROOT, bench_module
-from kernel_cases import MASKS, mask_kwargs
+from kernel_cases import MASKS, mask_kwargs, mask_layout
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b.kernels import attention_schedule as sched
+from r4b.kernels.packed_layout import PackedLayout
 from r4b.kernels.reference import attention_mask_reference
 from r4b.models import attention_backends as ab
 from r4b.models import register_varlen_attention
@@ -90,7 +91,8 @@ def test_schedule_equals_brute_force(mask, blocks):
     for trial in range(3):
         cu, seg, bidir = random_layout(gen, docs=int(torch.randint(1, 12, (1,), generator=gen)), max_len=150)
         kw = mask_kwargs(mask, seg, bidir)
-        schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
+        layout, causal = mask_layout(cu, mask, seg, bidir)
+        schedule = sched.build_tile_schedule(layout, causal=causal, block_m=blocks[0], block_n=blocks[1])
         expected, pairs = brute_force(cu, *blocks, **kw)
         fwd, bwd = listed(schedule)
         assert fwd == expected, (mask, trial)
@@ -127,8 +129,10 @@ def edge_layout():
 def test_schedule_equals_brute_force_on_edge_layout(blocks):
     cu, seg, bidir = edge_layout()
     kinds = set()
-    for kw in (mask_kwargs(mask, seg, bidir) for mask in MASKS):
-        schedule = sched.build_tile_schedule(cu, block_m=blocks[0], block_n=blocks[1], **kw)
+    for mask in MASKS:
+        kw = mask_kwargs(mask, seg, bidir)
+        layout, causal = mask_layout(cu, mask, seg, bidir)
+        schedule = sched.build_tile_schedule(layout, causal=causal, block_m=blocks[0], block_n=blocks[1])
         expected, pairs = brute_force(cu, *blocks, **kw)
         fwd, bwd = listed(schedule)
         assert fwd == expected == bwd, kw
@@ -142,7 +146,7 @@ def test_shared_prefix_by_hand():
     cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
     seg = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2], dtype=torch.int32, device=DEVICE)
     bidir = torch.tensor([0, 1, 1, 1, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE)
-    s = sched.build_tile_schedule(cu, segment_ids=seg, bidir_ids=bidir, block_m=2, block_n=2)
+    s = sched.build_tile_schedule(PackedLayout(cu, segment_ids=seg, bidir_ids=bidir), block_m=2, block_n=2)
     fwd, _ = listed(s)
     # query tile 0 (tokens 0, 1): key tile 0 partial (0 does not see 1), key tile 1 (2, 3) partial (1 sees them)
     assert fwd[(0, 0)] is False and fwd[(0, 1)] is False and (0, 2) not in fwd
@@ -183,7 +187,7 @@ def test_schedule_built_once_per_model_forward():
         n = int(cu[-1])
         positions = torch.cat([torch.arange(int(b - a), device=DEVICE) for a, b in itertools.pairwise(cu)])
         batch = dict(input_ids=torch.randint(0, 97, (1, n), generator=gen).to(DEVICE), position_ids=positions[None],
-                     cu_seq_lens_q=cu, max_length_q=int(cu.diff().max()), segment_ids=seg[None])  # fmt: skip
+                     r4b_layout=PackedLayout(cu, segment_ids=seg))  # fmt: skip
         before = sched.BUILDS["count"]
         with ab.use_attention_backend("r4b-schedule"):
             if forward == 0:
@@ -238,11 +242,12 @@ def test_schedule_walking_kernels_match_reference(mask):
     gen = torch.Generator().manual_seed(11)
     cu, seg, bidir = walking_layout()
     kw = mask_kwargs(mask, seg, bidir)
+    layout, causal = mask_layout(cu, mask, seg, bidir)
     n = int(cu[-1])
     q, k, v = (torch.randn(n, h, 16, generator=gen, dtype=torch.float64) for h in (2, 1, 1))
     ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
     ref = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
-    out = sched.scheduled_varlen_attention(*ours, cu, **kw)
+    out = sched.scheduled_varlen_attention(*ours, layout, causal=causal)
     expected = varlen_attention_reference(*ref, cu, int(cu.diff().max()), **kw)
     assert rel_err(out, expected) < 1e-5
     grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(DEVICE)
@@ -268,7 +273,7 @@ def test_schedule_walking_kernels_head_dims(head_dim):
     q, k, v = (torch.randn(40, h, head_dim, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
     ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
     ref = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
-    out = sched.scheduled_varlen_attention(*ours, cu, segment_ids=seg, bidir_ids=bidir)
+    out = sched.scheduled_varlen_attention(*ours, PackedLayout(cu, segment_ids=seg, bidir_ids=bidir))
     expected = varlen_attention_reference(*ref, cu, 21, segment_ids=seg, bidir_ids=bidir)
     assert rel_err(out, expected) < 1e-5
     grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(DEVICE)

@@ -5,9 +5,10 @@ import types
 import pytest
 import torch
 from helpers import DEVICE, rel_err
-from kernel_cases import MASKS, mask_kwargs, packed_documents
+from kernel_cases import MASKS, mask_kwargs, mask_layout, packed_documents
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from r4b.kernels.packed_layout import PackedLayout
 from r4b.kernels.reference import varlen_attention_reference
 from r4b.models import attention_backends as ab
 from r4b.models import register_varlen_attention
@@ -29,10 +30,11 @@ def test_backend_forward_matches_reference(backend, mask):
     dtype = torch.float32 if DEVICE == "cuda" else torch.float64
     cu, seg, bidir = packed_documents(LENGTHS, seed=len(mask), responses_in=(1, 3), bidir_in=(1, 3))
     kw = mask_kwargs(mask, seg, bidir)
+    layout, causal = mask_layout(cu, mask, seg, bidir)
     q, k, v = inputs(dtype)
     grad = DEVICE == "cuda"
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
-    out = ab.packed_attention(q, k, v, cu, max(LENGTHS), backend=backend, **kw)
+    out = ab.packed_attention(q, k, v, layout, causal=causal, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
     ref = varlen_attention_reference(q64, k64, v64, cu, max(LENGTHS), **kw)
     assert out.dtype == dtype and rel_err(out, ref) < 1e-5
@@ -51,7 +53,7 @@ def test_fa2_varlen_matches_reference(causal):
     cu, _, _ = packed_documents(LENGTHS, seed=3)
     q, k, v = (t.requires_grad_() for t in inputs(torch.bfloat16, head_dim=64))
     assert ab.resolve_backend("fa2", q, causal=causal, segment_ids=None, bidir_ids=None) == "fa2"
-    out = ab.packed_attention(q, k, v, cu, max(LENGTHS), causal=causal, backend="fa2")
+    out = ab.packed_attention(q, k, v, PackedLayout(cu), causal=causal, backend="fa2")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = varlen_attention_reference(q64, k64, v64, cu, max(LENGTHS), causal=causal)
     assert rel_err(out, ref) < 2e-2
@@ -122,8 +124,7 @@ def test_block_mask_built_once_per_forward_and_same_hidden_states(model):
     cu, seg, _ = packed_documents(LENGTHS, seed=4, responses_in=(1, 3))
     ids = torch.randint(0, 97, (sum(LENGTHS),), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     positions = torch.cat([torch.arange(n, device=DEVICE) for n in LENGTHS])
-    batch = dict(input_ids=ids[None], position_ids=positions[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                 max_length_q=max(LENGTHS), max_length_k=max(LENGTHS), segment_ids=seg[None])  # fmt: skip
+    batch = dict(input_ids=ids[None], position_ids=positions[None], r4b_layout=PackedLayout(cu, segment_ids=seg))
     hidden = {}
     for backend in ("r4b", "flex"):
         before = ab.BUILDS["flex-block-mask"]
@@ -134,7 +135,7 @@ def test_block_mask_built_once_per_forward_and_same_hidden_states(model):
     assert rel_err(hidden["flex"], hidden["r4b"]) < 1e-10
     before = ab.BUILDS["flex-block-mask"]
     with ab.use_attention_backend("flex"), torch.no_grad():
-        model.model(**{**batch, "cu_seq_lens_q": cu.clone(), "cu_seq_lens_k": None})  # a new micro-batch
+        model.model(**{**batch, "r4b_layout": PackedLayout(cu, segment_ids=seg)})  # a new micro-batch
     assert ab.BUILDS["flex-block-mask"] - before == 1
 
 
@@ -197,7 +198,8 @@ def test_compiled_flex_does_not_recompile_per_micro_batch(monkeypatch):
         n = sum(lengths)
         q, k, v = (torch.randn(n, h, 16, generator=gen, dtype=torch.float32) for h in (4, 2, 2))
         with torch.no_grad():
-            out = ab.packed_attention(q, k, v, cu, max(lengths), segment_ids=seg, bidir_ids=bidir, backend="flex")
+            layout = PackedLayout(cu, segment_ids=seg, bidir_ids=bidir)
+            out = ab.packed_attention(q, k, v, layout, backend="flex")
         ref = varlen_attention_reference(q.double(), k.double(), v.double(), cu, max(lengths), segment_ids=seg,
                                          bidir_ids=bidir)  # fmt: skip
         assert rel_err(out, ref) < 1e-5, lengths

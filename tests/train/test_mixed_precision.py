@@ -7,14 +7,13 @@
 - the fused losses get the lm_head operands in the matmul's compute dtype (autocast's), the losses stay fp32.
 - ``r4b sft`` / ``r4b bpo`` with ``engine.mixed_precision=bf16`` on the single engine train and track fp32:
   losses within :data:`LOSS_RTOL` (relative), grad norms within :data:`GRAD_NORM_RTOL`.
-- host syncs: cu_seqlens is read to the host once per tensor, not in every layer; flash-attn's import is
-  tried once; the process-group timeout is configurable (``engine.timeout_minutes``).
+- host syncs: a packed row's forward never reads cu_seqlens back (its PackedLayout carries the host values);
+  flash-attn's import is tried once; the process-group timeout is configurable (``engine.timeout_minutes``).
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
 import math
 from datetime import timedelta
@@ -25,6 +24,7 @@ import torch
 
 from r4b.config import load_config
 from r4b.kernels import varlen_attention
+from r4b.kernels.packed_layout import PackedLayout
 from r4b.models.attention import register_varlen_attention, varlen_attention_forward
 from r4b.models.forward import lm_head_operands
 from r4b.synth import write_synthetic
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-3  # bf16 vs fp32, tiny model, first 3 SFT steps (seen: 2e-5)
 GRAD_NORM_RTOL = 2e-2  # (seen: 3e-3)
 
+_attention = importlib.import_module("r4b.models.attention")
 _varlen = importlib.import_module("r4b.kernels.varlen_attention")  # the module (the package exports the function)
 
 
@@ -100,14 +101,9 @@ def test_lm_head_operands_follow_the_matmul_compute_dtype():
     assert h.dtype == w.dtype == torch.bfloat16
 
 
-def test_cu_seqlens_is_read_once_not_per_layer(monkeypatch):
-    """The attention of every layer reuses one host read of cu_seqlens (none when the collate primed it), and a
-    max length given as a tensor (the Qwen2.5-VL vision tower's) is not synced either."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel path (the explicit-mask reference is a fallback)
-    q = torch.randn(1, 2, 10, 8)
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    fresh = cu.clone()
-    watched = {t.untyped_storage().data_ptr() for t in (cu, fresh)}
+def _count_reads(monkeypatch, *tensors: torch.Tensor) -> list[str]:
+    """The host reads (tolist, item, int, ...) of ``tensors``' storage from now on, by name."""
+    watched = {t.untyped_storage().data_ptr() for t in tensors}
     reads = []
 
     def counting(name, original):
@@ -120,33 +116,55 @@ def test_cu_seqlens_is_read_once_not_per_layer(monkeypatch):
 
     for name in ("tolist", "item", "__int__", "__index__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    assert _varlen.remember_cu_seqlens(cu, [0, 4, 10]) == (0, 10, 6, 4)  # primed with the host copy: no read
+    return reads
+
+
+def test_a_layout_reaches_every_layer_without_a_device_read(monkeypatch):
+    """r4b's forwards hand every layer the row's PackedLayout (host values known where the row was built): no layer
+    reads cu_seqlens. A caller passing flash-attn's cu_seq_lens_q instead costs one read per call (its max length,
+    even as a tensor as the Qwen2.5-VL vision tower gives it, is not read), and calls with equal packings share one
+    layout (and its block mask / tile schedule); an in-place change is a new packing."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel path (the explicit-mask reference is a fallback)
+    q = torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    fresh = cu.clone()
+    reads = _count_reads(monkeypatch, cu, fresh)
+    layout = PackedLayout(cu, [0, 4, 10])
+    assert (layout.total, layout.max_seqlen, layout.shortest) == (10, 6, 4)
     module = torch.nn.Module()
     for _ in range(3):  # three layers
-        varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=cu, max_length_q=torch.tensor(6))
+        varlen_attention_forward(module, q, q, q, None, r4b_layout=layout)
     assert reads == []
     for _ in range(3):
-        varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=fresh, max_length_q=6)
-    assert reads == ["tolist"]  # once for the new tensor
-    fresh[2] = 9  # an in-place change is seen (the tensor's version)
-    assert _varlen.remember_cu_seqlens(fresh)[1] == 9
+        varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=fresh, max_length_q=torch.tensor(6))
+    assert reads == ["tolist"] * 3
+    assert _attention._layout_of(fresh, None, None) is _attention._layout_of(cu, None, None)
+    fresh[1] = 3
+    assert _attention._layout_of(fresh, None, None).host == (0, 3, 10)
+    with pytest.raises(ValueError, match="r4b_layout carries"):
+        varlen_attention_forward(module, q, q, q, None, r4b_layout=layout, segment_ids=torch.zeros(1, 10))
 
 
-def test_packings_hand_their_host_cu_seqlens_to_the_attention():
-    """The packed rows (shared-prefix, unshared, SFT) carry cu_seqlens' host values, and the row on its device
-    (PackedRow.to) comes with them already known to the attention."""
+def test_a_packed_row_runs_the_model_without_reading_cu_seqlens(monkeypatch, tiny_r4b):
+    """The packed rows (shared-prefix, unshared, SFT) carry cu_seqlens' host values, which PackedRow.inputs() hands to
+    the forward: the tiny R-4B's whole packed forward never reads cu_seqlens back."""
     from r4b.data import EncodedSample, collate_packed
+    from r4b.models.forward import packed_final_hidden
     from r4b.shared_prefix import pack_shared_prefix, pack_unshared
 
     args = ([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], torch.tensor([[6, 7], [8, 0], [9, 9]]),
             torch.tensor([2, 1, 2]), torch.tensor([0, 0, 1]), torch.zeros(3))  # fmt: skip
     samples = [EncodedSample([1, 2, 3], [-100, 2, 3]), EncodedSample([4, 5], [-100, 5])]
     for packed in (pack_shared_prefix(*args), pack_unshared(*args), collate_packed(samples, [0, 1]).to("cpu")):
-        expected = packed.cu_seqlens.tolist()
-        assert packed.cu_seqlens_host == tuple(expected)
-        hit = _varlen._HOST_INFO.get(packed.cu_seqlens)
-        shortest = min(b - a for a, b in itertools.pairwise(expected))
-        assert hit is not None and hit[1] == (0, expected[-1], packed.max_seqlen, shortest)
+        assert packed.cu_seqlens_host == tuple(packed.cu_seqlens.tolist())
+        inputs = packed.inputs()
+        assert inputs["cu_seqlens_host"] == packed.cu_seqlens_host
+        model_inputs = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "segment_ids", "cu_seqlens_host")
+        reads = _count_reads(monkeypatch, packed.cu_seqlens)
+        inputs["input_ids"] = inputs["input_ids"] + 30  # text tokens (the tiny vocabulary's low ids are specials)
+        hidden = packed_final_hidden(tiny_r4b, **{k: v for k, v in inputs.items() if k in model_inputs})
+        assert hidden.shape[0] == packed.num_tokens and reads == []
+        monkeypatch.undo()
 
 
 def test_flash_attn_import_is_tried_once():
