@@ -180,4 +180,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return str(value)
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{source}: {key} = {value!r} is not a {getattr(hint, '__name__', hint)}")
+    kind = _KIND_NAMES.get(hint, f"a {getattr(hint, '__name__', hint)}")
+    raise ConfigError(f"{source}: {key} = {value!r}: expected {kind}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

@@ -17,6 +17,10 @@ from r4b.data.errors import DataError
 
 __all__ = ["ImageProcessor", "decode_images", "image_sizes", "image_token_counts", "load_images"]
 
+# What PIL raises for a file that is not a readable image: OSError / ValueError for bad bytes, and
+# DecompressionBombError (an Exception of its own) for one whose header claims more pixels than PIL decodes
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+
 
 @runtime_checkable
 class ImageProcessor(Protocol):
@@ -38,7 +42,7 @@ def image_sizes(paths: Sequence[Path], *, where: str = "<memory>") -> list[tuple
         try:
             with Image.open(path) as image:
                 width, height = image.size
-        except (OSError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             raise DataError(
                 where, f"cannot read image {path}: {error}", field=f"images[{k}]", reason="bad_image"
             ) from None
@@ -71,7 +75,7 @@ def load_images(paths: Sequence[Path], *, where: str = "<memory>") -> list[Image
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             raise DataError(
                 where, f"cannot read image {path}: {error}", field=f"images[{k}]", reason="bad_image"
             ) from None

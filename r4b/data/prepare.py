@@ -14,6 +14,10 @@ A prepared DIR holds::
     loss_tokens.npy      int32 [samples]: labelled tokens after the next-token shift
     data_report.json     what was loaded and skipped (by reason, with file:line examples), as r4b sft writes it
 
+The manifest is written last and lists every other file with its size and sha256 (``files``): a DIR without it
+is incomplete, and a run refuses one whose index or report no longer matches it
+(:func:`r4b.data.prepared.open_prepared`).
+
 The inputs are JSONL, LLaVA / ShareGPT ``.json`` (:mod:`r4b.data.llava`), Parquet files and ``datasets``
 directories (:mod:`r4b.data.tables`). The work is cut into shards of ``shard_lines`` input lines or rows (Parquet:
 at row-group boundaries), independent of the worker count, and shards are written and numbered in input order, so
@@ -292,7 +296,7 @@ def prepare(
     if not paths:
         raise ValueError("no data: give one or more JSONL, .json, .parquet files or datasets directories")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise InputError(f"--workers {workers}: must be at least 1")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (overwrite and is_prepared(out)):
@@ -328,11 +332,12 @@ def prepare(
     np.save(out / "lengths.npy", lengths.astype(np.int32))
     np.save(out / "loss_tokens.npy", loss.astype(np.int32))
     (out / "data_report.json").write_text(report.to_json())
+    shard_names = [f"data/shard-{shard.index:05d}.arrow" for shard in shards]
     manifest = {
         "format": FORMAT,
         "samples": len(lengths),
         "tokens": int(lengths.sum()),
-        "shards": [f"data/shard-{shard.index:05d}.arrow" for shard in shards],
+        "shards": shard_names,
         "shard_samples": [len(r[2]) for r in results],
         "sources": [str(p) for p in paths],
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
@@ -342,9 +347,22 @@ def prepare(
         "on_error": on_error,
         "workers": workers,
         "seconds": round(time.perf_counter() - started, 3),
+        "files": {name: file_digest(out / name) for name in [*INDEX_FILES, *shard_names]},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: its presence means complete
     return manifest
+
+
+INDEX_FILES = ("lengths.npy", "loss_tokens.npy", "data_report.json")
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _remove_unused_images(images: Path, used: set[str]) -> None:

@@ -29,7 +29,9 @@ string.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -347,10 +349,32 @@ def _parse_images(images: Any, root: Path, where: str) -> list[Path]:
         if not isinstance(image, str) or not image:
             raise DataError(where, "must be a non-empty path string", field=f"images[{k}]", reason="bad_type")
         resolved = root / image
-        if not resolved.is_file():
-            raise DataError(where, f"image file not found: {resolved}", field=f"images[{k}]", reason="missing_image")
+        problem = _image_path_problem(image, resolved)
+        if problem:
+            raise DataError(where, problem, field=f"images[{k}]", reason="missing_image")
         out.append(resolved)
     return out
+
+
+def _image_path_problem(image: str, resolved: Path) -> str | None:
+    """Why ``resolved`` (``image`` as the sample names it) is not an image file to read, or None."""
+    if "://" in image:
+        return f"image {image!r} is a URL: images are read from local files, download it first"
+    try:
+        if resolved.is_file():
+            return None
+        if resolved.is_dir():
+            return f"image path {resolved} is a directory, not a file"
+        if resolved.is_symlink():
+            resolved.resolve(strict=True)  # raises on a loop or a dangling link
+    except RuntimeError:  # Python < 3.13: a symlink loop
+        return f"image path {resolved} is a symlink loop"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"image path {resolved} is a symlink loop"
+        if resolved.is_symlink():
+            return f"image path {resolved} is a symlink to a missing file ({os.readlink(resolved)})"
+    return f"image file not found: {resolved}"
 
 
 def _count_images(message: dict[str, Any]) -> int:

@@ -254,3 +254,43 @@ def test_json_errors_say_what_was_expected(data_dir, line, message):
     with pytest.raises(DataError, match=rf"bad\.jsonl:1: malformed JSON {message}"):
         read_jsonl(path)
     assert "at at" not in message
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda imgs: (imgs / "dir").mkdir(), "image path {imgs}/dir is a directory, not a file"),
+        (lambda imgs: ((imgs / "dir").symlink_to(imgs / "loop"), (imgs / "loop").symlink_to(imgs / "dir")),
+         "image path {imgs}/dir is a symlink loop"),
+        (lambda imgs: (imgs / "dir").symlink_to("gone.png"), "image path {imgs}/dir is a symlink to a missing file"),
+    ],
+    ids=["directory", "symlink loop", "dangling symlink"],
+)  # fmt: skip
+def test_an_image_path_that_is_no_file_says_what_it_is(data_dir, make, message):
+    make(data_dir / "imgs")
+    path = write_jsonl(data_dir / "train.jsonl", [good(images=["imgs/dir"])])
+    with pytest.raises(DataError, match=r"field 'images\[0\]'") as caught:
+        read_jsonl(path)
+    assert message.format(imgs=data_dir / "imgs") in str(caught.value) and caught.value.reason == "missing_image"
+
+
+def test_an_image_url_is_named_a_url(data_dir):
+    path = write_jsonl(data_dir / "train.jsonl", [good(images=["https://example.com/a.png"])])
+    with pytest.raises(DataError, match=r"'https://example\.com/a\.png' is a URL: images are read from local files"):
+        read_jsonl(path)
+
+
+def test_a_decompression_bomb_is_a_bad_image_skipped_or_named(data_dir, monkeypatch):
+    """An image whose header claims more pixels than PIL decodes (DecompressionBombError, not an OSError) is a bad
+    image like any other: skipped and counted under on_error=skip, one located error otherwise."""
+    from r4b.data.image import image_sizes, load_images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 8 x 6 images now claim over twice the limit
+    bomb = data_dir / "imgs" / "a.png"
+    for read in (image_sizes, load_images):
+        with pytest.raises(DataError, match=r"train\.jsonl:3: field 'images\[0\]': cannot read image .*decompression"):
+            read([bomb], where="train.jsonl:3")
+    prompt = {"messages": [user(IMAGE, text("How many?"))], "images": ["imgs/a.png"], "answer": "3"}
+    path = write_jsonl(data_dir / "rl.jsonl", [prompt])
+    prompts, report = read_prompts(path, on_error="skip")
+    assert prompts == [] and report.skipped == {"bad_image": 1}

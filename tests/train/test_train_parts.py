@@ -37,7 +37,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
     ("text", "overrides", "message"),
     [
         ("inner:\n  lrr: 1\n", [], r"run.yaml: unknown key inner.lrr \(known: limit, lr, names\)"),
-        ("inner:\n  limit: many\n", [], r"run.yaml: inner.limit = 'many' is not a int"),
+        ("inner:\n  limit: many\n", [], r"run.yaml: inner.limit = 'many': expected an integer"),
         ("inner: [1]\n", [], r"run.yaml: inner must be a mapping"),
         ("", ["inner.lr"], r"override 'inner.lr': expected key=value"),
         ("inner: {lr: [}\n", [], r"run.yaml: not valid YAML"),
