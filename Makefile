@@ -20,7 +20,7 @@ TRITON_COMPAT ?= 3.6.0
 COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
 KERNEL_TESTS := tests/kernels tests/models/test_attention_backends.py
 
-.PHONY: install demo test test-triton-compat test-transformers-compat check-cuda lint format clean
+.PHONY: install demo test test-triton-compat test-transformers-compat test-wheel check-cuda lint format clean
 
 # $(call make-venv,DIR,EXTRA_REQUIREMENTS)
 define make-venv
@@ -88,6 +88,10 @@ test-triton-compat: $(COMPAT_VENV)/.installed
 # The CUDA kernels are plain .cu files (no torch headers): nvcc compiles them without a GPU.
 NVCC ?= nvcc
 CUDA_CHECK_DIR ?= /tmp/r4b-check-cuda
+# r4b from its wheel (pip install ., not editable) in a fresh venv, run from outside the checkout
+test-wheel: install
+	PYTHON=$(BIN)/python scripts/check_wheel.sh
+
 check-cuda:
 	@mkdir -p $(CUDA_CHECK_DIR)
 	@for f in csrc/cuda/*.cu; do \

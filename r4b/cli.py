@@ -108,7 +108,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _add_stage(commands, name: str, help: str, run) -> argparse.ArgumentParser:
     stage = commands.add_parser(name, help=help, description=help)
-    stage.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    stage.add_argument(
+        "--config",
+        required=True,
+        help="YAML run config; configs/demo/sft.yaml and the others r4b ships are found from any directory",
+    )
     stage.add_argument("--output-dir", help="run directory (overrides output_dir)")
     stage.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     stage.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr_llm=1e-5")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"  # shipped in the wheel too
 
 
 def paper_signature(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from r4b.errors import InputError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "check_values", "config_to_dict", "load_config"]
+__all__ = ["ConfigError", "check_values", "config_to_dict", "load_config", "shipped_config"]
 
 
 class ConfigError(InputError):
@@ -34,6 +34,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
+        path = path if Path(path).exists() else shipped_config(path) or path
         source = str(path)
         try:
             raw = yaml.load(Path(path).read_text(), Loader=_StrictLoader) or {}
@@ -55,6 +56,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     config = _build(cls, raw, source, prefix="")
     check_values(config, source)
     return config
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # r4b/configs, in the wheel too
+
+
+def shipped_config(path: str | Path) -> Path | None:
+    """The config r4b ships under ``path`` (``configs/demo/sft.yaml`` or ``demo/sft.yaml``), or None: so the
+    README's commands work from any directory, with r4b installed from a wheel as well as from a checkout."""
+    parts = Path(path).parts
+    parts = parts[1:] if parts[:1] == ("configs",) else parts
+    candidate = SHIPPED_CONFIGS.joinpath(*parts) if parts else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 class _DuplicateKey(Exception):
