@@ -55,7 +55,7 @@ from r4b.kernels import varlen_attention
 from r4b.kernels.attention_schedule import default_blocks, schedule_for
 from r4b.kernels.packed_layout import PackedLayout
 from r4b.kernels.reference import attention_mask_reference
-from r4b.models.attention_backends import fa2_varlen, packed_attention
+from r4b.models.attention_backends import fa2_varlen, fa2_varlen_attention, packed_attention
 
 
 class Layout:
@@ -180,7 +180,8 @@ def flash_attn_fn(layout: Layout):
 
 
 def torch_fa2_fn(layout: Layout):
-    """torch's own FA2 varlen kernel, timed where flash-attn itself is not installed."""
+    """torch's own FA2 varlen kernel, timed where flash-attn itself is not installed, through the adapter r4b's fa2
+    backend runs (this torch's varlen_attn signature, GQA without K / V copies)."""
     if layout.seg is not None or layout.bidir is not None or fa2_varlen() is None or not layout.cu.is_cuda:
         return None
     try:
@@ -190,10 +191,7 @@ def torch_fa2_fn(layout: Layout):
     else:
         return None  # the flash-attn row times FlashAttention-2 already
     max_len = max(layout.lengths)
-    window = (-1, 0) if layout.causal else (-1, -1)
-    return lambda q, k, v: fa2_varlen()(
-        q, k, v, layout.cu, layout.cu, max_len, max_len, window_size=window, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    return lambda q, k, v: fa2_varlen_attention(q, k, v, layout.cu, max_len, causal=layout.causal)
 
 
 def r4b_auto_fn(layout: Layout):

@@ -11,7 +11,10 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export TRITON_INTERPRET=0 # the demo runs the kernels' torch references on a CPU
 
-"$PY" -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir "$WORK/dist" "$REPO"
+# built from a copy of the checkout's files (tracked and untracked, not ignored): no build/ left in the checkout
+mkdir "$WORK/src"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$WORK/src"
+"$PY" -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 "$PY" -m venv "$WORK/venv"
 DEPS=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 SITE=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -9,7 +9,8 @@ The setting, first match wins: :func:`use_attention_backend` (a context manager)
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built from the same ``cu_seqlens`` /
   ``segment_ids`` / ``bidir_ids``, compiled on CUDA (eager elsewhere: forward only on the CPU).
 - ``fa2``: torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.11,
-  CUDA, fp16/bf16) for masks without segment or bidir ids; every other call runs r4b's kernel.
+  CUDA, fp16/bf16) for masks without segment or bidir ids, grouped-query attention without K / V copies; every
+  other call runs r4b's kernel.
 - ``auto`` (the default) follows the latest H100 figures (bench/RESULTS.md): on CUDA, FA2
   varlen for plain causal documents in fp16/bf16 (when torch has it), FlexAttention for shared-prefix,
   bidir and full (vision) masks, r4b's kernel for the rest; on the CPU, r4b's kernel (the Triton interpreter
@@ -208,30 +209,22 @@ def _check_mask(layout: PackedLayout, causal: bool) -> None:
 
 
 @functools.cache
-def _fa2_keywords() -> frozenset[str]:
-    """The keyword arguments this torch's ``varlen_attn`` takes: its signature moved between releases (torch 2.10
-    had ``is_causal``; later ones ``window_size``, ``scale`` and ``enable_gqa``)."""
-    return frozenset(inspect.signature(fa2_varlen()).parameters)
+def _fa2_takes_enable_gqa() -> bool:
+    """Whether this torch's ``varlen_attn`` has ``enable_gqa`` (added after 2.12)."""
+    return "enable_gqa" in inspect.signature(fa2_varlen()).parameters
 
 
 def fa2_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, softmax_scale=None):
-    """Plain documents (causal or full) on torch's FA2 varlen kernel: q [N, Hq, D], k / v [N, Hkv, D]."""
-    keywords, kwargs = _fa2_keywords(), {}
-    if "window_size" in keywords:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-    else:
-        kwargs["is_causal"] = causal
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in keywords:
-            kwargs["enable_gqa"] = True
-        else:  # an older kernel: one kv head per query head
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    if softmax_scale is not None:
-        if "scale" in keywords:
-            kwargs["scale"] = softmax_scale
-        else:  # the kernel's own scale is 1/sqrt(D): fold the difference into q
-            q = q * (softmax_scale * q.shape[-1] ** 0.5)
-    return fa2_varlen()(q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), **kwargs)
+    """Plain documents (causal or full) on torch's FA2 varlen kernel: q [N, Hq, D], k / v [N, Hkv, D].
+
+    Grouped-query attention runs without repeating K and V on every ``varlen_attn`` torch ships from 2.11: the
+    FA2 kernel under it (``aten._flash_attention_forward`` / ``_backward``) takes fewer kv heads than query heads
+    itself. Torch 2.11 and 2.12 pass them through unchecked; later releases want ``enable_gqa=True`` to allow it
+    (both sources read: ``torch/nn/attention/varlen.py``)."""
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] and _fa2_takes_enable_gqa() else {}
+    window = (-1, 0) if causal else (-1, -1)
+    m = int(max_seqlen)
+    return fa2_varlen()(q, k, v, cu_seqlens, cu_seqlens, m, m, scale=softmax_scale, window_size=window, **gqa)
 
 
 def packed_attention(

@@ -150,31 +150,43 @@ def test_unpacked_rows_on_flex(model):
     assert rel_err(out, ref) < 1e-10
 
 
-def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-    """A stand-in with torch 2.10's signature: no scale, window_size or enable_gqa (equal kv and query heads)."""
-    assert key.shape[1] == query.shape[1]
-    return varlen_attention_reference(query, key, value, cu_seq_q, max_q, causal=is_causal)
-
-
-def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False):  # fmt: skip
-    assert enable_gqa == (key.shape[1] != query.shape[1])
+def _varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):  # fmt: skip
+    """torch 2.11's and 2.12's signature: no enable_gqa, fewer kv heads handed to the FA2 kernel as they are."""
+    _CALLS.append((key, value))
     return varlen_attention_reference(query, key, value, cu_seq_q, max_q, causal=window_size == (-1, 0),
                                       softmax_scale=scale)  # fmt: skip
 
 
-@pytest.mark.parametrize("kernel", [_old_varlen_attn, _new_varlen_attn])
+def _varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, num_splits=None):  # fmt: skip
+    """torch 2.13's: GQA only with enable_gqa=True (it raises otherwise)."""
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError("Expect query and key/value to have the same number of heads")
+    _CALLS.append((key, value))
+    return varlen_attention_reference(query, key, value, cu_seq_q, max_q, causal=window_size == (-1, 0),
+                                      softmax_scale=scale)  # fmt: skip
+
+
+_CALLS: list = []
+
+
+@pytest.mark.parametrize("kernel", [_varlen_attn_2_11, _varlen_attn_2_13])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fa2_call_follows_the_kernels_signature(kernel, causal, monkeypatch):
-    """torch's varlen_attn changed its keywords between releases: GQA and the scale reach either one."""
+def test_fa2_call_follows_the_kernels_signature_without_kv_copies(kernel, causal, monkeypatch):
+    """torch's varlen_attn changed its keywords between releases: GQA (4 query heads on 2 kv heads) and the scale
+    reach either one, and K and V arrive as the very tensors given (no repeat to the query heads' count)."""
     monkeypatch.setattr(ab, "fa2_varlen", lambda: kernel)
-    ab._fa2_keywords.cache_clear()
+    ab._fa2_takes_enable_gqa.cache_clear()
+    _CALLS.clear()
     cu, _, _ = packed_documents(LENGTHS, seed=1, responses_in=(1, 1), bidir_in=(1, 1))
     q, k, v = (t.cpu() for t in inputs(torch.float64))
+    assert q.shape[1] == 2 * k.shape[1]
     out = ab.fa2_varlen_attention(q, k, v, cu.cpu(), max(LENGTHS), causal=causal, softmax_scale=0.3)
     want = varlen_attention_reference(q, k, v, cu.cpu(), max(LENGTHS), causal=causal, softmax_scale=0.3)
-    ab._fa2_keywords.cache_clear()
+    ab._fa2_takes_enable_gqa.cache_clear()
     assert rel_err(out, want) < 1e-12
+    assert len(_CALLS) == 1 and _CALLS[0][0] is k and _CALLS[0][1] is v
 
 
 def test_compiled_flex_does_not_recompile_per_micro_batch(monkeypatch):
