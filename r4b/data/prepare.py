@@ -43,9 +43,10 @@ import numpy as np
 
 from r4b.data.encode import IGNORE_INDEX, encode_samples
 from r4b.data.errors import DataError
+from r4b.data.json_lines import decode_line, load_json
 from r4b.data.llava import from_llava
 from r4b.data.report import DataReport
-from r4b.data.schema import _decode, _load_json, parse_sample
+from r4b.data.schema import parse_sample
 from r4b.data.tables import TABLE_KINDS, TableInput, input_kind, table_record
 from r4b.errors import InputError
 
@@ -198,7 +199,7 @@ def _records(shard: _Shard) -> Iterator[tuple[str, Callable[[], Any]]]:
                 raw = handle.readline()
                 if raw.strip():
                     where = f"{path}:{number}"
-                    yield where, lambda raw=raw, where=where: _load_json(_decode(raw, where), where)
+                    yield where, lambda raw=raw, where=where: load_json(decode_line(raw, where), where)
 
 
 def _read_shard(shard: _Shard, on_error: str, report: DataReport) -> list[Any]:

@@ -30,14 +30,17 @@ string.
 from __future__ import annotations
 
 import errno
-import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from r4b.data.errors import DataError
+from r4b.data.json_lines import decode_line, load_json
+from r4b.data.prompt_tables import PromptKeys, prompt_rows
 from r4b.data.report import DataReport
+from r4b.data.tables import input_kind
 from r4b.format import THINK_CLOSE, THINK_OPEN, format_response, parse_response
 from r4b.models.tokenizer import IMAGE_TOKEN
 
@@ -103,7 +106,7 @@ def read_jsonl(
                 continue
             where = f"{path}:{number}"
             try:
-                record = _load_json(_decode(raw, where), where)
+                record = load_json(decode_line(raw, where), where)
                 samples.append(parse_sample(record, where=where, root=path.parent, keep_unknown=keep_unknown))
             except DataError as error:
                 if on_error == "raise":
@@ -134,13 +137,20 @@ def read_prompts(
     on_error: Literal["raise", "skip"] = "raise",
     what: str = "a prompt",
     keep_unknown: bool = False,
+    keys: PromptKeys | None = None,
+    images_dir: Path | None = None,
 ) -> tuple[list[Sample], DataReport]:
-    """Read a JSONL of prompts (see :func:`check_prompt`; images must be readable): every problem raises or, with
-    ``"skip"``, is counted.
-    ``keep_unknown`` as in :func:`read_jsonl`."""
+    """Read prompts (see :func:`check_prompt`; images must be readable): every problem raises or, with ``"skip"``,
+    is counted. r4b's JSONL as it is (``keep_unknown`` as in :func:`read_jsonl`); Parquet, ``datasets``
+    directories, JSON lists, and JSONL under other column names through ``keys``
+    (:mod:`r4b.data.prompt_tables`; image bytes stored in ``images_dir``, default a shared temporary directory)."""
     from r4b.data.image import check_images
 
-    samples, report = read_jsonl(path, on_error=on_error, keep_unknown=keep_unknown)
+    keys = keys or PromptKeys()
+    if keys.default and input_kind(path) == "jsonl":
+        samples, report = read_jsonl(path, on_error=on_error, keep_unknown=keep_unknown)
+    else:
+        samples, report = _read_mapped(Path(path), keys, images_dir, on_error)
     prompts = []
     for sample in samples:
         try:
@@ -156,37 +166,23 @@ def read_prompts(
     return prompts, report
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(where, f"not UTF-8 (byte {error.start})", reason="malformed_json") from None
-
-
-def _load_json(line: str, where: str) -> Any:
-    try:
-        return json.loads(line.rstrip("\r\n"))  # the line's end is no part of its JSON (an open string is unclosed)
-    except json.JSONDecodeError as error:
-        raise DataError(where, json_error_text(error), reason="malformed_json") from None
-
-
-# json's terse messages, said in full ("Expecting value" at column 1 means no JSON value starts there)
-_JSON_MESSAGES = {
-    "Expecting value": "expected a JSON value (an object, string, number, ...)",
-    "Extra data": "extra text after the JSON value (one sample per line)",
-    "Unterminated string starting at": "a string that starts here is never closed",
-    "Expecting property name enclosed in double quotes": "expected a field name in double quotes",
-    "Expecting ',' delimiter": "expected ',' between items",
-    "Expecting ':' delimiter": "expected ':' after a field name",
-    "Invalid control character at": "a raw control character (a tab or newline) inside a string",
-    "Invalid \\escape": "an invalid backslash escape",
-}
-
-
-def json_error_text(error: json.JSONDecodeError) -> str:
-    """``malformed JSON at column N: <what json expected there>`` for a :class:`json.JSONDecodeError`."""
-    text = _JSON_MESSAGES.get(error.msg) or error.msg.removesuffix(" at").lower()
-    return f"malformed JSON at column {error.colno}: {text}"
+def _read_mapped(
+    path: Path, keys: PromptKeys, images_dir: Path | None, on_error: str
+) -> tuple[list[Sample], DataReport]:
+    """The samples of a prompt file read through ``keys`` (:func:`r4b.data.prompt_tables.prompt_rows`)."""
+    images_dir = images_dir or Path(tempfile.gettempdir()) / "r4b-prompt-images"  # content-addressed: shareable
+    root = path if path.is_dir() else path.parent  # relative image paths: as for JSONL
+    samples, report = [], DataReport()
+    for where, record in prompt_rows(path, keys, images_dir):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            samples.append(parse_sample(record, where=where, root=root))
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            report.skip(error)
+    return samples, report
 
 
 def parse_sample(record: Any, *, where: str = "<memory>", root: str | Path = ".", keep_unknown: bool = False) -> Sample:
