@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(command: str, run) -> int:
     """The one place where user errors become messages: a bad config, data file or path (an InputError or an
     OSError naming a file) prints one line ``r4b <command>: error: ...`` and returns 2; Ctrl-C returns 130 (one
-    line; training stops at a step boundary with a checkpoint, r4b.train.runtime.StopSignal).
+    line; training stops at a step boundary with a checkpoint, r4b.train.signals.StopSignal).
     Other exceptions are bugs and keep their traceback; ``R4B_DEBUG=1`` shows it for user errors too."""
     from r4b.errors import InputError, RunInterrupted
 

@@ -42,6 +42,14 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 VALUE_ATOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 
+def sft_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    """``r4b sft`` of the demo config on ``data`` into ``out``: batches of 12, a checkpoint every step, no progress,
+    TensorBoard or export (the resume and integrity tests' run)."""
+    return ["sft", "--config", str(DEMO_SFT), "--output-dir", str(out), f"data.train=[{data}]",
+            "train.global_batch_samples=12", "train.progress=false", "train.tensorboard=false", "train.export=false",
+            "train.save_every=1", *extra]  # fmt: skip
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))

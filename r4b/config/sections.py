@@ -144,6 +144,12 @@ class TrainBase:
     export: Annotated[bool, RESUME_MAY_CHANGE] = True
     """Write output_dir/model (a Hugging Face directory, R-4B's layout) at the end."""
 
+    on_nonfinite: Annotated[Literal["stop", "skip"], RESUME_MAY_CHANGE] = "stop"
+    """An optimizer update whose loss or gradient norm is not finite (nan, inf) on any rank. stop: the run stops
+    before applying it, with one line naming the step (nothing of it is applied or saved). skip: its gradients are
+    dropped (the weights and AdamW's moments stay; the learning-rate schedule and the data move on as for a taken
+    step), the step's skipped_updates counts it in metrics.jsonl and a line says so."""
+
 
 @dataclass
 class EngineConfig:
@@ -238,7 +244,9 @@ class BPODataSection:
     """The RL prompts."""
 
     prompts: list[str] = field(default_factory=list)
-    """JSONL prompts, each with a reference answer and no assistant turn."""
+    """Prompt files, each prompt with a reference answer and no assistant turn: r4b's JSONL, or Parquet files,
+    ``datasets`` save_to_disk directories, JSON lists and JSONL read through the three keys below (verl's and
+    EasyR1's layouts as they are; docs/data.md)."""
 
     eval: str | None = None
     """Held-out prompts for the periodic greedy auto-mode evaluation (train.eval_every); null: none."""
@@ -246,6 +254,17 @@ class BPODataSection:
     on_error: OnError = "raise"
     """raise: a bad prompt stops the run, naming file, line and field; skip: it is counted in data_report.json
     (the evaluation prompts too)."""
+
+    prompt_key: str = "messages"
+    """The column holding the prompt: a chat list of {role, content} or one string (the user's turn). verl:
+    prompt; EasyR1: problem."""
+
+    answer_key: str = "answer"
+    """The column holding the reference answer (a dotted key reads into a struct). verl:
+    reward_model.ground_truth; EasyR1: answer."""
+
+    image_key: str = "images"
+    """The column holding the images: paths, bytes or datasets.Image structs (one or a list)."""
 
 
 @dataclass
@@ -297,7 +316,27 @@ class RewardSection:
     """Rule-based rewards (r4b.rl.reward)."""
 
     name: str = "answer"
-    """A registered reward (r4b.rl.register_reward): answer, or format alone."""
+    """A registered reward (r4b.rl.register_reward): answer, or format alone; or http: a reward server (url)."""
+
+    url: str | None = None
+    """reward.name=http: the server's URL, which takes OpenRLHF's remote reward requests (POST {"query", "prompts",
+    "labels", "mode"} -> {"rewards"}; r4b.rl.remote_reward). Rank 0 asks; every rank gets the rewards."""
+
+    timeout_s: Annotated[float, POSITIVE] = 60.0
+    """reward.name=http: seconds one request may take before it is retried."""
+
+    retries: Annotated[int, NON_NEGATIVE] = 3
+    """reward.name=http: tries after the first for a request that times out, fails or gets a bad answer."""
+
+    batch_size: Annotated[int, POSITIVE] = 64
+    """reward.name=http: queries per request."""
+
+    concurrency: Annotated[int, POSITIVE] = 4
+    """reward.name=http: requests in flight at once."""
+
+    on_failure: float | None = None
+    """reward.name=http: the reward of a rollout whose request still fails after the retries (counted in the
+    metrics as reward_failures); null: the run stops with one line naming the server and the error."""
 
     pattern: str | None = None
     """Regular expression for the final answer where there is no \\boxed{}."""
@@ -394,6 +433,11 @@ class BPOTrainSection(TrainBase):
 
     eval_max_new_tokens: int = 512
     """The longest response of those evaluations."""
+
+    stop_after_flat_steps: Annotated[int, NON_NEGATIVE, RESUME_MAY_CHANGE] = 20
+    """Stop, with a checkpoint and one line, after this many steps in a row in which every advantage was 0 (each
+    group's rewards all equal: the rewards teach nothing, often a reward that cannot score the answers). Each such
+    step is flagged (metrics.jsonl: flat, flat_steps, zero_adv_groups = 1; the progress line). 0: never stop."""
 
 
 @dataclass

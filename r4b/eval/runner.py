@@ -114,6 +114,9 @@ def _check_spec(spec: ModelSpec) -> None:
         raise EvalError(f"model {spec}: not a directory (nor 'tiny')")
     if not (path / "config.json").is_file():
         raise EvalError(f"{path / 'config.json'}: missing (not a model directory)")
+    from r4b.train.integrity import check_export  # an unfinished or damaged r4b export is refused, naming the file
+
+    check_export(path)
 
 
 def _check_dtype(dtype: str | None) -> None:
@@ -390,7 +393,7 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                from r4b.data.schema import json_error_text
+                from r4b.data.json_lines import json_error_text
 
                 raise EvalError(f"{path}:{number}: {json_error_text(error)}") from None
             missing = [key for key in required if key not in record]

@@ -22,13 +22,15 @@ def rollout_metrics(
     scores: Tensor,
     formats: Tensor | None,
     off: Tensor | None = None,
+    advantages: Tensor | None = None,
 ) -> dict[str, Any]:
     """Per mode: reward, accuracy (the configured reward alone), response length, the share of prompts whose
     responses in that mode all got one reward and, with a format reward, the share of well-formed responses;
     the thinking trigger rate (:func:`r4b.format.is_thinking`, as in evaluation) and, in the forced modes,
     ``off_mode``: the share of rollouts that left their mode (``off``, :func:`r4b.rl.reward.off_mode`: thinking
-    rollouts with an empty think block, non-thinking ones that think); overall, the share of prompts whose 2g
-    rewards are all equal (zero advantage: no learning signal)."""
+    rollouts with an empty think block, non-thinking ones that think); overall, ``zero_adv_groups``, the share of
+    prompts whose 2g advantages are all 0 (no learning signal; without ``advantages``: whose 2g rewards are all
+    equal, joint grouping's test), and ``flat``, whether that holds for every prompt: the step teaches nothing."""
     if off is None:
         off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
     out: dict[str, Any] = {"reward": float(rewards.mean())}
@@ -56,7 +58,12 @@ def rollout_metrics(
         groups = [{float(rewards[p, k]) for k, r in enumerate(row) if r.mode == mode} for p, row in enumerate(rollouts)]
         groups = [values for values in groups if values]
         out[mode]["uniform_reward_groups"] = sum(len(values) == 1 for values in groups) / len(groups)
-    out["zero_adv_groups"] = float((rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean())
+    if advantages is None:
+        no_signal = rewards.max(dim=1).values == rewards.min(dim=1).values
+    else:  # exact zeros: compute_advantages gives 0 to a group of equal rewards
+        no_signal = (advantages == 0).all(dim=1)
+    out["zero_adv_groups"] = float(no_signal.float().mean())
+    out["flat"] = bool(no_signal.all())
     return out
 
 

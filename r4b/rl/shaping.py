@@ -3,7 +3,9 @@
 :func:`shape_rewards` applies the ``reward`` section of the BPO config (:class:`r4b.config.sections.RewardSection`):
 
 1. ``scores``: the configured reward (``REWARDS[reward.name]``, with ``reward.pattern``) of each rollout's full text
-   (mode suffix + response) against the prompt's answer (:func:`score`, the same in training and evaluation);
+   (mode suffix + response) against the prompt's answer (:func:`score`, the same in training and evaluation), or
+   the reward server's (``reward.name: http``: :class:`r4b.rl.remote_reward.ServerScoring`, passed in as
+   ``scores``);
 2. with ``reward.format_weight``, plus that weight times the format reward (``formats``);
 3. ``off``: whether a forced-mode rollout left its mode (:func:`r4b.rl.reward.off_mode`, with
    ``reward.min_thought_chars``; with ``reward.close_thoughts`` also a forced thought that stopped before
@@ -46,11 +48,13 @@ def score(rollout: Rollout, answer: str, reward: RewardSection) -> float:
 
 
 def shape_rewards(
-    rollouts: Sequence[Sequence[Rollout]], answers: Sequence[str], reward: RewardSection
+    rollouts: Sequence[Sequence[Rollout]], answers: Sequence[str], reward: RewardSection, scores: Tensor | None = None
 ) -> ShapedRewards:
-    """The rewards of ``rollouts[p][j]`` (prompt p's reference answer ``answers[p]``; see the module docstring)."""
+    """The rewards of ``rollouts[p][j]`` (prompt p's reference answer ``answers[p]``; see the module docstring);
+    ``scores`` [prompts, G]: the configured reward where it was computed elsewhere (a reward server)."""
     pairs = list(zip(rollouts, answers, strict=True))
-    scores = torch.tensor([[score(r, answer, reward) for r in row] for row, answer in pairs])
+    if scores is None:
+        scores = torch.tensor([[score(r, answer, reward) for r in row] for row, answer in pairs])
     formats = None
     if reward.format_weight:
         formats = torch.tensor([[REWARDS["format"](r.full_text, answer) for r in row] for row, answer in pairs])

@@ -23,7 +23,9 @@ updates. The pieces live where they belong: reward shaping in :mod:`r4b.rl.shapi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,30 +35,42 @@ import torch
 import torch.distributed as dist
 
 # the run config (every key: docs/config.md)
+from r4b.config.loading import ConfigError
 from r4b.config.sections import AdvantageSection, BPOConfig, RewardSection, RolloutSection
+from r4b.errors import InputError
 from r4b.format import is_thinking
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.credit import credit_mode_decision, decision_token_counts
 from r4b.rl.metrics import rollout_metrics, update_scalars
+from r4b.rl.remote_reward import ServerScoring
 from r4b.rl.shaping import score, shape_rewards
 from r4b.rl.update import BPOObjective
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams, build_rollout_engine, check_suffixes
+from r4b.train.accumulate import NonFiniteGuard
 from r4b.train.batches import epoch_order
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import build_engine
 from r4b.train.logging import RunLogger
-from r4b.train.runtime import StopSignal, export_model, resume, start_run
+from r4b.train.ranks import rank
+from r4b.train.run_lock import releases_run_locks
+from r4b.train.runtime import export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
+from r4b.train.signals import StopSignal
 from r4b.train.weight_sync import sync_rollout_weights
 
 
-def read_prompt_files(paths: list[str], on_error: str) -> tuple[list[Any], Any]:
-    """RL prompts (no assistant turn, a reference ``answer``) of every file, and the report of what was skipped."""
+def read_prompt_files(paths: list[str], data: Any, images_dir: Path | None = None) -> tuple[list[Any], Any]:
+    """RL prompts (no assistant turn, a reference ``answer``) of every file, read as the data section says
+    (``on_error``, the column keys; image bytes stored in ``images_dir``), and the report of what was skipped."""
     from r4b.data import DataReport, read_prompts
+    from r4b.data.prompt_tables import PromptKeys
 
+    keys = PromptKeys(data.prompt_key, data.answer_key, data.image_key)
     prompts, report = [], DataReport()
     for path in paths:
-        samples, read_report = read_prompts(path, on_error=on_error, what="an RL prompt")
+        samples, read_report = read_prompts(
+            path, on_error=data.on_error, what="an RL prompt", keys=keys, images_dir=images_dir
+        )
         prompts += samples
         report = report.merge(read_report)
     if not prompts:
@@ -80,14 +94,20 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
 
 def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection, advantages: AdvantageSection) -> None:
     """Settings that cannot work together, refused before any model loads (each value's own choices and range are
-    checked with the config: r4b.config.check_values)."""
+    checked with the config: r4b.config.check_values): one-line errors naming the keys."""
     if rollout.engine != "vllm" and (rollout.vllm or rollout.vllm_sleep_level is not None):
-        raise ValueError("rollout.vllm and rollout.vllm_sleep_level are for rollout.engine=vllm")
-    check_suffixes(rollout.suffixes)
-    if reward.name not in REWARDS:
-        raise ValueError(f"unknown reward {reward.name!r}; registered: {', '.join(sorted(REWARDS))}")
+        raise ConfigError("rollout.vllm and rollout.vllm_sleep_level are for rollout.engine=vllm")
+    try:
+        check_suffixes(rollout.suffixes)
+    except ValueError as error:
+        raise ConfigError(f"rollout.suffixes: {error}") from None
+    if reward.name == "http":
+        if not reward.url:
+            raise ConfigError("reward.name=http needs reward.url, the reward server's address")
+    elif reward.name not in REWARDS:
+        raise ConfigError(f"unknown reward {reward.name!r}; registered: {', '.join(sorted(REWARDS))}, or http")
     if reward.name == "format" and (reward.format_weight or reward.pattern):
-        raise ValueError("reward.name=format is the format reward alone: no reward.format_weight or reward.pattern")
+        raise ConfigError("reward.name=format is the format reward alone: no reward.format_weight or reward.pattern")
 
 
 class BPOTrainer:
@@ -95,13 +115,14 @@ class BPOTrainer:
         from r4b.models.loading import load_model_and_processor
 
         self.config = config
+        _check_rollout_and_reward(config.rollout, config.reward, config.advantages)  # before the run directory
         self.rank, self.world_size, self.run_dir = start_run(config, config.output_dir, config.train.seed)
         self.main = self.rank == 0
-        _check_rollout_and_reward(config.rollout, config.reward, config.advantages)
-        self.prompts, report = read_prompt_files(config.data.prompts, config.data.on_error)
+        images = self.run_dir / "prompt_images"  # image bytes of Parquet / datasets prompts, stored once
+        self.prompts, report = read_prompt_files(config.data.prompts, config.data, images)
         self.eval_prompts = []
         if config.data.eval:  # data.on_error applies to the evaluation prompts too, counted in the one report
-            self.eval_prompts, eval_report = read_prompt_files([config.data.eval], config.data.on_error)
+            self.eval_prompts, eval_report = read_prompt_files([config.data.eval], config.data, images)
             report = report.merge(eval_report)
         if self.main:
             (self.run_dir / "data_report.json").write_text(report.to_json())
@@ -114,6 +135,10 @@ class BPOTrainer:
         # before the reference and rollout copies are made, so that they run patched too
         apply_configured_liger(model, config.model.liger, announce=self.main)
         # checked before anything runs: the token count depends on the model family's vocabulary
+        self.reward_server = None  # reward.name=http: rank 0 asks the server, in the background
+        if config.reward.name == "http":
+            world = self.world_size
+            self.reward_server = ServerScoring(config.reward, self.tokenizer, main=self.main, world_size=world)
         self.decision_tokens = None
         if config.advantages.mode_decision_credit:
             self.decision_tokens = decision_token_counts(self.tokenizer, config.rollout.suffixes)
@@ -141,6 +166,9 @@ class BPOTrainer:
             self.reference.to(self.engine.device)
         self.rollout_engine = self._rollout_engine(rollout_source)
         self.update_config = UpdateConfig.from_policy(config.policy, temperature=config.rollout.temperature or 1.0)
+        # every optimizer update of policy_update goes through the guard: no non-finite update, checkpoint or export
+        updates = config.policy.ppo_epochs * config.policy.mini_batches
+        self.guard = NonFiniteGuard(self.engine, config.train.on_nonfinite, updates_per_step=updates)
 
     # -- rollouts ------------------------------------------------------------------------------------
 
@@ -246,7 +274,13 @@ class BPOTrainer:
         self.rollout_engine.sleep()  # a vLLM engine hands its GPU memory to the update
         clock.lap("rollout")
 
-        shaped = shape_rewards(rollouts, [s.answer for s in samples], config.reward)
+        answers = [s.answer for s in samples]
+        pending = self.reward_server.ask(rollouts, prompts, answers) if self.reward_server else None
+        if early := self._reference_while_scoring():  # the reference pass overlaps the reward server's requests
+            batch = self._batch(rollouts, torch.zeros(len(rollouts), len(rollouts[0])), prompts)
+            ref = self._reference_logprobs(batch)
+        scores, failures = self.reward_server.answer(pending) if self.reward_server else (None, 0)
+        shaped = shape_rewards(rollouts, answers, config.reward, scores)
         advantages = compute_advantages(
             shaped.rewards,
             config.advantages.grouping,
@@ -255,23 +289,37 @@ class BPOTrainer:
         )
         clock.lap("reward")
 
-        batch = self._batch(rollouts, advantages, prompts)
-        ref = self._reference_logprobs(batch)
+        if early:  # the same batch, its advantages now known
+            batch = dataclasses.replace(batch, advantages=advantages[tuple(zip(*batch.source, strict=True))].float())
+        else:
+            batch = self._batch(rollouts, advantages, prompts)
+            ref = self._reference_logprobs(batch)
         clock.lap("logprobs")
 
         self.rollout_stale = not self.shares_policy
+        self.guard.begin(step + 1)
         update = policy_update(
-            self.engine, batch, self.update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
+            self.guard, batch, self.update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
         )
         clock.lap("update")
         elapsed = clock.elapsed()
 
-        logged = rollout_metrics(rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off)
+        logged = rollout_metrics(rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off, advantages)
         metrics = {"step": step + 1, **logged, **update_scalars(update)}
+        if self.reward_server is not None:
+            metrics["reward_failures"] = failures  # rollouts scored reward.on_failure
+        metrics["skipped_updates"] = self.guard.skipped  # train.on_nonfinite=skip
         metrics["time"] = clock.laps
         metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
         return metrics
+
+    def _reference_while_scoring(self) -> bool:
+        """Whether the reference pass runs while the reward server scores: it needs the batch, whose layout does not
+        depend on the advantages unless mode-decision credit moves tokens by their sign (mode_decision_from:
+        positive)."""
+        positive = self.decision_tokens is not None and self.config.advantages.mode_decision_from == "positive"
+        return self.reward_server is not None and self.reference is not None and not positive
 
     def _num_thinking(self) -> int | None:
         """The leading thinking columns of each rewards row (BPO's g; None in the auto-mode baseline)."""
@@ -315,7 +363,13 @@ class BPOTrainer:
         sampling = self._sampling(step, 0, 99, greedy=True, max_new=self.config.train.eval_max_new_tokens)
         rows = self.rollout_engine.generate(prompts, n=1, mode="auto", sampling=sampling)
         self.rollout_engine.sleep()
-        correct = [score(row[0], s.answer, self.config.reward) for row, s in zip(rows, self.eval_prompts, strict=True)]
+        answers = [s.answer for s in self.eval_prompts]
+        scores = self.reward_server.scores(rows, prompts, answers)[0] if self.reward_server else None
+        correct = (
+            scores[:, 0].tolist()
+            if scores is not None
+            else [score(row[0], answer, self.config.reward) for row, answer in zip(rows, answers, strict=True)]
+        )
         thinking = [is_thinking(row[0].full_text) for row in rows]
         return {"accuracy": sum(correct) / len(rows), "trigger_rate": sum(thinking) / len(rows)}
 
@@ -333,6 +387,7 @@ class BPOTrainer:
             description=config.rollout.strategy,
         )
         stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
+        flat = FlatSteps(config.train.stop_after_flat_steps)
         try:
             for step in range(start, last):
                 metrics = self.step(step)
@@ -341,16 +396,23 @@ class BPOTrainer:
                     done == last or (config.train.eval_every and done % config.train.eval_every == 0)
                 ):
                     metrics["eval_auto"] = self.evaluate_auto(step)
+                metrics["flat_steps"] = flat.record(done, metrics["flat"])
                 logger.log(metrics)
                 halt = stop.should_stop(self.engine.device)
-                if (config.train.save_every and done % config.train.save_every == 0) or done == last or halt:
+                flat_stop = flat.exhausted and done < last
+                due = (config.train.save_every and done % config.train.save_every == 0) or done == last
+                if due or halt or flat_stop:
+                    self.guard.check_weights()
                     save_checkpoint(self.run_dir, done, self.engine, {}, keep=config.train.keep_checkpoints)
                 if halt:
                     raise stop.interrupted(self.run_dir, done)
+                if flat_stop:
+                    raise flat.stopped(self.run_dir / f"checkpoint-{done}")
         finally:
             stop.restore()
             logger.close()
         if config.train.export:
+            self.guard.check_weights()
             export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)
             if self.main:
                 from r4b.models.model_card import write_model_card
@@ -365,9 +427,45 @@ class BPOTrainer:
         return self.run_dir
 
 
+@releases_run_locks  # the run directory's lock (r4b.train.run_lock) ends with the run
 def train_bpo(config: BPOConfig) -> Path:
     """Run BPO (or the plain-GRPO baseline); returns the run directory."""
     return BPOTrainer(config).train()
+
+
+class FlatRewards(InputError):
+    """BPO stopped after ``train.stop_after_flat_steps`` steps in a row whose rewards taught nothing."""
+
+
+class FlatSteps:
+    """Counts the steps in a row whose advantages were all 0 (every group's rewards equal: no learning signal) and
+    says when ``limit`` of them (``train.stop_after_flat_steps``; 0: never) should stop the run. The same on every
+    rank: the rewards are."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.last_step = 0
+
+    def record(self, step: int, flat: bool) -> int:
+        """Note step ``step`` (1-based) and whether it was flat; returns the flat steps in a row up to it."""
+        self.in_a_row, self.last_step = (self.in_a_row + 1 if flat else 0), step
+        if self.in_a_row == 1 and rank() == 0:  # once per run of flat steps; the progress line counts them
+            print(f"step {step}: every group's rewards were equal: all advantages 0, nothing to learn", file=sys.stderr)
+        return self.in_a_row
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit > 0 and self.in_a_row >= self.limit
+
+    def stopped(self, checkpoint: Path) -> FlatRewards:
+        first = self.last_step - self.in_a_row + 1
+        return FlatRewards(
+            f"steps {first}-{self.last_step}: every group's rewards were equal, so every advantage was 0 and nothing "
+            f"was learned; stopped after {self.in_a_row} such steps in a row ({checkpoint} written). Check that "
+            "reward.name can score the answers (their format, the prompts' answer field), or raise "
+            "train.stop_after_flat_steps (0: never stop)"
+        )
 
 
 class _Stopwatch:

@@ -6,13 +6,14 @@ scheduler; sharded as the engine likes), ``trainer_state.json`` (step, data posi
 compares against them).
 It is written into a temporary sibling and renamed into place, so a
 run killed mid-save leaves the previous checkpoint intact and never a half-written one that resume
-would pick.
+would pick. ``checksums.json`` (r4b.train.integrity), written last, holds every file's size and SHA-256: resume
+checks them (:func:`checkpoint_damage`) and names a damaged file. A full disk is one line naming the file and the
+intact checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -22,7 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from r4b.train.ranks import barrier, rank
+from r4b.errors import InputError
+from r4b.train.integrity import (
+    checksum_files,
+    disk_full_is_said,
+    has_manifest,
+    no_space_error,
+    publish,
+    together,
+    verify_dir,
+    write_manifest,
+)
+from r4b.train.ranks import barrier, rank, world
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -47,28 +59,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoint-<step>`` atomically (all ranks call this); keep the newest ``keep``."""
-    final = Path(run_dir) / f"checkpoint-{step}"
-    staging = Path(run_dir) / f".checkpoint-{step}.partial"
+    """Write ``run_dir/checkpoint-<step>`` atomically (all ranks call this); keep the newest ``keep``.
+    A full disk raises a one-line :class:`InputError` on every rank (the staging directory removed)."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step}"
+    staging = run_dir / f".checkpoint-{step}.partial"
+    previous = [path for path in list_checkpoints(run_dir) if path != final]
+    try:
+        together(lambda: _make_staging(staging) if rank() == 0 else None)
+        together(lambda: _write_rank_files(staging, engine))
+        entries = checksum_files(staging, distributed=True)  # each rank hashes its share of what the ranks wrote
+        together(lambda: _finish(run_dir, staging, final, step, trainer_state, entries) if rank() == 0 else None)
+    except BaseException as error:  # a signal too: the partial checkpoint is of no use
+        if rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # gives back the space the partial checkpoint took
+        resume_from = f"resume from {previous[-1]}" if previous else "restart"
+        full = no_space_error(error, str(final), f"free space and rerun the same command to {resume_from}")
+        if full is not None:
+            raise full from None
+        raise
     if rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    engine.save(staging / "engine")
-    torch.save(rng_state(), staging / f"rng-{rank()}.pt")
-    barrier()
-    if rank() == 0:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        for name in (CONFIG_FILE, DATA_FILE):
-            if (Path(run_dir) / name).is_file():
-                shutil.copyfile(Path(run_dir) / name, staging / name)
-        _fsync_tree(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _make_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+
+def _write_rank_files(staging: Path, engine: Any) -> None:
+    with disk_full_is_said(staging / "engine"):
+        engine.save(staging / "engine")
+    with disk_full_is_said(staging / f"rng-{rank()}.pt"):
+        torch.save(rng_state(), staging / f"rng-{rank()}.pt")
+
+
+def _finish(
+    run_dir: Path, staging: Path, final: Path, step: int, trainer_state: dict[str, Any], entries: dict[str, dict]
+) -> None:
+    """Rank 0: the trainer state and config copies, the manifest last, then the rename."""
+    (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    names = [STATE_FILE]
+    for name in (CONFIG_FILE, DATA_FILE):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, staging / name)
+            names.append(name)
+    write_manifest(staging, {**entries, **checksum_files(staging, names)})
+    publish(staging, final)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -80,21 +120,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, naming the file (None: intact; all ranks call this, each hashing
+    its share). A checkpoint of an r4b that wrote no checksums is only checked for its trainer state."""
+    path = Path(path)
+    if not has_manifest(path):
+        return None if (path / STATE_FILE).is_file() else f"{path / STATE_FILE}: missing (not a complete checkpoint)"
+    return verify_dir(path, distributed=True)
+
+
 def load_checkpoint(path: Path, engine: Any) -> dict[str, Any]:
     """Restore the engine and this rank's RNG from ``path``; returns the trainer state."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{path}: not a complete r4b checkpoint (no {STATE_FILE})")
-    engine.load(path / "engine")
+        raise InputError(f"{path}: not a complete r4b checkpoint (no {STATE_FILE})")
     rng_file = path / f"rng-{rank()}.pt"
     if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file}: the checkpoint was written by fewer ranks than this run has")
+        raise InputError(_missing_rng(path, rng_file))
+    engine.load(path / "engine")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def _missing_rng(path: Path, rng_file: Path) -> str:
+    """Why ``rng_file`` is missing: the checkpoint was written by fewer ranks than this run has, or it lost it."""
+    written = sorted(int(m.group(1)) for p in path.glob("rng-*.pt") if (m := re.fullmatch(r"rng-(\d+)\.pt", p.name)))
+    ranks = len(written)
+    if written and written == list(range(ranks)) and rank() >= ranks:
+        return (
+            f"{rng_file}: missing: the checkpoint was written by {ranks} rank{'s' * (ranks > 1)} and this run has "
+            f"{world()[1]}; resume it with {ranks} process{'es' * (ranks > 1)}"
+        )
+    return f"{rng_file}: missing: the checkpoint is damaged (each of its ranks wrote one); resume an earlier one"

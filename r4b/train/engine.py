@@ -19,6 +19,7 @@ partitioned gradient buffers across several ``backward`` calls (checked by tests
 from __future__ import annotations
 
 import os
+import re
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from r4b.config.sections import EngineConfig  # engine.* of the run configs
+from r4b.errors import InputError
 from r4b.train.ranks import barrier, rank
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 _STATE_FILE = "engine_state.pt"  # scheduler state (and the single engine's model/optimizer)
+_ZERO_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")  # one per data-parallel rank
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,6 +219,32 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
+
+
+def _add_initial_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter that has no AdamW state yet the state AdamW creates at its first gradient (step 0,
+    zero moments), so that a sharded checkpoint holds state for every trainable parameter. A parameter whose
+    output no loss reads (the vision tower's post_layernorm under LLaVA's feature layer) never has a gradient,
+    and torch.distributed.checkpoint's loader expects its state. AdamW skips parameters without a gradient, and
+    on their first gradient it would create exactly this state: nothing it computes changes (no dummy step,
+    which would apply weight decay)."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not param.requires_grad or optimizer.state.get(param):
+                continue
+            on_device = group.get("capturable") or group.get("fused")
+            state = {
+                "step": torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=param.device)
+                if on_device
+                else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            optimizer.state[param] = state
 
 
 def _lrs(groups: list[_Group], opt: torch.optim.Optimizer, sched: LambdaLR, lr_lambda) -> dict[str, float]:
@@ -393,6 +422,7 @@ class FSDP2Engine(_TorchOptimEngine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         os.makedirs(path, exist_ok=True)
+        _add_initial_optimizer_state(self.optimizer)  # the loader expects state for every trainable parameter
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
         if is_main_process():
@@ -401,14 +431,30 @@ class FSDP2Engine(_TorchOptimEngine):
 
     def load(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        # Checkpoints written before save() added the state of parameters that never had a gradient lack it:
+        # restore those parameters without state, as the run that wrote the checkpoint had them.
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        stateless = [fqn for fqn in optim_sd["state"] if f"optimizer.state.{fqn}.step" not in saved]
+        for fqn in stateless:
+            del optim_sd["state"][fqn]
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(
-            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        set_model_state_dict(self.module, state["model"])
+        set_optimizer_state_dict(
+            self.module, self.optimizer, state["optimizer"], options=StateDictOptions(strict=not stateless)
         )
+        if stateless:
+            named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in self.module.named_parameters()}
+            for fqn in stateless:
+                self.optimizer.state.pop(named[fqn], None)
         extra = torch.load(os.path.join(path, _STATE_FILE), weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
 
@@ -501,12 +547,25 @@ class DeepSpeedEngine(Engine):
         barrier()
 
     def load(self, path: str) -> None:
+        self._check_world_size(path)
         load_path, client = self._ds.load_checkpoint(
             path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
         self.scheduler.load_state_dict(client["scheduler"])
+
+    def _check_world_size(self, path: str) -> None:
+        """ZeRO partitions the optimizer state by rank and DeepSpeed cannot repartition it: refuse another number
+        of ranks in one line (DeepSpeed's own failure is a traceback deep in its loader)."""
+        files = os.listdir(os.path.join(path, "engine")) if os.path.isdir(os.path.join(path, "engine")) else []
+        written = len({m.group(1) for name in files if (m := _ZERO_RANK_FILE.search(name))})
+        ranks = dist.get_world_size()
+        if written and written != ranks:
+            raise InputError(
+                f"{os.path.dirname(os.path.normpath(path))} was written by {written} ranks and this run has {ranks}: "
+                f"DeepSpeed ZeRO cannot repartition its optimizer state, resume it on {written} ranks"
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed

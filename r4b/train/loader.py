@@ -85,7 +85,7 @@ def _as_is(item: Any) -> Any:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C and SIGTERM reach the whole process group; the loop stops after its step (r4b.train.runtime
+    """Ctrl-C and SIGTERM reach the whole process group; the loop stops after its step (r4b.train.signals
     .StopSignal) and still needs the step's micro-batches, so the workers leave the signals to it (they stop with
     the loader, or when the loop's process is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,7 +1,9 @@
 """Run logs on the main process: metrics.jsonl, TensorBoard curves and a rich progress line.
 
-Every finite scalar of a step's metrics goes to TensorBoard under its path (``thinking/off_mode``, ``time/rollout``);
-the progress line shows the loss, lr, tokens/s and, in BPO, the reward and each forced mode's off-mode share."""
+metrics.jsonl is strict JSON: a non-finite number (a skipped update's loss, ``train.on_nonfinite=skip``) is written
+as null. Every finite scalar of a step's metrics goes to TensorBoard under its path (``thinking/off_mode``,
+``time/rollout``); the progress line shows the loss, lr, tokens/s, skipped updates and, in BPO, the reward, each
+forced mode's off-mode share and a warning on a step whose rewards teach nothing (``flat``)."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class RunLogger:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+            handle.write(json.dumps(_finite_or_null(metrics), allow_nan=False) + "\n")
         step = metrics["step"]
         if self.writer is not None:
             for key, value in _scalars(metrics):
@@ -99,13 +101,31 @@ def _status(metrics: dict[str, Any]) -> str:
     rollouts that left it (a thinking rollout with an empty think block, a non-thinking one that thinks)."""
     if "loss" not in metrics:
         return ""
-    status = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
+    loss = metrics["loss"]
+    loss = f"{loss:.4f}" if isinstance(loss, int | float) and math.isfinite(loss) else "-"
+    status = f"loss {loss}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s"
+    if metrics.get("skipped_updates"):
+        status += f"  [red]skipped {metrics['skipped_updates']} non-finite update(s)[/]"
     if "reward" in metrics:
         status += f"  reward {metrics['reward']:.3f}"
     for mode, label in OFF_MODE_LABELS.items():
         if isinstance(metrics.get(mode), dict) and "off_mode" in metrics[mode]:
             status += f"  {label} {metrics[mode]['off_mode']:.0%}"
+    if metrics.get("flat"):
+        in_a_row = metrics.get("flat_steps", 1)
+        status += f"  [yellow]no signal: each group's rewards equal ({in_a_row} step(s) in a row)[/]"
     return status
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON's null; bare NaN is not JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = ""):

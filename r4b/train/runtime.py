@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -19,9 +21,25 @@ from r4b.config import check_values, config_to_dict
 from r4b.config.fields import resume_may_change_keys
 from r4b.config.sections import STAGES
 from r4b.errors import InputError, RunInterrupted, output_dir
-from r4b.train.checkpoint import CONFIG_FILE, DATA_FILE, STATE_FILE, list_checkpoints, load_checkpoint
+from r4b.train.checkpoint import (
+    CONFIG_FILE,
+    DATA_FILE,
+    STATE_FILE,
+    checkpoint_damage,
+    list_checkpoints,
+    load_checkpoint,
+)
 from r4b.train.engine import init_distributed
+from r4b.train.integrity import (
+    checksum_files,
+    disk_full_is_said,
+    no_space_error,
+    publish,
+    together,
+    write_manifest,
+)
 from r4b.train.ranks import barrier, world  # one source of rank helpers, shared with checkpoint.py
+from r4b.train.run_lock import lock_run_dir, unlock_run_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -31,14 +49,22 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(config: Any, output_dir: str | Path, seed: int) -> tuple[int, int, Path]:
-    """Join the process group (under torchrun), create the run directory with its config.yaml, seed.
+    """Join the process group (under torchrun), lock the run directory for this run (r4b.train.run_lock: before
+    anything is written into it; released when the run ends), create it with its config.yaml, seed.
     Returns (rank, world size, run directory). A config built in Python is checked as a loaded one is, and
     ``model.attention_backend`` / ``model.fused_loss_method`` are applied to the process."""
     check_values(config)
     init_distributed(getattr(getattr(config, "engine", None), "timeout_minutes", None))  # engine.timeout_minutes
     rank, world_size = world()
     run_dir = Path(output_dir)
-    check_run_dir(config, run_dir)
+    _check_writable(run_dir)
+    created = not run_dir.exists()
+    lock_run_dir(run_dir)
+    try:
+        check_run_dir(config, run_dir)
+    except BaseException:
+        unlock_run_dir(run_dir, remove_if_empty=created)  # a refused run leaves nothing behind
+        raise
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -98,16 +124,9 @@ def check_run_dir(config: Any, run_dir: Path) -> None:
                 "(or delete the old one)"
             )
         return
-    if policy == "auto":
-        if not found:
-            return
-        path = found[-1]
-    else:
-        path = Path(policy)
-        if not path.is_dir():
-            raise InputError(f"train.resume={policy}: no such checkpoint directory")
-        if not (path / STATE_FILE).is_file():
-            raise InputError(f"train.resume={policy}: not a complete r4b checkpoint (no {STATE_FILE})")
+    path = resume_checkpoint(policy, run_dir)
+    if path is None:
+        return
     try:
         step = int(json.loads((path / STATE_FILE).read_text())["step"])
     except (ValueError, KeyError, TypeError) as error:
@@ -223,10 +242,13 @@ def _check_writable(run_dir: Path) -> None:
 def _check_inputs(config: Any) -> None:
     """The files a run reads, before a model loads: data files and a local model directory."""
     data = getattr(config, "data", None)
+    for key, what in (("train", "training data"), ("prompts", "prompts")):
+        if hasattr(data, key) and not getattr(data, key):
+            raise InputError(f"data.{key} is empty: no {what}; name one or more JSONL files (or prepared DIRs)")
     for key in ("train", "prompts", "eval"):
         files = getattr(data, key, None)
         for file in [files] if isinstance(files, str) else files or []:
-            if not Path(file).is_file() and not (Path(file) / "r4b_prepared.json").is_file():  # or a prepared DIR
+            if not Path(file).is_file() and not _is_data_dir(Path(file)):
                 what = "a directory, not a file" if Path(file).is_dir() else "no such file"
                 raise InputError(f"data.{key}: {file}: {what}")
     path = getattr(getattr(config, "model", None), "path", None)
@@ -235,79 +257,131 @@ def _check_inputs(config: Any) -> None:
         raise InputError(f"model.path {path}: no such model directory")
 
 
+def _is_data_dir(path: Path) -> bool:
+    """A directory a run reads as data: a prepared DIR (r4b data prepare) or a datasets save_to_disk directory."""
+    return (path / "r4b_prepared.json").is_file() or (path / "state.json").is_file()
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = str(name).split("/")
     return len(parts) == 2 and all(parts) and not str(name).startswith((".", "~"))
 
 
-def resume(policy: str, run_dir: Path, engine: Any) -> int:
-    """Restore per ``policy`` ("auto": the newest complete checkpoint of the run, "none", or a checkpoint
-    path); returns the step to continue from."""
+def resume_checkpoint(policy: str, run_dir: Path) -> Path | None:
+    """The checkpoint a run resumes from (None: from the start), its files checked against their checksums
+    (r4b.train.integrity; all ranks call this). ``auto``: the newest intact checkpoint, one line for each damaged
+    newer one skipped; a named checkpoint that is damaged is an error naming the file."""
     if policy == "none":
-        return 0
-    if policy == "auto":
-        found = list_checkpoints(run_dir)
-        if not found:
-            return 0
-        path = found[-1]
-    else:
+        return None
+    if policy != "auto":
         path = Path(policy)
+        if not path.is_dir():
+            raise InputError(f"train.resume={policy}: no such checkpoint directory")
+        if not (path / STATE_FILE).is_file():
+            raise InputError(f"train.resume={policy}: not a complete r4b checkpoint (no {STATE_FILE})")
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise InputError(f"train.resume={policy}: {damage}; resume another checkpoint")
+        return path
+    found = list_checkpoints(run_dir)
+    skipped: list[str] = []
+    for path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            for why in skipped:
+                _say_once(f"skipping a damaged checkpoint: {why}; resuming from {path.name}, the newest intact one")
+            return path
+        skipped.append(damage)
+    if found:
+        raise InputError(
+            f"no intact checkpoint to resume in {run_dir}: {'; '.join(skipped)}; restore the files, or start afresh "
+            "in a new --output-dir"
+        )
+    return None
+
+
+_SAID: set[str] = set()  # check_run_dir and resume both pick the checkpoint: say each skip once per run
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID and world()[0] == 0:
+        print(line, file=sys.stderr)
+    _SAID.add(line)
+
+
+def resume(policy: str, run_dir: Path, engine: Any) -> int:
+    """Restore per ``policy`` ("auto": the newest intact checkpoint of the run, "none", or a checkpoint path;
+    :func:`resume_checkpoint`); returns the step to continue from."""
+    path = resume_checkpoint(policy, run_dir)
+    _SAID.clear()
+    if path is None:
+        return 0
     state = load_checkpoint(path, engine)
     print(f"resumed from {path} at step {state['step']}")
     return int(state["step"])
 
 
-class StopSignal:
-    """SIGINT / SIGTERM during training: the first asks the loop to stop after the current step (it writes a
-    checkpoint and raises :class:`RunInterrupted`), a second stops at once (KeyboardInterrupt). Installed on
-    construction (main thread only), the old handlers back with :meth:`restore`."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after this step with a checkpoint (again: at once)", file=sys.stderr)
-
-    def should_stop(self, device: Any = None) -> bool:
-        """Whether any rank was asked to stop (a collective under torch.distributed: all ranks call it per step)."""
-        flag = self.requested is not None
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            tensor = torch.tensor([float(flag)], device=device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
-
-    def interrupted(self, run_dir: Path, step: int) -> RunInterrupted:
-        why = self.requested or "a signal on another rank"
-        return RunInterrupted(
-            f"stopped by {why} after step {step}; {Path(run_dir) / f'checkpoint-{step}'} written: "
-            "rerun the same command to resume"
-        )
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+EXPORT_UNCHECKED = ("README.md",)  # the model card: rewritten after the export (r4b eval adds its results)
 
 
 def export_model(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path, main: bool) -> None:
-    """Write the trained model as a Hugging Face directory (R-4B's layout) from rank 0 (all ranks call this)."""
+    """Write the trained model as a Hugging Face directory (R-4B's layout) from rank 0 (all ranks call this).
+    It is written into a staging sibling with its checksums (r4b.train.integrity) and renamed into place: a
+    signal or a full disk mid-export leaves the previous ``out`` (or none), and says so in one line."""
+    out = Path(out)
+    state = engine.full_state_dict()  # collective: every rank takes part
+    staging = out.parent / f".{out.name}.partial"
+    try:
+        together(lambda: _write_export(model, state, tokenizer, staging, out) if main else None)
+    except BaseException as error:  # (a full disk may come as DCP's CheckpointException, a BaseException)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, _Stopped):
+            raise RunInterrupted(
+                f"stopped by {error} during the export; {out} was not written: rerun the same command to export"
+            ) from None
+        full = no_space_error(error, str(out), "free space and rerun the same command to export")
+        if full is not None:
+            raise full from None
+        raise
+    if main:
+        print(f"exported {out}")
+    barrier()
+
+
+def _write_export(model: torch.nn.Module, state: dict, tokenizer: Any, staging: Path, out: Path) -> None:
     from r4b.models.loading import save_model
 
-    state = engine.full_state_dict()  # collective: every rank takes part
-    if main:
+    shutil.rmtree(staging, ignore_errors=True)
+    with _signals_stop_export():
         # The engine may have sharded `model` in place: load the full weights into a fresh copy.
         fresh = type(model)(model.config)
         fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        save_model(fresh, out, tokenizer)
-        print(f"exported {out}")
-    barrier()
+        with disk_full_is_said(staging):
+            save_model(fresh, staging, tokenizer)
+        entries = checksum_files(staging)
+        write_manifest(staging, {k: v for k, v in entries.items() if k not in EXPORT_UNCHECKED})
+        publish(staging, out)
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT / SIGTERM during the export (a KeyboardInterrupt: nothing on the way may swallow it)."""
+
+
+@contextlib.contextmanager
+def _signals_stop_export():
+    """SIGINT / SIGTERM raise :class:`_Stopped` while the export is written, so that it is cleaned up and reported
+    (the training loop's StopSignal is gone by then); the old handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -18,18 +18,21 @@ import torch
 import torch.distributed as dist
 
 from r4b.config.sections import SFTConfig  # the run config (every key: docs/config.md)
-from r4b.train.accumulate import MicroStep, accumulate_gradients
+from r4b.train.accumulate import MicroStep, NonFiniteGuard, accumulate_gradients
 from r4b.train.batches import GlobalBatchPlanner, StepPlan
 from r4b.train.checkpoint import save_checkpoint
 from r4b.train.engine import build_engine
 from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batches
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
-from r4b.train.runtime import StopSignal, export_model, resume, start_run
+from r4b.train.run_lock import releases_run_locks
+from r4b.train.runtime import export_model, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft_data import SFTDataset
+from r4b.train.signals import StopSignal
 
 
+@releases_run_locks  # the run directory's lock (r4b.train.run_lock) ends with the run
 def train_sft(config: SFTConfig) -> Path:
     """Run bi-mode annealing; returns the run directory."""
     rank, world_size, run_dir = start_run(config, config.output_dir, config.train.seed)
@@ -99,14 +102,17 @@ def train_sft(config: SFTConfig) -> Path:
     loader = MicroBatchLoader(
         dataset.host_batch, keys, workers=workers, pin_memory=torch.device(engine.device).type == "cuda"
     )
+    guard = NonFiniteGuard(engine, config.train.on_nonfinite)  # no non-finite update, checkpoint or export
     stop = StopSignal()  # Ctrl-C: stop after this step with a checkpoint; again: at once
     try:
         for step in range(start_step, total_steps):
-            metrics = _train_step(engine, loader, planner.plan(step), world_size)
+            guard.begin(step + 1)
+            metrics = _train_step(guard, loader, planner.plan(step), world_size)
             logger.log(metrics)
             done = step + 1
             halt = stop.should_stop(engine.device)
             if (config.train.save_every and done % config.train.save_every == 0) or done == total_steps or halt:
+                guard.check_weights()
                 save_checkpoint(run_dir, done, engine, {"epoch": metrics["epoch"]}, keep=config.train.keep_checkpoints)
             if halt:
                 raise stop.interrupted(run_dir, done)
@@ -115,6 +121,7 @@ def train_sft(config: SFTConfig) -> Path:
         stop.restore()
         logger.close()
     if config.train.export:
+        guard.check_weights()
         export_model(engine, model, tokenizer, run_dir / "model", main)
         if main:
             from r4b.models.model_card import write_model_card
@@ -133,7 +140,7 @@ def padding_sample(plan: StepPlan, lengths: list[int]) -> tuple[int]:
     return (min(samples, key=lambda i: (lengths[i], i)),)
 
 
-def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) -> dict:
+def _train_step(engine: NonFiniteGuard, loader: MicroBatchLoader, plan: StepPlan, world: int) -> dict:
     started = time.perf_counter()
     # Gradients are averaged over ranks: scale so their average is sum / (labelled tokens of the global batch).
     scale = world / max(1, plan.loss_tokens)
@@ -150,9 +157,9 @@ def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) ->
 
     accumulate_gradients(engine, micro_steps(), lambda _, loss: loss_sum.add_(loss.detach().double()))
     lrs = engine.lrs()  # the rates this step used (the scheduler advances in step())
-    grad_norm = engine.step()
     if world > 1:
         dist.all_reduce(loss_sum)
+    grad_norm = engine.step()  # the guard's: refuses a non-finite loss or gradient norm first
     elapsed = time.perf_counter() - started
     return {
         "step": plan.step + 1,
@@ -161,6 +168,7 @@ def _train_step(engine, loader: MicroBatchLoader, plan: StepPlan, world: int) ->
         "lr": lrs.get("llm", next(iter(lrs.values()), 0.0)),
         "lrs": lrs,
         "grad_norm": grad_norm,
+        "skipped_updates": engine.skipped,  # train.on_nonfinite=skip: its loss and grad_norm are null
         "tokens": plan.tokens,
         "loss_tokens": plan.loss_tokens,
         "samples": sum(len(m) for r in plan.micro_batches for m in r),

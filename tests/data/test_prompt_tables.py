@@ -4,25 +4,14 @@ data.on_error as for JSONL lines."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from prompt_layouts import EASYR1, QUESTIONS, VERL, easyr1_rows, png, verl_rows
 
 from r4b.data import DataError, read_prompts
-from r4b.data.prompt_tables import PromptKeys
-
-VERL = PromptKeys(prompt="prompt", answer="reward_model.ground_truth", image="images")
-EASYR1 = PromptKeys(prompt="problem", answer="answer", image="images")
-QUESTIONS = [("Find x.", "3", "red"), ("How many sides?", "4", "blue"), ("What is 2 + 5?", "7", None)]
-
-
-def png(color: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (9, 7), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -36,27 +25,6 @@ def r4b_jsonl(tmp_path) -> Path:
         lines.append(json.dumps(record))
     (tmp_path / "rl.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path / "rl.jsonl"
-
-
-def verl_rows() -> list[dict]:
-    return [
-        {
-            "data_source": "geo3k",
-            "prompt": [{"role": "user", "content": ("<image>" if color else "") + question}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": answer},
-            "images": [{"bytes": png(color), "path": None}] if color else [],
-            "extra_info": {"index": k},
-        }
-        for k, (question, answer, color) in enumerate(QUESTIONS)
-    ]
-
-
-def easyr1_rows() -> list[dict]:  # no placeholder: one per image goes before the problem
-    return [
-        {"problem": question, "answer": answer, "images": [png(color)] if color else []}
-        for question, answer, color in QUESTIONS
-    ]
 
 
 def same_prompts(ours, theirs) -> None:

@@ -33,6 +33,7 @@ def paths(tmp_path) -> dict[str, str]:
     (tmp_path / "file").write_text("x")
     (tmp_path / "data.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "empty.yaml").write_text("")
     return {"tmp": str(tmp_path), "file": str(tmp_path / "file"), "run": str(tmp_path / "run")}
 
 
@@ -55,6 +56,15 @@ CASES = {
     "max steps negative": ([*sft(), "--max-steps=-2"], "--max-steps = -2: must be positive"),
     "warmup ratio over 1": (sft("optim.warmup_ratio=2"), "optim.warmup_ratio = 2.0: must be between 0 and 1"),
     "missing data file": (sft("data.train=[{tmp}/no.jsonl]"), "data.train: {tmp}/no.jsonl: no such file"),
+    "max_tokens not an integer": (sft("data.max_tokens=1e35"), "data.max_tokens = '1e35': expected an integer"),
+    "empty sft config": (
+        ["sft", "--config", "{tmp}/empty.yaml", "--output-dir", "{run}"],
+        "data.train is empty: no training data",
+    ),
+    "empty bpo config": (
+        ["bpo", "--config", "{tmp}/empty.yaml", "--output-dir", "{run}"],
+        "data.prompts is empty: no prompts",
+    ),
     "output dir is a file": (["sft", "--config", SFT, "--output-dir", "{file}"], "output_dir {file} is a file"),
     "output dir under a file": (
         ["sft", "--config", SFT, "--output-dir", "{file}/run"],
@@ -64,6 +74,8 @@ CASES = {
     "bpo missing model.path": (bpo("model.path={tmp}/no-model"), "model.path {tmp}/no-model: no such model directory"),
     "bpo unknown data.on_error": (bpo("data.on_error=x"), "data.on_error = 'x': expected one of"),
     "bpo missing eval file": (bpo("data.eval={tmp}/no.jsonl"), "data.eval: {tmp}/no.jsonl: no such file"),
+    "bpo unknown reward": (bpo("reward.name=foo"), "unknown reward 'foo'; registered: answer, format, or http"),
+    "bpo reward server without url": (bpo("reward.name=http"), "reward.name=http needs reward.url"),
     "curate --n 0": (
         ["curate", "--model", "tiny", "--data", "{tmp}/data.jsonl", "--out", "{run}", "--n", "0"],
         "--n 0: must be at least 1",
@@ -96,6 +108,7 @@ def test_user_error_is_one_line(case, paths, capsys):
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith(f"r4b {command}: error: "), err
     assert expected.format(**paths) in err[0]
+    assert not Path(paths["run"]).exists() or "--out" in argv  # a refused run leaves no run directory behind
 
 
 def test_debug_keeps_the_traceback(paths, monkeypatch):
@@ -145,21 +158,23 @@ def test_no_usable_sample_is_an_error_and_the_report_is_written(content, tmp_pat
 
 def test_bpo_prompts_with_a_corrupt_image_are_skipped_or_named(tmp_path):
     """bpo reads training and evaluation prompts alike (data.on_error): a corrupt image is a counted bad line."""
+    from r4b.config.sections import BPODataSection
     from r4b.errors import InputError
     from r4b.train.bpo import read_prompt_files
 
+    skip = BPODataSection(on_error="skip")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     corrupt = {**good, "images": ["bad.png"], "messages": [{"role": "user", "content": "<image>\n1+1?"}]}
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in [good, corrupt]))
-    prompts, report = read_prompt_files([str(path)], "skip")
+    prompts, report = read_prompt_files([str(path)], skip)
     assert len(prompts) == 1 and report.skipped == {"bad_image": 1}
     assert report.examples["bad_image"][0].startswith(f"{path}:2: field 'images[0]': cannot read image")
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text(json.dumps(corrupt) + "\n")
     with pytest.raises(InputError, match=r"no RL prompts in .*bad\.jsonl: loaded 0, skipped 1 \(bad_image 1\)$"):
-        read_prompt_files([str(only_bad)], "skip")
+        read_prompt_files([str(only_bad)], skip)
 
 
 def test_a_global_batch_larger_than_the_dataset_is_said(capsys):

@@ -153,7 +153,7 @@ def test_resume_may_change_keys_are_declared_on_the_fields():
     assert {
         "output_dir", "train.resume", "train.max_steps", "train.save_every", "train.keep_checkpoints",
         "train.tensorboard", "train.progress", "train.export", "train.allow_config_change", "engine.timeout_minutes",
-        "model.attention_backend", "model.fused_loss_method",
+        "model.attention_backend", "model.fused_loss_method", "train.on_nonfinite", "train.stop_after_flat_steps",
     } == HARMLESS_KEYS  # fmt: skip
     old = {"model": {"path": None}, "train": {"save_every": 0}}
     new = {"model": {"path": None, "attention_backend": "flex"}, "train": {"save_every": 5}}
@@ -162,10 +162,10 @@ def test_resume_may_change_keys_are_declared_on_the_fields():
 
 def test_train_sections_share_their_common_keys():
     common = [f.name for f in dataclasses.fields(TrainBase)]
-    assert len(common) == 9
+    assert len(common) == 10
     for cls in (TrainSection, BPOTrainSection):
         assert issubclass(cls, TrainBase)
-        assert [f.name for f in dataclasses.fields(cls)][:9] == common
+        assert [f.name for f in dataclasses.fields(cls)][:10] == common
     # the YAML keys did not move: train.max_steps, train.steps, train.epochs ...
     assert load_config(BPOConfig, None, ["train.max_steps=3", "train.steps=7"]).train.max_steps == 3
     assert load_config(SFTConfig, None, ["train.max_steps=3", "train.epochs=2"]).train.epochs == 2

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_SFT, synthetic_data
+from helpers import DEMO_SFT, sft_argv, synthetic_data
 
 from r4b.cli import main
+from r4b.train.integrity import checksum_files, write_manifest
 from r4b.train.runtime import changed_keys
 
 DEMO = DEMO_SFT
@@ -25,20 +26,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def sft(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "sft",
-        "--config",
-        str(DEMO),
-        "--output-dir",
-        str(out),
-        f"data.train=[{data}]",
-        "train.global_batch_samples=12",
-        "train.progress=false",
-        "train.tensorboard=false",
-        "train.export=false",
-        "train.save_every=1",
-        *extra,
-    ]
+    return sft_argv(data, out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +97,7 @@ def test_max_steps_below_the_newest_checkpoint_is_an_error(data, run, capsys):
     shutil.copytree(run / "checkpoint-1", run / "checkpoint-3")
     state = run / "checkpoint-3" / "trainer_state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "step": 3}))
+    write_manifest(state.parent, checksum_files(state.parent))  # an intact checkpoint, not a damaged one
     assert main([*sft(data, run), "train.max_steps=2"]) == 2
     line = error_line(capsys)
     assert "--max-steps 2 is below the step of the newest checkpoint" in line and "checkpoint-3" in line
@@ -164,7 +153,7 @@ def test_a_second_ctrl_c_stops_at_once(capsys):
     import signal
 
     from r4b.cli import run_command
-    from r4b.train.runtime import StopSignal
+    from r4b.train.signals import StopSignal
 
     stop = StopSignal()
     try:
