@@ -25,6 +25,7 @@ __all__ = [
     "DataSection",
     "EngineConfig",
     "FusedLossMethod",
+    "LoggingSection",
     "LossAggMode",
     "ModelSection",
     "OptimSection",
@@ -33,6 +34,7 @@ __all__ = [
     "RewardSection",
     "RolloutSection",
     "SFTConfig",
+    "SinkName",
     "TrainBase",
     "TrainSection",
     "TrainableModule",
@@ -43,6 +45,7 @@ TrainableModule = Literal["vision", "projector", "llm"]
 OnError = Literal["raise", "skip"]
 AttentionBackend = Literal["auto", "r4b", "flex", "fa2", "r4b-schedule"]  # r4b.models.attention_backends.BACKENDS
 FusedLossMethod = Literal["recompute", "cublas", "cublas-fast"]  # r4b.kernels.fused_grad.METHODS (tested equal)
+SinkName = Literal["tensorboard", "wandb", "mlflow"]  # r4b.train.sinks.SINKS
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
@@ -135,8 +138,9 @@ class TrainBase:
     allow_config_change: Annotated[list[str], RESUME_MAY_CHANGE] = field(default_factory=list)
     """Keys (or whole sections) a resume may change although they alter the run."""
 
-    tensorboard: Annotated[bool, RESUME_MAY_CHANGE] = True
-    """Write TensorBoard logs to output_dir/tensorboard."""
+    tensorboard: Annotated[bool | None, RESUME_MAY_CHANGE] = None
+    """TensorBoard logs in output_dir/tensorboard: true / false turns them on / off whatever logging.sinks lists (the
+    older key, kept for existing configs); null: as logging.sinks says (on by default)."""
 
     progress: Annotated[bool, RESUME_MAY_CHANGE] = True
     """Show a progress line on the terminal."""
@@ -149,6 +153,36 @@ class TrainBase:
     before applying it, with one line naming the step (nothing of it is applied or saved). skip: its gradients are
     dropped (the weights and AdamW's moments stay; the learning-rate schedule and the data move on as for a taken
     step), the step's skipped_updates counts it in metrics.jsonl and a line says so."""
+
+
+@dataclass
+class LoggingSection:
+    """Where a run's metrics and BPO's sample tables go besides metrics.jsonl; only rank 0 logs."""
+
+    sinks: Annotated[list[SinkName], RESUME_MAY_CHANGE] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers that get each step's metrics, the keys of metrics.jsonl (nested ones joined by /, e.g.
+    thinking/off_mode; true / false as 1 / 0): tensorboard (output_dir/tensorboard), wandb (pip install
+    'r4b[wandb]'; its files in $WANDB_DIR, else output_dir/wandb; WANDB_MODE=offline needs no account) and mlflow
+    (pip install 'r4b[mlflow]'). A sink that fails to start is named in one line and the run goes on with the others.
+    A resumed run continues the same W&B and MLflow runs (their ids: output_dir/sink_runs.json)."""
+
+    samples_every: Annotated[int, NON_NEGATIVE, RESUME_MAY_CHANGE] = 0
+    """BPO: every this many steps, a table of the step's first logging.samples_prompts prompts (text, image, answer)
+    with each mode's responses, their rewards and off-mode flags goes to output_dir/samples.jsonl and the sinks; 0:
+    never."""
+
+    samples_prompts: Annotated[int, POSITIVE, RESUME_MAY_CHANGE] = 4
+    """How many prompts such a table holds, each with all its responses."""
+
+    project: Annotated[str | None, RESUME_MAY_CHANGE] = None
+    """The W&B project and the MLflow experiment; null: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else r4b."""
+
+    run_name: Annotated[str | None, RESUME_MAY_CHANGE] = None
+    """The run's name in W&B and MLflow; null: the name of output_dir."""
+
+    mlflow_uri: Annotated[str | None, RESUME_MAY_CHANGE] = None
+    """The MLflow tracking URI (a server, sqlite:///..., file:...); null: $MLFLOW_TRACKING_URI, else a file store in
+    output_dir/mlruns (no server needed)."""
 
 
 @dataclass
@@ -233,6 +267,7 @@ class SFTConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,6 +491,7 @@ class BPOConfig:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr_llm=1e-6, lr_vision=0.0, lr_projector=0.0))
     train: BPOTrainSection = field(default_factory=BPOTrainSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "bpo": BPOConfig}

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 # the run config (every key: docs/config.md)
-from r4b.config.loading import ConfigError
+from r4b.config.loading import ConfigError, config_to_dict
 from r4b.config.sections import AdvantageSection, BPOConfig, RewardSection, RolloutSection
 from r4b.errors import InputError
 from r4b.format import is_thinking
@@ -54,6 +54,7 @@ from r4b.train.logging import RunLogger
 from r4b.train.ranks import rank
 from r4b.train.run_lock import releases_run_locks
 from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.samples import sample_records
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.signals import StopSignal
 from r4b.train.weight_sync import sync_rollout_weights
@@ -281,6 +282,7 @@ class BPOTrainer:
             ref = self._reference_logprobs(batch)
         scores, failures = self.reward_server.answer(pending) if self.reward_server else (None, 0)
         shaped = shape_rewards(rollouts, answers, config.reward, scores)
+        self.step_rollouts = (samples, rollouts, shaped)  # what a sample table shows (logging.samples_every)
         advantages = compute_advantages(
             shaped.rewards,
             config.advantages.grouping,
@@ -383,6 +385,8 @@ class BPOTrainer:
             start_step=start,
             enabled=self.main,
             tensorboard=config.train.tensorboard,
+            settings=config.logging,
+            run_config=config_to_dict(config),
             progress=config.train.progress,
             description=config.rollout.strategy,
         )
@@ -398,6 +402,8 @@ class BPOTrainer:
                     metrics["eval_auto"] = self.evaluate_auto(step)
                 metrics["flat_steps"] = flat.record(done, metrics["flat"])
                 logger.log(metrics)
+                if logger.samples_due(done):
+                    logger.log_samples(done, sample_records(*self.step_rollouts, limit=config.logging.samples_prompts))
                 halt = stop.should_stop(self.engine.device)
                 flat_stop = flat.exhausted and done < last
                 due = (config.train.save_every and done % config.train.save_every == 0) or done == last

@@ -1,9 +1,11 @@
-"""Run logs on the main process: metrics.jsonl, TensorBoard curves and a rich progress line.
+"""Run logs on the main process: metrics.jsonl, the trackers of ``logging.sinks`` and a rich progress line.
 
 metrics.jsonl is strict JSON: a non-finite number (a skipped update's loss, ``train.on_nonfinite=skip``) is written
-as null. Every finite scalar of a step's metrics goes to TensorBoard under its path (``thinking/off_mode``,
-``time/rollout``); the progress line shows the loss, lr, tokens/s, skipped updates and, in BPO, the reward, each
-forced mode's off-mode share and a warning on a step whose rewards teach nothing (``flat``)."""
+as null. Every finite scalar of a step's metrics (a flag as 1 / 0) goes to each sink (:mod:`r4b.train.sinks`:
+TensorBoard, W&B, MLflow) under its path (``thinking/off_mode``, ``time/rollout``); BPO's sample tables go to
+samples.jsonl and the sinks every ``logging.samples_every`` steps. A sink that fails is one line and the run goes on
+without it. The progress line shows the loss, lr, tokens/s, skipped updates and, in BPO, the reward, each forced
+mode's off-mode share and a warning on a step whose rewards teach nothing (``flat``)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,18 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from r4b.config.sections import LoggingSection
+from r4b.train.sinks import Sink, SinkContext, chosen_sinks, one_line, preserved_rng, say, start_sinks
+
 
 class RunLogger:
     """Appends one JSON object per step to ``metrics.jsonl`` (kept across resumes: lines past the resumed
-    step, and a last line torn by a kill mid-write, are dropped first), mirrors scalars to TensorBoard and
-    shows progress."""
+    step, and a last line torn by a kill mid-write, are dropped first, from samples.jsonl too), mirrors scalars to
+    the sinks and shows progress. Disabled (``enabled=False``: every rank but 0) it writes and starts nothing.
+
+    ``settings`` is the ``logging`` section, ``tensorboard`` the older ``train.tensorboard`` that turns TensorBoard
+    on or off over ``logging.sinks`` (:func:`r4b.train.sinks.chosen_sinks`), and ``run_config`` the config the
+    trackers record."""
 
     def __init__(
         self,
@@ -29,21 +38,24 @@ class RunLogger:
         *,
         start_step: int = 0,
         enabled: bool = True,
-        tensorboard: bool = True,
+        tensorboard: bool | None = None,
+        settings: LoggingSection | None = None,
+        run_config: dict[str, Any] | None = None,
         progress: bool = True,
         description: str = "train",
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self.settings = settings or LoggingSection()
+        self.sinks: list[Sink] = []
         self.progress = None
         if not enabled:
             return
-        self._truncate_after(start_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        self._truncate_after(self.path, start_step)
+        self._truncate_after(self.samples_path, start_step)
+        context = SinkContext(Path(run_dir), start_step, self.settings, run_config or {})
+        self.sinks = start_sinks(chosen_sinks(self.settings.sinks, tensorboard), context)
         if progress:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -58,11 +70,12 @@ class RunLogger:
             self.progress.start()
         self.started = time.perf_counter()
 
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+    @staticmethod
+    def _truncate_after(path: Path, step: int) -> None:
+        if not path.exists():
             return
         kept, torn = [], 0
-        for line in self.path.read_text(errors="replace").splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
                 if row["step"] <= step:
@@ -70,8 +83,8 @@ class RunLogger:
             except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write (or blank): dropped
                 torn += bool(line.strip())
         if torn:
-            print(f"{self.path}: dropped {torn} torn line(s) (a run killed mid-write)")
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+            print(f"{path}: dropped {torn} torn line(s) (a run killed mid-write)")
+        path.write_text("".join(f"{line}\n" for line in kept))
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -79,17 +92,52 @@ class RunLogger:
         with self.path.open("a") as handle:
             handle.write(json.dumps(_finite_or_null(metrics), allow_nan=False) + "\n")
         step = metrics["step"]
-        if self.writer is not None:
-            for key, value in _scalars(metrics):
-                self.writer.add_scalar(key, value, step)
+        scalars = dict(_scalars(metrics))
+        for sink in list(self.sinks):
+            self._call(sink, step, sink.log, step, scalars)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=_status(metrics))
+
+    def samples_due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) logs a sample table (``logging.samples_every``; only where enabled)."""
+        every = self.settings.samples_every
+        return self.enabled and every > 0 and step % every == 0
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """One sample table (:func:`r4b.train.samples.sample_records`): a samples.jsonl line per prompt, and the
+        sinks."""
+        if not self.enabled:
+            return
+        with self.samples_path.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(_finite_or_null({"step": step, **record}), allow_nan=False) + "\n")
+        for sink in list(self.sinks):
+            self._call(sink, step, sink.log_samples, step, records)
+
+    def _call(self, sink: Sink, step: int, method: Any, *args: Any) -> None:
+        """``method(*args)`` of ``sink``; a failure drops the sink with one line, and the run goes on."""
+        try:
+            with preserved_rng():
+                method(*args)
+        except Exception as error:  # a tracker's failure never stops training
+            say(f"logging: {sink.name} failed at step {step} ({one_line(error)}); the run goes on without it")
+            self.sinks.remove(sink)
+            self._close(sink)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            self._close(sink)
+        self.sinks = []
+
+    @staticmethod
+    def _close(sink: Sink) -> None:
+        try:
+            with preserved_rng():
+                sink.close()
+        except Exception as error:
+            say(f"logging: {sink.name} did not close cleanly ({one_line(error)})")
 
 
 # BPO's forced modes on the progress line: the share of rollouts that left their mode (r4b.rl.reward.off_mode).
@@ -129,10 +177,14 @@ def _finite_or_null(value: Any) -> Any:
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = ""):
+    """``(path, number)`` of every finite number of a metrics row but its step, nested keys joined by ``/`` and a flag
+    (``flat``) as 1 / 0: what every sink gets."""
     for key, value in metrics.items():
         if key == "step":
             continue
         if isinstance(value, dict):
             yield from _scalars(value, f"{prefix}{key}/")
-        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        elif isinstance(value, bool):
+            yield f"{prefix}{key}", int(value)
+        elif isinstance(value, int | float) and math.isfinite(value):
             yield f"{prefix}{key}", value

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from r4b.config.loading import config_to_dict
 from r4b.config.sections import SFTConfig  # the run config (every key: docs/config.md)
 from r4b.train.accumulate import MicroStep, NonFiniteGuard, accumulate_gradients
 from r4b.train.batches import GlobalBatchPlanner, StepPlan
@@ -91,6 +92,8 @@ def train_sft(config: SFTConfig) -> Path:
         start_step=start_step,
         enabled=main,
         tensorboard=config.train.tensorboard,
+        settings=config.logging,
+        run_config=config_to_dict(config),
         progress=config.train.progress,
         description="sft",
     )
