@@ -50,6 +50,16 @@ def sft_argv(data: Path, out: Path, *extra: str) -> list[str]:
             "train.save_every=1", *extra]  # fmt: skip
 
 
+def tiny_bpo(data: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides of a small ``r4b bpo`` of the untrained tiny model on ``data``'s ``rl.jsonl`` into ``out`` (2 + 2
+    rollouts of 6 tokens for 4 prompts a step; no evaluation, progress, TensorBoard or export): ``extra`` after them,
+    so it may change any of them."""
+    return [f"output_dir={out}", "model.path=null", f"data.prompts=[{data / 'rl.jsonl'}]", "data.eval=null",
+            "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.prompts_per_call=2",
+            "train.prompts_per_step=4", "train.progress=false", "train.tensorboard=false", "train.export=false",
+            *extra]  # fmt: skip
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))

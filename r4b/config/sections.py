@@ -393,6 +393,24 @@ class RewardSection:
     """true: a forced thought that stops (stop token) before </think> is off-mode too; one cut at
     rollout.max_new_tokens is not."""
 
+    overlong: Literal["none", "mask", "soft"] = "none"
+    """Rollouts cut at rollout.max_new_tokens: none (scored like the rest); mask: dropped from the loss and from
+    their group's mean and std (DAPO's overlong filtering); soft: DAPO's linear penalty, 0 up to
+    max_new_tokens - overlong_buffer tokens, falling to -1 at max_new_tokens, added before the group normalisation."""
+
+    overlong_buffer: Annotated[int, POSITIVE] = 64
+    """reward.overlong=soft: the last this many tokens before rollout.max_new_tokens, over which the penalty grows."""
+
+    thought_budget: Annotated[int | None, POSITIVE] = None
+    """Thinking rollouts whose thought (response tokens before </think>) is longer than this many tokens lose
+    reward linearly (thought_budget_penalty), before the group normalisation; non-thinking and auto rollouts never.
+    null: no budget."""
+
+    thought_budget_penalty: Annotated[float, NON_NEGATIVE] = 0.5
+    """reward.thought_budget: the most reward a thought over the budget loses, reached at twice the budget (linear
+    from the budget up). Keep it below a wrong answer's reward minus reward.off_mode, so that a long thought never
+    scores below leaving the mode."""
+
 
 @dataclass
 class AdvantageSection:

@@ -15,6 +15,10 @@ as thinking (:func:`r4b.format.think_state`, :func:`r4b.format.is_thinking`) are
   (:func:`r4b.answers.choice_letter`: a leading ``B`` / ``(B)`` / ``B. text``, else the text of exactly one option,
   else the only option letter standing alone in the answer). No answer is wrong.
 - **Unfinished rate**: the share of responses cut at ``max_new_tokens`` (no stop token).
+- **Thought tokens** (per model and mode, :func:`thought_percentiles`): the 50th, 90th and 99th percentiles
+  (linear interpolation, numpy's default) of ``thought_tokens`` over the thinking responses, the response
+  tokens before the first ``</think>`` (an unclosed thought: all but the stop token; auto mode counts its ``\n``
+  decision too); None without a thinking response that carries the count (predictions of older versions).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Any
 from r4b.answers import answers_match, choice_letter, extract_answer
 from r4b.format import MODES
 
-__all__ = ["compute_metrics", "score_response", "summarize"]
+__all__ = ["THOUGHT_PERCENTILES", "compute_metrics", "score_response", "summarize", "thought_percentiles"]
+
+THOUGHT_PERCENTILES = (50, 90, 99)
 
 
 def score_response(text: str, answer: str, options: Mapping[str, str] | None = None) -> tuple[str | None, bool]:
@@ -62,6 +68,20 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def thought_percentiles(records: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """``{"p50", "p90", "p99"}`` of the thinking records' ``thought_tokens`` (see the module docstring)."""
+    lengths = sorted(int(r["thought_tokens"]) for r in records if r.get("thinking") and "thought_tokens" in r)
+    return {f"p{q}": _percentile(lengths, q) if lengths else None for q in THOUGHT_PERCENTILES}
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    """The ``q``-th percentile of sorted values, interpolated linearly between the two nearest ranks."""
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
     values = list(dict.fromkeys(values))
     return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
@@ -85,6 +105,7 @@ def compute_metrics(
         for mode in _order((r["mode"] for r in mine), MODES):
             rows = [r for r in mine if r["mode"] == mode]
             summary = summarize(rows)
+            summary["thought_tokens"] = thought_percentiles(rows)
             for key in group_keys:
                 values = [str(r.get("groups", {}).get(key, "(none)")) for r in rows]
                 summary[f"by_{key}"] = {

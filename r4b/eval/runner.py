@@ -353,6 +353,9 @@ def _generate(
     batch_size: int,
     bar: _Progress,
 ) -> Iterable[list[dict[str, Any]]]:
+    from r4b.rl.shaping import thought_tokens  # the generating path alone needs torch's side
+
+    close_id = _think_close_id(tokenizer)
     for chunk_index, chunk in _chunks(items, batch_size):
         params = dataclasses.replace(sampling, seed=sampling.seed + chunk_index)
         outputs = engine.generate([item.prompt for item in chunk], n=1, mode=mode, sampling=params)
@@ -373,8 +376,20 @@ def _generate(
                 "groups": item.groups,
             }
             rows.append({**row, **score_record(row)})
+            if close_id is not None and rows[-1]["thinking"]:  # the thought-length percentiles read it
+                rows[-1]["thought_tokens"] = thought_tokens(rollout, close_id)
         bar.advance(len(chunk))
         yield rows
+
+
+def _think_close_id(tokenizer: Any) -> int | None:
+    """The id of ``</think>`` that thoughts are counted up to; None without a tokenizer that writes it as one."""
+    from r4b.rl.shaping import think_close_token
+
+    try:
+        return None if tokenizer is None else think_close_token(tokenizer)
+    except ValueError:
+        return None
 
 
 def load_predictions(path: str | Path) -> list[dict[str, Any]]:

@@ -13,6 +13,11 @@ The normalisation is verl's ``compute_grpo_outcome_advantage``: ``(r - mean) / (
 ``eps = 1e-6``. A group whose rewards are all equal gets 0 (no relative signal). One difference from
 verl: a group of one response (``per_mode`` with ``g = 1``) gets 0 here, where verl uses mean 0 and std
 1 (the raw reward) -- a lone response has no baseline to be better or worse than.
+
+``valid`` (``reward.overlong: mask``) leaves rollouts out: each group's mean and std are those of its valid
+rollouts alone, and a left-out rollout gets 0 (the batch drops it from the loss too). A cut response has no
+answer, so its reward says nothing about its group; counted in the mean it would still push its siblings up.
+A group (joint: all 2g) with fewer than two valid rollouts gets 0 throughout.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def compute_advantages(
     num_thinking: int | None = None,
     scale_by_std: bool = True,
     eps: float = 1e-6,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Per-response advantages ``[num_prompts, G]`` (float32) from rewards ``[num_prompts, G]``.
 
@@ -42,19 +48,28 @@ def compute_advantages(
             ``per_mode`` uses it.
         scale_by_std: divide by ``std + eps`` (GRPO) or not (Dr. GRPO).
         eps: added to the std.
+        valid: bool ``[num_prompts, G]``, the rollouts that count (see the module docstring); None: all.
     """
     if rewards.dim() != 2 or rewards.shape[1] < 1:
         raise ValueError(f"rewards must be [num_prompts, G] with G >= 1, got shape {tuple(rewards.shape)}")
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; expected one of {ADVANTAGE_MODES}")
+    if valid is not None and valid.shape != rewards.shape:
+        raise ValueError(f"valid must have the shape of rewards {tuple(rewards.shape)}, got {tuple(valid.shape)}")
     values = rewards.detach().to(torch.float64)
+
+    def normalise(columns: slice) -> Tensor:
+        if valid is None:
+            return _normalise(values[:, columns], scale_by_std, eps)
+        return _normalise_valid(values[:, columns], valid[:, columns], scale_by_std, eps)
+
     if mode == "joint":
-        return _normalise(values, scale_by_std, eps).float()
+        return normalise(slice(None)).float()
     width = rewards.shape[1]
     g = width // 2 if num_thinking is None else int(num_thinking)
     if not 0 <= g <= width:
         raise ValueError(f"num_thinking={g} is outside [0, G={width}]")
-    parts = [_normalise(part, scale_by_std, eps) for part in (values[:, :g], values[:, g:]) if part.shape[1] > 0]
+    parts = [normalise(c) for c in (slice(0, g), slice(g, width)) if c.stop > c.start]
     return torch.cat(parts, dim=1).float()
 
 
@@ -67,3 +82,19 @@ def _normalise(values: Tensor, scale_by_std: bool, eps: float) -> Tensor:
     if scale_by_std:
         centred = centred / (values.std(dim=1, keepdim=True) + eps)
     return torch.where(equal, 0.0, centred)
+
+
+def _normalise_valid(values: Tensor, valid: Tensor, scale_by_std: bool, eps: float) -> Tensor:
+    """:func:`_normalise` over each row's valid entries alone; invalid entries, and rows of fewer than two valid
+    entries or all-equal valid ones, give 0."""
+    weight = valid.to(values.dtype)
+    count = weight.sum(dim=1, keepdim=True)
+    mean = (values * weight).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = (values - mean) * weight
+    highest = values.masked_fill(~valid, -torch.inf).amax(dim=1, keepdim=True)
+    equal = highest == values.masked_fill(~valid, torch.inf).amin(dim=1, keepdim=True)
+    if scale_by_std:
+        std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + eps)
+    silent = (count < 2) | equal
+    return torch.where(silent | ~valid, 0.0, centred)

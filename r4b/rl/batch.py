@@ -142,6 +142,7 @@ class RolloutBatch:
         images: Sequence[Sequence[Image.Image | str | Path]] | None = None,
         processor: ImageProcessor | None = None,
         pad_id: int = 0,
+        keep: Tensor | None = None,
     ) -> RolloutBatch:
         """Build a batch from ``rollouts[p][j]`` (prompt p, column j) and ``advantages[p][j]``.
 
@@ -151,6 +152,10 @@ class RolloutBatch:
         ``packed_position_ids``) also gives each entry its mRoPE positions, so pass it for Qwen-VL models even
         without images. Responses must be non-empty; ``rollout_logprobs`` is filled when every rollout
         carries log-probs.
+
+        ``keep[p][j]`` False leaves that rollout out of the batch (``reward.overlong: mask``): dropped, not given a
+        zero weight, so no token of it counts in the loss or in token-mean's denominator. An entry left without
+        responses is not built (a prompt may lose both; ``source`` keeps the kept rollouts' own columns).
         """
         if len(advantages) != len(rollouts):
             raise ValueError(f"advantages has {len(advantages)} rows for {len(rollouts)} prompts")
@@ -167,7 +172,9 @@ class RolloutBatch:
             decoded = decode_images(images[p] if images is not None else [], where=f"prompt {p}")
             vision = _preprocess(decoded, processor, where=f"prompt {p}")
             for mode in dict.fromkeys(r.mode for r in row):
-                columns = [j for j, r in enumerate(row) if r.mode == mode]
+                columns = [j for j, r in enumerate(row) if r.mode == mode and (keep is None or bool(keep[p][j]))]
+                if not columns:
+                    continue
                 ids = row[columns[0]].prompt_ids
                 for j in columns:
                     if list(row[j].prompt_ids) != list(ids):

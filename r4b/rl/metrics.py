@@ -23,6 +23,7 @@ def rollout_metrics(
     formats: Tensor | None,
     off: Tensor | None = None,
     advantages: Tensor | None = None,
+    per_mode: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Per mode: reward, accuracy (the configured reward alone), response length, the share of prompts whose
     responses in that mode all got one reward and, with a format reward, the share of well-formed responses;
@@ -30,7 +31,9 @@ def rollout_metrics(
     ``off_mode``: the share of rollouts that left their mode (``off``, :func:`r4b.rl.reward.off_mode`: thinking
     rollouts with an empty think block, non-thinking ones that think); overall, ``zero_adv_groups``, the share of
     prompts whose 2g advantages are all 0 (no learning signal; without ``advantages``: whose 2g rewards are all
-    equal, joint grouping's test), and ``flat``, whether that holds for every prompt: the step teaches nothing."""
+    equal, joint grouping's test), and ``flat``, whether that holds for every prompt: the step teaches nothing.
+    ``per_mode``: further ``[prompts, G]`` values averaged per mode under their own names (the length controls':
+    :meth:`r4b.rl.shaping.ShapedRewards.per_mode_metrics`)."""
     if off is None:
         off = torch.tensor([[off_mode(r.full_text, r.mode) for r in row] for row in rollouts], dtype=torch.bool)
     out: dict[str, Any] = {"reward": float(rewards.mean())}
@@ -53,6 +56,8 @@ def rollout_metrics(
             out[mode]["off_mode"] = sum(bool(off[p, k]) for p, k in mine) / len(mine)
         if formats is not None:
             out[mode]["format"] = mean(2)
+        for name, values in (per_mode or {}).items():
+            out[mode][name] = sum(float(values[p, k]) for p, k in mine) / len(mine)
         # prompts whose responses in this mode all got one reward (under joint grouping they may still
         # get advantages, from the other mode's rewards)
         groups = [{float(rewards[p, k]) for k, r in enumerate(row) if r.mode == mode} for p, row in enumerate(rollouts)]

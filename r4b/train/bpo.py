@@ -43,7 +43,7 @@ from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, comp
 from r4b.rl.credit import credit_mode_decision, decision_token_counts
 from r4b.rl.metrics import rollout_metrics, update_scalars
 from r4b.rl.remote_reward import ServerScoring
-from r4b.rl.shaping import score, shape_rewards
+from r4b.rl.shaping import kept_rollouts, score, shape_rewards, think_close_token
 from r4b.rl.update import BPOObjective
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams, build_rollout_engine, check_suffixes
 from r4b.train.accumulate import NonFiniteGuard
@@ -109,6 +109,10 @@ def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection, ad
         raise ConfigError(f"unknown reward {reward.name!r}; registered: {', '.join(sorted(REWARDS))}, or http")
     if reward.name == "format" and (reward.format_weight or reward.pattern):
         raise ConfigError("reward.name=format is the format reward alone: no reward.format_weight or reward.pattern")
+    if reward.overlong == "soft" and reward.overlong_buffer > rollout.max_new_tokens:
+        raise ConfigError(
+            f"reward.overlong_buffer={reward.overlong_buffer} is over rollout.max_new_tokens={rollout.max_new_tokens}"
+        )
 
 
 class BPOTrainer:
@@ -140,6 +144,12 @@ class BPOTrainer:
         if config.reward.name == "http":
             world = self.world_size
             self.reward_server = ServerScoring(config.reward, self.tokenizer, main=self.main, world_size=world)
+        self.think_close_id = None  # reward.thought_budget counts thought tokens up to </think>'s id
+        if config.reward.thought_budget is not None:
+            try:
+                self.think_close_id = think_close_token(self.tokenizer)
+            except ValueError as error:
+                raise ConfigError(f"reward.thought_budget: {error}") from None
         self.decision_tokens = None
         if config.advantages.mode_decision_credit:
             self.decision_tokens = decision_token_counts(self.tokenizer, config.rollout.suffixes)
@@ -276,45 +286,64 @@ class BPOTrainer:
         clock.lap("rollout")
 
         answers = [s.answer for s in samples]
+        keep = kept_rollouts(rollouts, config.reward)  # reward.overlong=mask: the finished rollouts alone train
+        trains = keep is None or bool(keep.any())
         pending = self.reward_server.ask(rollouts, prompts, answers) if self.reward_server else None
-        if early := self._reference_while_scoring():  # the reference pass overlaps the reward server's requests
-            batch = self._batch(rollouts, torch.zeros(len(rollouts), len(rollouts[0])), prompts)
+        if early := trains and self._reference_while_scoring():  # the reference pass overlaps the server's requests
+            batch = self._batch(rollouts, torch.zeros(len(rollouts), len(rollouts[0])), prompts, keep)
             ref = self._reference_logprobs(batch)
         scores, failures = self.reward_server.answer(pending) if self.reward_server else (None, 0)
-        shaped = shape_rewards(rollouts, answers, config.reward, scores)
+        shaped = shape_rewards(
+            rollouts, answers, config.reward, scores,
+            max_new_tokens=config.rollout.max_new_tokens, think_close_id=self.think_close_id,
+        )  # fmt: skip
         self.step_rollouts = (samples, rollouts, shaped)  # what a sample table shows (logging.samples_every)
         advantages = compute_advantages(
             shaped.rewards,
             config.advantages.grouping,
             num_thinking=self._num_thinking(),
             scale_by_std=config.advantages.scale_by_std,
+            valid=keep,
         )
         clock.lap("reward")
 
         if early:  # the same batch, its advantages now known
             batch = dataclasses.replace(batch, advantages=advantages[tuple(zip(*batch.source, strict=True))].float())
-        else:
-            batch = self._batch(rollouts, advantages, prompts)
+        elif trains:
+            batch = self._batch(rollouts, advantages, prompts, keep)
             ref = self._reference_logprobs(batch)
         clock.lap("logprobs")
 
-        self.rollout_stale = not self.shares_policy
-        self.guard.begin(step + 1)
-        update = policy_update(
-            self.guard, batch, self.update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
-        )
+        update = self._update(step, batch, ref) if trains else {}
         clock.lap("update")
         elapsed = clock.elapsed()
 
-        logged = rollout_metrics(rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off, advantages)
+        logged = rollout_metrics(
+            rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off, advantages, shaped.per_mode_metrics()
+        )
         metrics = {"step": step + 1, **logged, **update_scalars(update)}
+        if not trains:  # every rollout was cut at max_new_tokens and masked: no update this step
+            metrics["all_masked"] = True
         if self.reward_server is not None:
             metrics["reward_failures"] = failures  # rollouts scored reward.on_failure
         metrics["skipped_updates"] = self.guard.skipped  # train.on_nonfinite=skip
         metrics["time"] = clock.laps
-        metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed
+        metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed if trains else 0.0
         metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
         return metrics
+
+    def _update(self, step: int, batch: RolloutBatch, ref: torch.Tensor | None) -> dict[str, Any]:
+        """The policy update on ``batch``; its mini-batches are at most the prompts the batch kept (reward.overlong=
+        mask may drop whole prompts)."""
+        self.rollout_stale = not self.shares_policy
+        self.guard.begin(step + 1)
+        kept_prompts = len(set(batch.entry_prompts))
+        update_config = self.update_config
+        if update_config.mini_batches > kept_prompts:
+            update_config = dataclasses.replace(update_config, mini_batches=kept_prompts)
+        return policy_update(
+            self.guard, batch, update_config, ref_logprobs=ref, rank=self.rank, world_size=self.world_size
+        )
 
     def _reference_while_scoring(self) -> bool:
         """Whether the reference pass runs while the reward server scores: it needs the batch, whose layout does not
@@ -327,10 +356,16 @@ class BPOTrainer:
         """The leading thinking columns of each rewards row (BPO's g; None in the auto-mode baseline)."""
         return self.config.rollout.group_size if self.config.rollout.strategy == "bpo" else None
 
-    def _batch(self, rollouts: list[list[Rollout]], advantages: torch.Tensor, prompts: list[Prompt]) -> RolloutBatch:
+    def _batch(
+        self,
+        rollouts: list[list[Rollout]],
+        advantages: torch.Tensor,
+        prompts: list[Prompt],
+        keep: torch.Tensor | None = None,
+    ) -> RolloutBatch:
         """What the update trains on: one entry per (prompt, mode) with its responses, their decision tokens moved
         into the responses under mode-decision credit (r4b.rl.credit); the prompts' images as decoded for the
-        rollouts."""
+        rollouts; without the rollouts ``keep`` leaves out (reward.overlong=mask)."""
         trained = rollouts
         if self.decision_tokens is not None:
             positive = self.config.advantages.mode_decision_from == "positive"
@@ -341,6 +376,7 @@ class BPOTrainer:
             images=[p.images for p in prompts],
             processor=self.processor,
             pad_id=self.tokenizer.pad_token_id or 0,
+            keep=keep,
         )
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_bpo
 
 from r4b.cli import main
 from r4b.rl import compute_advantages
@@ -53,12 +54,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def _bpo(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "bpo", "--config", str(DEMO), "--output-dir", str(out), "model.path=null",
-        f"data.prompts=[{data / 'rl.jsonl'}]", "data.eval=null", "rollout.group_size=2", "rollout.max_new_tokens=4",
-        "rollout.prompts_per_call=2", "train.prompts_per_step=2", "train.progress=false", "train.tensorboard=false",
-        "train.export=false", "policy.beta=0", "reward.name=constant", "reward.off_mode=null", *extra,
-    ]  # fmt: skip
+    args = tiny_bpo(data, out, "rollout.max_new_tokens=4", "train.prompts_per_step=2", "policy.beta=0",
+                    "reward.name=constant", "reward.off_mode=null", *extra)  # fmt: skip
+    return ["bpo", "--config", str(DEMO), *args]
 
 
 def _rows(run: Path) -> list[dict]:

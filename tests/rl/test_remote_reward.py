@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import run_two_ranks
+from helpers import run_two_ranks, tiny_bpo
 
 from r4b.config import load_config
 from r4b.rl.remote_reward import RemoteReward, RewardServerError, server_scores
@@ -135,11 +135,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def bpo_overrides(data: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return [f"output_dir={out}", "model.path=null", f"data.prompts=[{data / 'rl.jsonl'}]", "data.eval=null",
-            "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.prompts_per_call=2",
-            "train.prompts_per_step=4", "train.steps=2", "train.progress=false", "train.tensorboard=false",
-            "train.export=false", "reward.name=http", f"reward.url={url}", "reward.batch_size=5",
-            "train.stop_after_flat_steps=0", *extra]  # fmt: skip
+    return tiny_bpo(data, out, "train.steps=2", "reward.name=http", f"reward.url={url}", "reward.batch_size=5",
+                    "train.stop_after_flat_steps=0", *extra)  # fmt: skip
 
 
 def test_bpo_trains_on_the_servers_rewards(data, tmp_path, server):

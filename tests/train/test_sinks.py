@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_SFT, ROOT, run_two_ranks, synthetic_data
+from helpers import DEMO_SFT, ROOT, run_two_ranks, synthetic_data, tiny_bpo
 
 from r4b.config import load_config
 from r4b.config.sections import LoggingSection, SinkName
@@ -59,20 +59,7 @@ def offline(tmp_path, monkeypatch) -> Path:
 
 
 def bpo_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        "model.path=null",
-        f"data.prompts=[{data / 'rl.jsonl'}]",
-        "data.eval=null",
-        "rollout.group_size=2",
-        "rollout.max_new_tokens=6",
-        "rollout.prompts_per_call=2",
-        "train.prompts_per_step=2",
-        "train.steps=2",
-        "train.progress=false",
-        "train.export=false",
-        *extra,
-    ]
+    return tiny_bpo(data, out, "train.prompts_per_step=2", "train.steps=2", "train.tensorboard=null", *extra)
 
 
 def metrics(run: Path) -> list[dict]:
