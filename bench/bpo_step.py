@@ -9,7 +9,9 @@ entries. ``r4b-shared`` packs each entry once with its responses (segment ids, t
 entry); ``unshared`` packs every response with its own copy of the prompt and image (what trainers
 without prompt sharing do). Both run the same model, fused loss and engine. Timed: one
 ``policy_update`` (forward + backward + optimizer step, off-policy ratio, token-mean) and the
-forward-only ``compute_logprobs``. Writes bench/results/bpo_step-<device>-<date>.json.
+forward-only ``compute_logprobs``; r4b's rows record what ran (the attention backend setting, the fused-loss
+method). Rows stream into ``rows-<device>-<date>.jsonl`` and the JSON as they are measured (bench/common.py:
+Results). Writes bench/results/bpo_step-<device>-<date>.json.
 
 Whole RL steps (``--full-step-steps``; rollout, reward, log-probs, update, with the time split) of the embedded
 tiny model (image + text, untrained) on the synthetic task, all in the same run: ``r4b bpo`` shared vs unshared,
@@ -50,9 +52,11 @@ from PIL import Image
 from transformers import Qwen3Config, SiglipVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, error_row, median_ms, peak_gib, print_table, synchronize, write_results
+from common import Results, error_row, exit_code, median_ms, peak_gib, print_table, synchronize
 
 from r4b.config import EngineConfig
+from r4b.kernels import fused_grad
+from r4b.models.attention_backends import attention_backend
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.r4b_model import RConfig, RForConditionalGeneration
 from r4b.rl import BPOObjective, RolloutBatch, UpdateConfig, compute_logprobs, policy_update
@@ -120,7 +124,12 @@ def make_batch(args: argparse.Namespace, processor: RImageProcessor, seed: int =
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> dict:
+def ran() -> dict:
+    """What r4b's rows ran: the r4b_varlen backend setting and r4b's fused-loss method."""
+    return {"attention": attention_backend(), "fused_loss_method": fused_grad.resolve_method(None)}
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = bench_config(args)
     with torch.random.fork_rng(devices=[]):
@@ -136,7 +145,6 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():  # stand-in rollout log-probs: off-policy ratios, as in a real update
         old = compute_logprobs(engine, batch, max_tokens=args.max_tokens) - 0.05
 
-    rows = []
     for shared in (True, False):
         impl = "r4b-shared" if shared else "unshared"
         update = UpdateConfig(clip_eps_high=0.28, max_tokens=args.max_tokens, shared_prefix=shared)
@@ -151,33 +159,30 @@ def run(args: argparse.Namespace) -> dict:
             row = {
                 "impl": impl, "mode": mode, "prompts": args.prompts, "responses": batch.num_responses,
                 "prompt_len": int(batch.prompt_ids[0].numel()), "response_tokens": int(batch.response_lengths.sum()),
-                "packed_tokens": packed,
+                "packed_tokens": packed, **ran(),
             }  # fmt: skip
             with error_row(row):  # an OOM or a failing update is this row's error; the run goes on
                 row["ms"] = median_ms(fn, warmup=args.warmup, repeats=args.repeats)
                 row["peak_gib"] = peak_gib(fn)
                 row["response_tokens_per_s"] = row["response_tokens"] / (row["ms"] * 1e-3)
-            rows.append(row)
-            print(row, flush=True)
-    trl: dict = {"version": None, "skipped": "--full-step-steps 0"}
+            results.add("rows", row)
+    results.update(trl={"version": None, "skipped": "--full-step-steps 0"})
     if args.full_step_steps:
-        full, trl = full_step_rows(args)
-        rows += full
-    return {"rows": rows, "ratios": ratios(rows), "trl": trl, "trl_ratios": trl_ratios(rows)}
+        results.update(trl=full_step_rows(args, results))
 
 
-def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
+def full_step_rows(args: argparse.Namespace, results: Results) -> dict:
     """Whole ``r4b bpo`` steps (rollout, reward, log-probs, update) of the embedded tiny model on the synthetic
     task: BPO shared vs unshared (the rollouts are the same for both, seeded by the step, so only the update
     differs), r4b's GRPO baseline (2g auto-mode rollouts) and TRL's GRPOTrainer on the same model, prompts and
-    reward. Returns the rows and what was run for TRL (its version, settings, or why it was skipped)."""
+    reward; each row into ``results`` as it is measured. Returns what was run for TRL (its version, settings, or why
+    it was skipped)."""
     import tempfile
 
     from r4b.config import load_config
     from r4b.synth import write_synthetic
     from r4b.train.bpo import BPOConfig, BPOTrainer
 
-    rows = []
     runs = [("r4b-shared", "bpo", True), ("unshared", "bpo", False), ("r4b-shared-grpo", "grpo", True)]
     reference = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +196,7 @@ def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 f"policy.shared_prefix={str(shared).lower()}", "train.tensorboard=false", "train.progress=false",
                 "policy.beta=0",  # no reference model, as TRL's arm (the demo config's KL is not what is timed)
             ]  # fmt: skip
-            row = {"impl": impl, "mode": FULL_STEP, "rollouts": rollouts_label(strategy, args.g)}
+            row = {"impl": impl, "mode": FULL_STEP, "rollouts": rollouts_label(strategy, args.g), **ran()}
             row["prompts"] = args.prompts
             with error_row(row):  # a failing run is this row's error; the others still run
                 trainer = BPOTrainer(load_config(BPOConfig, CONFIGS / "bpo.yaml", overrides))
@@ -201,17 +206,15 @@ def full_step_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
                         "ms": sum(split.values()), **{f"{k}_ms": v for k, v in split.items()}}  # fmt: skip
                 if strategy == "grpo":  # TRL gets the GRPO run's config, prompts and initial weights
                     reference = trainer
-            rows.append(row)
-            print(rows[-1], flush=True)
+            results.add("rows", row)
         trl_row, trl_info = None, {"version": None, "skipped": "--no-trl"}
         if args.trl and reference is None:
             trl_info["skipped"] = "r4b's GRPO full-step run failed: nothing to match"
         elif args.trl:
             trl_row, trl_info = trl_full_step_row(args, reference, Path(tmp) / "trl")
         if trl_row is not None:
-            rows.append(trl_row)
-            print(trl_row, flush=True)
-    return rows, trl_info
+            results.add("rows", trl_row)
+    return trl_info
 
 
 def rollouts_label(strategy: str, g: int) -> str:
@@ -483,29 +486,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    payload = run(args)
-    payload["environment"] = environment(extra_packages=("transformers", "trl", "accelerate"))
-    payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    device = payload["environment"]["device"]
-    update_rows = [r for r in payload["rows"] if r["mode"] != FULL_STEP]
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = Results("bpo_step", args.out, ("transformers", "trl", "accelerate"), config)
+    status = results.run(lambda: run(args, results))
+    rows = results.section("rows")
+    results.update(ratios=ratios(rows), trl_ratios=trl_ratios(rows))
+    path = results.finish(status)
+    payload = results.payload
+    device = results.env["device"]
+    update_rows = [r for r in rows if r["mode"] != FULL_STEP]
     columns = ["impl", "mode", "responses", "prompt_len", "packed_tokens", "ms", "peak_gib", "response_tokens_per_s"]
     print_table(f"BPO policy update, {device}", update_rows, [*columns, "error"])
-    full_rows = [r for r in payload["rows"] if r["mode"] == FULL_STEP]
+    full_rows = [r for r in rows if r["mode"] == FULL_STEP]
     phases = ["rollout_ms", "reward_ms", "logprobs_ms", "update_ms"]
     print_table(f"whole RL steps, tiny model, {device}", full_rows,
                 ["impl", "rollouts", "responses", "packed_tokens", "ms", *phases, "error"])  # fmt: skip
     print_table("shared prefix vs unshared (same run)", payload["ratios"],
                 ["mode", "vs", "shared_speedup", "packed_token_ratio", "memory_ratio"])  # fmt: skip
-    trl = payload["trl"]
+    trl = payload.get("trl", {})
     if trl.get("version"):
         print_table(f"TRL {trl['version']} GRPOTrainer time / r4b time (same run; >1: r4b faster)",
                     payload["trl_ratios"], ["r4b", "r4b_rollouts", "vs", "speedup", "rollout_speedup",
                                             "reward_speedup", "update_speedup", "token_ratio"])  # fmt: skip
     else:
         print(f"TRL skipped: {trl.get('skipped')}")
-    path = write_results("bpo_step", payload, *([args.out] if args.out else []))
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path} ({status}; rows also in {results.rows_path})")
+    return exit_code(status)
 
 
 if __name__ == "__main__":

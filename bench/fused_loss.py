@@ -2,6 +2,7 @@
 cut-cross-entropy and verl.
 
     python bench/fused_loss.py                # Qwen3-4B sizes on a GPU, bf16
+    python bench/fused_loss.py --impls r4b-cublas r4b-cublas-fast r4b   # those rows only, in that order
     python bench/fused_loss.py --smoke        # tiny sizes on a CPU: a check that it runs
 
 Times forward+backward of the full BPO loss (off-policy ratio, clip-higher,
@@ -10,12 +11,17 @@ reference policies), with the peak memory each adds over its inputs, and the
 achieved TFLOP/s against the measured bf16 matmul rate (2·N·H·V FLOPs forward,
 6·N·H·V forward+backward). Writes bench/results/fused_loss-<device>-<date>.json.
 
-r4b runs three ways in the same run: ``r4b`` (method "recompute": Triton logits, recomputed in the
-backward), ``r4b-cublas`` and ``r4b-cublas-fast`` (cuBLAS logits per token chunk, gradients made in the
-forward; r4b.kernels.fused_grad). The cuBLAS rows are skipped where that path cannot run (CPU tensors
-without TRITON_INTERPRET). ``ratios`` compares each r4b row (``base``) with every competitor;
-``method_ratios`` the cuBLAS rows with ``r4b``; ``accuracy`` (at the first size) each r4b method's loss,
-gradients and log-probs against the materialized loss on the same inputs in fp32.
+r4b runs each of its methods in the same run: ``r4b`` is what a user gets by default (``method=None``:
+``R4B_FUSED_LOSS_METHOD``, else r4b's default, "recompute" today: Triton logits, recomputed in the backward), and
+every other method has its own row: ``r4b-cublas`` and ``r4b-cublas-fast`` (cuBLAS logits per token chunk,
+gradients made in the forward; r4b.kernels.fused_grad), ``r4b-recompute`` once the default is another. The cuBLAS
+rows are skipped where that path cannot run (CPU tensors without TRITON_INTERPRET). Every row records what ran
+(``method``; for r4b the path of each fp32 product, ``accumulation``: fused_grad.accumulation_paths) and is
+checked: one more call of what was timed, its loss, d_hidden and d_weight (fwd+bwd) or log-probs (forward-only)
+against the materialized loss in true fp32 on the same inputs (``reference_fp32``, 2,048 tokens at a time), with
+``within_tolerance`` against the dtype's bounds (``TOLERANCE``); ``accuracy`` lists those errors. ``ratios``
+compares each r4b row (``base``) with every competitor; ``method_ratios`` r4b's other methods with ``r4b``. Rows
+stream into ``rows-<device>-<date>.jsonl`` and the JSON as they are measured (bench/common.py: Results).
 
 The log-prob kernels trainers ship are timed in both modes, their per-token log-probs feeding the same BPO loss
 (``bpo_loss_from_logprobs``): ``trl`` (``trl.kernels.ChunkedLogProbFunction``, as TRL's GRPOTrainer calls it),
@@ -31,6 +37,7 @@ import functools
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
@@ -40,17 +47,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    Results,
     build_competitor,
     compile_fresh,
-    environment,
     error_row,
     error_text,
+    exit_code,
     free_device_memory,
     matmul_tflops,
     median_ms,
     peak_gib,
     print_table,
-    write_results,
+    within_tolerance,
 )
 
 from r4b.kernels import bpo_loss_from_logprobs, fused_grad, fused_linear_bpo_loss, linear_logprobs
@@ -184,8 +192,15 @@ def r4b_logprob_values(hidden, weight, targets, method="recompute", chunk_bytes=
     return linear_logprobs(hidden, weight, targets, method=method, chunk_bytes=chunk_bytes)[0]
 
 
-# The r4b rows: today's Triton recompute path and the cuBLAS methods of r4b.kernels.fused_grad.
-R4B_IMPLS = {"r4b": "recompute", "r4b-cublas": "cublas", "r4b-cublas-fast": "cublas-fast"}
+def r4b_impls() -> dict[str, str]:
+    """The r4b rows and their methods: ``r4b`` is what a user gets by default (``method=None``: the
+    ``R4B_FUSED_LOSS_METHOD`` variable, else r4b's default), then each method by name where it differs."""
+    default = fused_grad.resolve_method(None)
+    impls = {"r4b": default}
+    for method in fused_grad.METHODS:
+        if method != default:
+            impls["r4b-recompute" if method == "recompute" else f"r4b-{method}"] = method
+    return impls
 
 
 def cublas_runs() -> bool:
@@ -194,51 +209,73 @@ def cublas_runs() -> bool:
     return use_triton(probe)
 
 
+def competitor_names() -> tuple[str, ...]:
+    """Every competitor's row, in the order timed unless --impls names others (after r4b's methods)."""
+    return ("torch", "torch.compile", "liger", *LOGPROB_COMPETITORS)
+
+
+def impl_names(args: argparse.Namespace) -> list[str]:
+    """The rows to time, in order: ``--impls`` (unknown names refused), else every r4b method then every
+    competitor; the cuBLAS methods only where they run, torch.compile only with compiling on."""
+    r4b = r4b_impls()
+    known = [*r4b, *competitor_names()]
+    names = args.impls or known
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"fused_loss: unknown --impls {unknown}; known: {known}")
+    runs = cublas_runs()
+    runnable = lambda name: r4b.get(name, "recompute") == "recompute" or runs
+    return [name for name in names if runnable(name) and (name != "torch.compile" or args.compile)]
+
+
+def r4b_fns(method: str | None, chunk_bytes: int | None) -> tuple:
+    """(fwd+bwd loss, fwd-only log-probs) of one r4b method (None: r4b's default)."""
+    return (functools.partial(r4b_bpo_loss, method=method, chunk_bytes=chunk_bytes),
+            functools.partial(r4b_logprob_values, method=method, chunk_bytes=chunk_bytes))  # fmt: skip
+
+
+def competitor_fns(name: str, args: argparse.Namespace) -> tuple:
+    """(fwd+bwd loss or None, fwd-only log-probs or None) of one competitor, built afresh for the current size
+    (torch.compile compiles for it alone); one that fails to build is a stand-in raising its error."""
+    if name == "torch":
+        return materialized_bpo_loss, materialized_logprob_values
+    if name == "torch.compile":
+        return (build_competitor(compile_fresh, materialized_bpo_loss),
+                build_competitor(compile_fresh, materialized_logprob_values))  # fmt: skip
+    if name == "liger":
+        return build_competitor(liger_bpo_loss_factory, compiled=torch.cuda.is_available(), seq_len=args.seq_len), None
+    logprobs = build_competitor(LOGPROB_COMPETITORS[name])  # a missing package: a stand-in raising its ImportError
+    return functools.partial(bpo_loss_on, logprobs), functools.partial(logprob_values_of, logprobs)
+
+
 def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The implementations timed at one size, (fwd+bwd, fwd-only), built afresh for it: dynamo's caches are
-    dropped (liger compiles its chunk function on a GPU) and the torch.compile ones compile for this size alone.
-    A competitor that fails to build is timed as a stand-in raising its error (an error row)."""
+    """The implementations timed at one size, (fwd+bwd, fwd-only), in the order of :func:`impl_names`, built
+    afresh for it: dynamo's caches are dropped (liger compiles its chunk function on a GPU)."""
     torch._dynamo.reset()
-    fwd_bwd = {"r4b": r4b_bpo_loss}
-    fwd_only = {"r4b": r4b_logprob_values}
-    if cublas_runs():
-        for name, method in R4B_IMPLS.items():
-            if method != "recompute":
-                fwd_bwd[name] = functools.partial(r4b_bpo_loss, method=method, chunk_bytes=args.chunk_bytes)
-                fwd_only[name] = functools.partial(r4b_logprob_values, method=method, chunk_bytes=args.chunk_bytes)
-    fwd_bwd["torch"] = materialized_bpo_loss
-    fwd_only["torch"] = materialized_logprob_values
-    if args.compile:
-        fwd_bwd["torch.compile"] = build_competitor(compile_fresh, materialized_bpo_loss)
-        fwd_only["torch.compile"] = build_competitor(compile_fresh, materialized_logprob_values)
-    liger = build_competitor(liger_bpo_loss_factory, compiled=torch.cuda.is_available(), seq_len=args.seq_len)
-    if liger is not None:
-        fwd_bwd["liger"] = liger
-    for name, factory in LOGPROB_COMPETITORS.items():
-        logprobs = build_competitor(factory)  # a missing package: a stand-in raising its ImportError
-        fwd_bwd[name] = functools.partial(bpo_loss_on, logprobs)
-        fwd_only[name] = functools.partial(logprob_values_of, logprobs)
+    methods = r4b_impls()
+    fwd_bwd, fwd_only = {}, {}
+    for name in impl_names(args):
+        pair = r4b_fns(None if name == "r4b" else methods[name], args.chunk_bytes) if name in methods else None
+        loss, logprobs = pair or competitor_fns(name, args)
+        if loss is not None:
+            fwd_bwd[name] = loss
+        if logprobs is not None:
+            fwd_only[name] = logprobs
     return fwd_bwd, fwd_only
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, results: Results) -> None:
+    """Every size's rows into ``results`` as they are measured."""
     dtype = getattr(torch, args.dtype)
     ceiling = matmul_tflops(args.sizes[-1], args.hidden, min(args.vocab, 16384), dtype, repeats=args.repeats)
-    rows = []
+    results.update(matmul_tflops=ceiling)
     for n in args.sizes:
         try:
-            rows += bench_size(n, args, *competitors(args), ceiling)
+            bench_size(n, args, *competitors(args), ceiling, results)
+            free_device_memory()  # this size's inputs and reference
         except Exception as err:  # the inputs of this size could not be made: one error row, the next size
-            rows.append({"impl": "all", "mode": "-", "N": n, "error": error_text(err)})
-            print(rows[-1], flush=True)
+            results.add("rows", {"impl": "all", "mode": "-", "N": n, "error": error_text(err)})
             free_device_memory()
-    return {
-        "matmul_tflops": ceiling,
-        "rows": rows,
-        "ratios": ratios_to_r4b(rows),
-        "method_ratios": method_ratios(rows),
-        "accuracy": accuracy(args.sizes[0], args) if args.accuracy else [],
-    }
 
 
 class _no_tf32:
@@ -257,74 +294,127 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
 
 
-def accuracy(n: int, args: argparse.Namespace) -> list[dict]:
-    """Each r4b method in the benchmark's dtype against the materialized loss on the same inputs in fp32 (true
-    fp32 products): relative error of the loss, d_hidden and d_weight, and the largest log-prob error."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
+# Rows of the fp32 reference's logits chunk (2,048 x 151,936 fp32: 1.2 GiB): no [N, V] tensor at any size.
+REFERENCE_ROWS = 2048
+
+
+def reference_fp32(hidden, weight, targets, batch, rows: int = REFERENCE_ROWS) -> dict:
+    """The materialized loss in fp32 (true fp32 products) on the benchmark's inputs, computed ``rows`` tokens at a
+    time: its log-probs, loss, d_hidden and d_weight. The same function as :func:`materialized_bpo_loss` in fp32;
+    the gradients go through dL/dlogp (O(N) autograd on the loss), then d_logits = g (onehot - p) / T per chunk."""
+    h, w = hidden.detach().float(), weight.detach().float()
+    n = h.shape[0]
+    with _no_tf32(), torch.no_grad():
+        logp = torch.cat([materialized_logprob_values(h[lo : lo + rows], w, targets[lo : lo + rows])
+                          for lo in range(0, n, rows)])  # fmt: skip
+    leaf = logp.clone().requires_grad_()
+    loss = bpo_loss_from_logprobs(
+        leaf, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"], old_logprobs=batch["old"],
+        ref_logprobs=batch["ref"], clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH, beta=BETA,
+    )[0]  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, leaf)
+    d_hidden, d_weight = torch.empty_like(h), torch.zeros_like(w)
+    with _no_tf32(), torch.no_grad():
+        for lo in range(0, n, rows):
+            part = slice(lo, lo + rows)
+            probs = torch.softmax((h[part] @ w.t()) / TEMPERATURE, dim=-1)
+            d_logits = probs.mul_(-grad[part, None])
+            d_logits[torch.arange(d_logits.shape[0], device=h.device), targets[part]] += grad[part]
+            d_logits /= TEMPERATURE
+            d_hidden[part] = d_logits @ w
+            d_weight.addmm_(d_logits.t(), h[part])
+    return {"loss": loss.detach(), "logp": logp, "d_hidden": d_hidden, "d_weight": d_weight}
+
+
+# A row is within tolerance when each error is at or under its dtype's bound: 16-bit logits (cublas-fast,
+# torch.compile, liger) carry ~2^-9 relative error per logit, so their log-probs ~1e-2 absolute at |logit| ~ 10.
+TOLERANCE = {
+    "float32": {"loss_rel_err": 1e-4, "d_hidden_rel_err": 1e-3, "d_weight_rel_err": 1e-3, "logprob_max_abs_err": 1e-3},
+    "float16": {"loss_rel_err": 3e-3, "d_hidden_rel_err": 1e-2, "d_weight_rel_err": 1e-2, "logprob_max_abs_err": 1e-2},
+    "bfloat16": {"loss_rel_err": 3e-2, "d_hidden_rel_err": 4e-2, "d_weight_rel_err": 4e-2,
+                 "logprob_max_abs_err": 6e-2},
+}  # fmt: skip
+
+
+def loss_errors(loss, hidden, weight, reference: dict) -> dict:
+    """One fwd+bwd call's loss and gradients against the fp32 reference."""
+    ref_loss = reference["loss"].item()
+    errors = {"loss_rel_err": abs(loss.item() - ref_loss) / max(abs(ref_loss), 1e-30)}
+    errors["d_hidden_rel_err"] = _rel_err(hidden.grad, reference["d_hidden"])
+    errors["d_weight_rel_err"] = _rel_err(weight.grad, reference["d_weight"])
+    errors["max_rel_err"] = max(errors.values())
+    return errors
+
+
+def logprob_errors(logp, reference: dict) -> dict:
+    diff = (logp.detach().float() - reference["logp"]).abs()
+    return {"logprob_max_abs_err": float(diff.max()), "logprob_rel_err": _rel_err(logp, reference["logp"])}
+
+
+def check_row(row: dict, call, dtype: str) -> None:
+    """One more call of what was timed, its output against the fp32 reference: the errors into ``row`` (a check
+    that fails is ``check_error``: the timing stays)."""
     try:
-        hidden, weight, targets, batch = make_batch(
-            n, args.hidden, args.vocab, args.seq_len, getattr(torch, args.dtype), device
-        )
-        h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-        with _no_tf32():
-            loss_ref = materialized_bpo_loss(h32, w32, targets, batch)
-            loss_ref.backward()
-            with torch.no_grad():
-                logp_ref = materialized_logprob_values(h32, w32, targets)
-        h32.requires_grad_(False)
+        row.update(call())
     except Exception as err:
-        free_device_memory()
-        return [{"impl": "reference", "N": n, "error": error_text(err)}]
-    methods = {name: m for name, m in R4B_IMPLS.items() if m == "recompute" or cublas_runs()}
-    for name, method in methods.items():
-        row = {"impl": name, "N": n, "dtype": args.dtype}
-        with error_row(row):
-            hidden.grad = weight.grad = None
-            loss = r4b_bpo_loss(hidden, weight, targets, batch, method=method, chunk_bytes=args.chunk_bytes)
-            loss.backward()
-            row["loss_rel_err"] = abs(loss.item() - loss_ref.item()) / max(abs(loss_ref.item()), 1e-30)
-            row["d_hidden_rel_err"] = _rel_err(hidden.grad, h32.grad)
-            row["d_weight_rel_err"] = _rel_err(weight.grad, w32.grad)
-            with torch.no_grad():
-                logp = r4b_logprob_values(hidden, weight, targets, method=method, chunk_bytes=args.chunk_bytes)
-            row["logprob_max_abs_err"] = float((logp - logp_ref).abs().max())
-        rows.append(row)
-        print(row, flush=True)
-    free_device_memory()
-    return rows
+        row["check_error"] = error_text(err)
+        traceback.print_exc()
+        return
+    row["within_tolerance"] = within_tolerance(row, TOLERANCE[dtype])
 
 
-def bench_size(n: int, args: argparse.Namespace, fwd_bwd: dict, fwd_only: dict, ceiling: float) -> list[dict]:
+def bench_size(n: int, args, fwd_bwd: dict, fwd_only: dict, ceiling: float, results: Results) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, batch = make_batch(
         n, args.hidden, args.vocab, args.seq_len, getattr(torch, args.dtype), device
     )
+    reference = reference_fp32(hidden, weight, targets, batch) if args.accuracy else None
 
     def train_step(fn):
         hidden.grad = weight.grad = None
         fn(hidden, weight, targets, batch).backward()
 
+    def checked_train_step(fn):
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, targets, batch)
+        loss.backward()
+        return loss_errors(loss, hidden, weight, reference)
+
     def logprobs_only(fn):
         with torch.no_grad():
-            fn(hidden, weight, targets)
+            return fn(hidden, weight, targets)
 
     flops = 2 * n * args.hidden * args.vocab
-    rows = []
-    for mode, impls, step, mult in (("fwd+bwd", fwd_bwd, train_step, 3), ("fwd logprobs", fwd_only, logprobs_only, 1)):
+    methods = r4b_impls()
+    modes = (
+        ("fwd+bwd", fwd_bwd, train_step, checked_train_step, 3),
+        ("fwd logprobs", fwd_only, logprobs_only, lambda fn: logprob_errors(logprobs_only(fn), reference), 1),
+    )
+    for mode, impls, step, checked, mult in modes:
         for name, fn in impls.items():
             row = {"impl": name, "mode": mode, "N": n, "H": args.hidden, "V": args.vocab, "dtype": args.dtype}
-            call = functools.partial(step, fn)
+            row |= ran(name, methods, device, n, args, mode)
             with error_row(row):  # any failure (OOM, torch.compile, liger) is this row's error; the run goes on
-                row["ms"] = median_ms(call, warmup=args.warmup, repeats=args.repeats)
-                row["peak_gib"] = peak_gib(call)
+                row["ms"] = median_ms(functools.partial(step, fn), warmup=args.warmup, repeats=args.repeats)
+                row["peak_gib"] = peak_gib(functools.partial(step, fn))
                 row["tflops"] = mult * flops / (row["ms"] * 1e-3) / 1e12
                 row["frac_of_matmul"] = row["tflops"] / ceiling
-            if R4B_IMPLS.get(name, "recompute") != "recompute":
-                row.update(cublas_plan(n, args, R4B_IMPLS[name], with_grad=mode == "fwd+bwd"))
-            rows.append(row)
-            print(row, flush=True)
-    return rows
+            if reference is not None and "error" not in row:
+                check_row(row, functools.partial(checked, fn), args.dtype)
+            hidden.grad = weight.grad = None
+            results.add("rows", row)
+
+
+def ran(name: str, methods: dict, device: str, n: int, args: argparse.Namespace, mode: str) -> dict:
+    """What a row ran: the fused-loss method (r4b's; a competitor's own name) and, for r4b, the path of its fp32
+    products (fused_grad.accumulation_paths) with the chunking of the cuBLAS methods."""
+    if name not in methods:
+        return {"method": name}
+    method = methods[name]
+    out = {"method": method, "accumulation": fused_grad.accumulation_paths(device, method)}
+    if method != "recompute":
+        out |= cublas_plan(n, args, method, with_grad=mode == "fwd+bwd")
+    return out
 
 
 def cublas_plan(n: int, args: argparse.Namespace, method: str, *, with_grad: bool) -> dict:
@@ -342,13 +432,14 @@ def cublas_plan(n: int, args: argparse.Namespace, method: str, *, with_grad: boo
 
 def ratios_to_r4b(rows: list[dict]) -> list[dict]:
     """competitor time / r4b time and r4b memory / competitor memory, same mode and size, same run, for each r4b
-    row (``base``: r4b, r4b-cublas, r4b-cublas-fast) against each competitor (``vs``)."""
+    row (``base``: r4b and each method's row) against each competitor (``vs``)."""
+    impls = r4b_impls()
     out = []
-    for base_impl in R4B_IMPLS:
-        ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == base_impl and "ms" in r and "error" not in r}
+    for base_impl in impls:
+        ours = {(r["mode"], r["N"]): r for r in rows if r["impl"] == base_impl and _timed(r)}
         for r in rows:
             base = ours.get((r["mode"], r["N"]))
-            if r["impl"] in R4B_IMPLS or base is None or "ms" not in r or "error" in r:
+            if r["impl"] in impls or base is None or not _timed(r):
                 continue
             mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
             speedup = r["ms"] / base["ms"]
@@ -359,23 +450,43 @@ def ratios_to_r4b(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _timed(row: dict) -> bool:
+    return "ms" in row and "error" not in row
+
+
 def method_ratios(rows: list[dict]) -> list[dict]:
-    """Each cuBLAS r4b row against the ``r4b`` (recompute) row: time ratio and memory ratio, same run."""
-    timed = {(r["impl"], r["mode"], r["N"]): r for r in rows if "ms" in r and "error" not in r}
+    """Each other r4b method's row against the ``r4b`` (default) row: time ratio and memory ratio, same run."""
+    impls = r4b_impls()
+    timed = {(r["impl"], r["mode"], r["N"]): r for r in rows if _timed(r)}
     out = []
     for (impl, mode, n), r in timed.items():
         base = timed.get(("r4b", mode, n))
-        if impl in R4B_IMPLS and impl != "r4b" and base is not None:
+        if impl in impls and impl != "r4b" and base is not None:
             mem = r.get("peak_gib") and base.get("peak_gib") and r["peak_gib"] / base["peak_gib"]
             out.append({"mode": mode, "N": n, "method": impl, "speedup_vs_r4b": base["ms"] / r["ms"],
                         "mem_vs_r4b": mem})  # fmt: skip
     return out
 
 
+ERROR_COLUMNS = ["loss_rel_err", "d_hidden_rel_err", "d_weight_rel_err", "logprob_max_abs_err", "within_tolerance"]
+
+
+def accuracy(rows: list[dict]) -> list[dict]:
+    """Each checked row's errors against the fp32 materialized loss (the same inputs, the same run)."""
+    keys = ["impl", "mode", "N", "method", *ERROR_COLUMNS, "check_error"]
+    return [{k: r[k] for k in keys if k in r} for r in rows if "within_tolerance" in r or "check_error" in r]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 sizes: a CPU check that the benchmark runs")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768], help="tokens N")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        help="rows to time, in this order (default: r4b's methods, then every competitor)",
+    )
     parser.add_argument("--hidden", type=int, default=2560)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (liger takes [B, T, H])")
@@ -383,9 +494,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
-    parser.add_argument(
-        "--no-accuracy", dest="accuracy", action="store_false", help="skip the accuracy rows (first size only)"
-    )
+    parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                        help="skip checking each row against the fp32 materialized loss")  # fmt: skip
     parser.add_argument(
         "--chunk-bytes", type=int, default=None, help="chunk budget of the r4b-cublas rows (default: fused_grad's)"
     )
@@ -397,25 +507,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PACKAGES = ("liger-kernel", "trl", "cut-cross-entropy", "verl")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    payload = run(args)
-    payload["environment"] = environment(("liger-kernel", "trl", "cut-cross-entropy", "verl"))
-    payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    columns = ["impl", "mode", "N", "ms", "peak_gib", "tflops", "frac_of_matmul", "chunks", "predicted_peak_gib"]
-    columns.append("error")
-    print_table(f"fused BPO loss, {payload['environment']['device']}, matmul {payload['matmul_tflops']:.3g} TFLOP/s",
-                payload["rows"], columns)  # fmt: skip
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = Results("fused_loss", args.out, PACKAGES, config)
+    status = results.run(lambda: run(args, results))
+    rows = results.section("rows")
+    results.update(ratios=ratios_to_r4b(rows), method_ratios=method_ratios(rows), accuracy=accuracy(rows))
+    path = results.finish(status)
+    payload = results.payload
+    columns = ["impl", "mode", "N", "method", "ms", "peak_gib", "tflops", "frac_of_matmul", "chunks",
+               "predicted_peak_gib", "error"]  # fmt: skip
+    ceiling = payload.get("matmul_tflops") or float("nan")
+    print_table(f"fused BPO loss, {results.env['device']}, matmul {ceiling:.3g} TFLOP/s", rows, columns)
     print_table("r4b vs competitors (same run)", payload["ratios"],
                 ["mode", "N", "base", "vs", "r4b_speedup", "r4b_mem_ratio"])  # fmt: skip
-    print_table(f"accuracy against the fp32 materialized loss ({args.dtype} inputs)", payload["accuracy"],
-                ["impl", "N", "loss_rel_err", "d_hidden_rel_err", "d_weight_rel_err", "logprob_max_abs_err",
-                 "error"])  # fmt: skip
-    print_table("cuBLAS methods vs r4b (same run)", payload["method_ratios"],
+    print_table(f"each row against the fp32 materialized loss ({args.dtype} inputs)", payload["accuracy"],
+                ["impl", "mode", "N", *ERROR_COLUMNS, "check_error"])  # fmt: skip
+    print_table("r4b's other methods vs r4b (same run)", payload["method_ratios"],
                 ["mode", "N", "method", "speedup_vs_r4b", "mem_vs_r4b"])  # fmt: skip
-    path = write_results("fused_loss", payload, *([args.out] if args.out else []))
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path} ({status}; rows also in {results.rows_path})")
+    return exit_code(status)
 
 
 if __name__ == "__main__":

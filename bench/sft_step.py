@@ -9,8 +9,9 @@ annealing data) for one forward+backward over the whole batch:
   (r4b_varlen), the fused linear cross-entropy on the final hidden states (no [N, V] logits);
 - hf-padded: micro-batches of a fixed number of samples right-padded to their longest, sdpa with a
   padding mask, the stock forward with ``labels`` (full logits + cross-entropy).
-Reports tokens/s over the real (non-pad) tokens, the padding share and the peak memory.
-Writes bench/results/sft_step-<device>-<date>.json.
+Reports tokens/s over the real (non-pad) tokens, the padding share and the peak memory; each row records what ran
+(the attention backend setting and the fused-loss method). Rows stream into ``rows-<device>-<date>.jsonl`` and the
+JSON as they are measured (bench/common.py: Results). Writes bench/results/sft_step-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, error_row, median_ms, peak_gib, print_table, write_results
+from common import Results, error_row, exit_code, median_ms, peak_gib, print_table
 
+from r4b.kernels import fused_grad
 from r4b.models import build_tiny_r4b, tiny_r4b_config
+from r4b.models.attention_backends import attention_backend
 from r4b.models.r4b_model import RForConditionalGeneration
 from r4b.packing import plan_micro_batches
 from r4b.train.objective import PackedSFTObjective
@@ -49,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--padded-batch", type=int, default=4, help="samples per padded micro-batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.samples, args.max_tokens, args.repeats = 12, 256, 2
+    return args
 
 
 def full_size_config():
@@ -77,10 +83,16 @@ def sample_lengths(n: int, smoke: bool, generator: torch.Generator) -> list[int]
     return lengths.clamp(8, cap).long().tolist()
 
 
-def run(args: argparse.Namespace) -> dict:
+def ran(impl: str) -> dict:
+    """What a row ran: r4b's packed step takes the r4b_varlen backend setting and r4b's fused loss; the padded
+    step sdpa and the stock loss (full logits)."""
+    if impl == "r4b":
+        return {"attention": attention_backend(), "fused_loss_method": fused_grad.resolve_method(None)}
+    return {"attention": "sdpa", "fused_loss_method": "none (full logits)"}
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.smoke:
-        args.samples, args.max_tokens, args.repeats = 12, 256, 2
     generator = torch.Generator().manual_seed(0)
     model = build_model(args.smoke, device).train()
     vocab = model.config.text_config.vocab_size
@@ -124,43 +136,49 @@ def run(args: argparse.Namespace) -> dict:
 
     real_tokens = sum(lengths)
     padded_tokens = sum(b["input_ids"].numel() for b in padded_batches)
-    rows = []
+    params = sum(p.numel() for p in model.parameters())
+    results.update(model_params=params, dtype=str(next(model.parameters()).dtype))
     for impl, step, micro, computed in (
         ("r4b", packed_step, len(packed_batches), real_tokens),
         ("hf-padded", padded_step, len(padded_batches), padded_tokens),
     ):
         row = {"impl": impl, "samples": len(samples), "tokens": real_tokens, "computed_tokens": computed,
-               "pad_frac": 1 - real_tokens / computed, "micro_batches": micro}  # fmt: skip
+               "pad_frac": 1 - real_tokens / computed, "micro_batches": micro, **ran(impl)}  # fmt: skip
         with error_row(row):  # an OOM or a failing step is this row's error; the other side still runs
             row["ms"] = median_ms(step, warmup=1, repeats=args.repeats)
             row["tokens_per_s"] = real_tokens / (row["ms"] * 1e-3)
             row["peak_gib"] = peak_gib(step)
         model.zero_grad(set_to_none=True)
-        rows.append(row)
-        print(row, flush=True)
-    ours, theirs = rows
-    ratios = []
-    if all("ms" in r and "error" not in r for r in rows):
-        ratios.append({"vs": "hf-padded", "r4b_speedup": theirs["ms"] / ours["ms"]})
-        if ours["peak_gib"] is not None and ours["peak_gib"] > 0:
-            ratios[0]["r4b_mem_ratio"] = theirs["peak_gib"] / ours["peak_gib"]
-    params = sum(p.numel() for p in model.parameters())
-    return {"rows": rows, "ratios": ratios, "model_params": params, "dtype": str(next(model.parameters()).dtype)}
+        results.add("rows", row)
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """The padded step's time (and peak memory) over r4b's, same run."""
+    timed = {r["impl"]: r for r in rows if "ms" in r and "error" not in r}
+    if timed.keys() != {"r4b", "hf-padded"}:
+        return []
+    ours, theirs = timed["r4b"], timed["hf-padded"]
+    out = {"vs": "hf-padded", "r4b_speedup": theirs["ms"] / ours["ms"]}
+    if ours["peak_gib"] is not None and ours["peak_gib"] > 0:
+        out["r4b_mem_ratio"] = theirs["peak_gib"] / ours["peak_gib"]
+    return [out]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    payload = run(args)
-    payload["environment"] = environment(("transformers",))
-    payload["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = Results("sft_step", args.out, ("transformers",), config)
+    status = results.run(lambda: run(args, results))
+    rows = results.section("rows")
+    results.update(ratios=ratios(rows))
+    path = results.finish(status)
     columns = ["impl", "samples", "tokens", "computed_tokens", "pad_frac", "micro_batches", "ms", "tokens_per_s",
-               "peak_gib", "error"]  # fmt: skip
-    print_table(f"SFT step, {payload['environment']['device']}, {payload['model_params'] / 1e6:.1f}M params",
-                payload["rows"], columns)  # fmt: skip
-    print_table("r4b vs the padded step (same run)", payload["ratios"], ["vs", "r4b_speedup", "r4b_mem_ratio"])
-    path = write_results("sft_step", payload, *([args.out] if args.out else []))
-    print(f"wrote {path}")
-    return 0
+               "peak_gib", "attention", "error"]  # fmt: skip
+    params = results.payload.get("model_params", 0)
+    print_table(f"SFT step, {results.env['device']}, {params / 1e6:.1f}M params", rows, columns)
+    print_table("r4b vs the padded step (same run)", results.payload["ratios"], ["vs", "r4b_speedup", "r4b_mem_ratio"])
+    print(f"wrote {path} ({status}; rows also in {results.rows_path})")
+    return exit_code(status)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Save a randomly initialised R-4B (``rvl``) of a given size as a model directory that ``model.path`` can name.
 
     python scripts/make_random_model.py --out runs/gpu/model-1b              # ~1.2B parameters, bf16 safetensors
+    python scripts/make_random_model.py --out runs/gpu/model --preset small  # ~84M: the GPU checks' runs
     python scripts/make_random_model.py --out /tmp/m --preset tiny           # the embedded tiny model's shape
 
 R-4B's architecture (SigLIP tower, MLP projector, Qwen3 language model) at the preset's sizes, over the tiny
@@ -8,8 +9,11 @@ tokenizer shipped with r4b (no download; its special tokens and ``<image>`` id a
 with). ``1b``: a Qwen3-style language model (hidden 2048, 10 layers, 16 query / 8 key-value heads of 128, SwiGLU
 6144) with Qwen3's 151,936-row vocabulary (the tokenizer knows only its first rows: sampled ids beyond it decode
 to nothing, so rollouts still run), and a SigLIP-so400m-style tower cut to 4 layers (384-pixel tiles of
-729 patches, 16 heads of 72). For GPU checks of the training stages (configs/gpu/): the shapes are real, the
-weights are not. The weights depend only on ``--seed``.
+729 patches, 16 heads of 72). ``small`` (the GPU checks' training runs, configs/gpu/): the same attention shapes
+(Qwen3-0.6B's 16 query / 8 key-value heads of 128 over hidden 1024, the SigLIP tower's 16 heads of 72 and its
+tiles) at 2 language layers, 1 vision layer and a 16,384-row vocabulary: ~84M parameters, so its checkpoint (fp32
+masters and AdamW's two moments, 12 bytes a parameter) is ~1 GB where 1b's is ~15 GB. The shapes are real, the
+weights are not; they depend only on ``--seed``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ PRESETS = {
         ),
         "vision": dict(
             image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=4,
+            num_attention_heads=16,
+        ),
+        "grid_pinpoints": [[384, 384], [384, 768], [768, 384], [768, 768]],
+    },
+    "small": {
+        "text": dict(
+            vocab_size=16384, hidden_size=1024, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, rope_theta=1_000_000.0,
+        ),
+        "vision": dict(
+            image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
             num_attention_heads=16,
         ),
         "grid_pinpoints": [[384, 384], [384, 768], [768, 384], [768, 768]],

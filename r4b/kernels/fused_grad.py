@@ -199,6 +199,30 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
                 acc[lo:hi] += torch.mm(a[lo:hi], b)
 
 
+def accumulation_paths(device: torch.device | str, method: str = "cublas") -> dict[str, str]:
+    """How a cuBLAS method's two fp32 products run on ``device`` with 16-bit operands, as the chunk loop picks them
+    (the same probes, at run time): ``logits`` (``h @ W.T`` into the fp32 chunk) and ``d_weight`` (``d_W += d.T @ h``
+    across chunks). ``mm-out_dtype`` / ``addmm-out_dtype``: cuBLAS writes (accumulates) fp32 itself;
+    ``mm-out_dtype+add``: an fp32 temporary per 8,192 rows, then an add (extra traffic: this torch's addmm refuses
+    an fp32 accumulator with 16-bit operands); ``upcast``: fp32 copies of the operands (the CPU interpreter);
+    ``rounded``: a 16-bit product (no fp32 accumulation); ``native``: cublas-fast's products in the compute dtype by
+    design; ``triton``: method "recompute" (no cuBLAS product)."""
+    if method == "recompute":
+        return {"logits": "triton", "d_weight": "triton"}
+    if method == "cublas-fast":
+        return {"logits": "native", "d_weight": "native"}
+    device_type = torch.device(device).type
+    has_mm, has_addmm = _has_out_dtype(device_type, "mm"), _has_out_dtype(device_type, "addmm")
+    logits = "mm-out_dtype" if has_mm else "upcast" if device_type == "cpu" else "rounded"
+    if has_addmm:
+        d_weight = "addmm-out_dtype"
+    elif device_type == "cpu":
+        d_weight = "upcast"
+    else:
+        d_weight = "mm-out_dtype+add" if has_mm else "rounded"
+    return {"logits": logits, "d_weight": d_weight}
+
+
 def _mm_native(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out (a's dtype) = a @ b, or += when accumulate: one rounding to a's dtype per call."""
     if a.device.type == "cpu" and a.dtype != torch.float32:

@@ -171,10 +171,55 @@ def test_gpu_report_records_steps_and_summarises_runs(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "model").mkdir(parents=True)
     (run_dir / "model" / "config.json").write_text("{}")
-    (run_dir / "checkpoint-2").mkdir()
+    (run_dir / "checkpoint-2" / "engine").mkdir(parents=True)
+    (run_dir / "checkpoint-2" / "engine" / "shard.distcp").write_bytes(b"\0" * 2**20)  # its size is reported
     metrics = [{"step": 1, "loss": 2.0, "tokens_per_s": 100.0}, {"step": 2, "loss": 1.5, "tokens_per_s": 300.0}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     out = subprocess.run([*report, "run", run_dir], capture_output=True, text=True, check=True).stdout
     summary = json.loads(out)
     assert summary["steps"] == 2 and (summary["loss_first"], summary["loss_last"]) == (2.0, 1.5)
     assert summary["tokens_per_s_mean"] == 200.0 and summary["exported"] and summary["checkpoints"] == ["checkpoint-2"]
+    assert summary["checkpoint_gib"] == 2**-10
+
+
+def test_results_stream_each_row_and_keep_them_when_terminated(tmp_path):
+    """Results.add appends the row to the rows JSONL and rewrites the suite's JSON at once; a SIGTERM mid-suite ends
+    it through its finally-blocks with the rows so far, marked interrupted, and the handler is put back."""
+    import signal
+
+    common = bench_module("common")
+    before = signal.getsignal(signal.SIGTERM)
+    results = common.Results("demo", tmp_path, ("liger-kernel",), {"sizes": [1]})
+    seen = []
+
+    def measure():
+        for i in range(3):
+            results.add("rows", {"impl": f"impl-{i}", "ms": 1.0})
+            lines = results.rows_path.read_text().splitlines()
+            seen.append((len(lines), json.loads(results.path.read_text())["status"]))
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    status = results.run(measure)
+    path = results.finish(status)
+    assert status == "interrupted: SIGTERM" and common.exit_code(status) == 143
+    assert seen == [(1, "running"), (2, "running")]  # each row on disk the moment it was added
+    record = json.loads(path.read_text())
+    assert record["status"] == status and [r["impl"] for r in record["rows"]] == ["impl-0", "impl-1"]
+    lines = [json.loads(line) for line in results.rows_path.read_text().splitlines()]
+    assert [(line["suite"], line["section"], line["impl"]) for line in lines] == [
+        ("demo", "rows", "impl-0"),
+        ("demo", "rows", "impl-1"),
+    ]
+    assert {"torch", "triton", "r4b", "cuda", "liger-kernel"} <= lines[0]["versions"].keys()
+    assert lines[0]["device"] == record["device"] and "measured_at" in lines[0]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_within_tolerance_needs_every_bounded_error_under_its_bound():
+    common = bench_module("common")
+    bounds = {"a": 1e-3, "b": 1e-2}
+    assert common.within_tolerance({"a": 1e-4, "b": 1e-2, "c": 5.0}, bounds)
+    assert not common.within_tolerance({"a": 1e-4, "b": 2e-2}, bounds)
+    assert not common.within_tolerance({"a": float("nan")}, bounds)  # NaN never passes
+    assert not common.within_tolerance({}, bounds)  # nothing checked is not a pass

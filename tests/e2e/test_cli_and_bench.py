@@ -46,6 +46,12 @@ def test_fused_loss_benchmark_smoke(tmp_path):
         (impl, mode) for impl in ("cce", "verl") for mode in ("fwd+bwd", "fwd logprobs")
     }
     assert {r["vs"] for r in record["ratios"]} == impls - {"r4b", "r4b-cublas", "r4b-cublas-fast"}
+    assert record["status"] == "complete"
+    for row in (r for r in record["rows"] if "ms" in r):  # each timed row checked, and what ran recorded
+        assert row["within_tolerance"] is True, row
+        assert {"method", "versions", "device"} <= row.keys()
+    (rows_file,) = tmp_path.glob("rows-*.jsonl")
+    assert len(rows_file.read_text().splitlines()) == len(record["rows"])
 
 
 def test_attention_benchmark_smoke(tmp_path):
@@ -60,6 +66,12 @@ def test_attention_benchmark_smoke(tmp_path):
     )
     assert shared["tokens"] < unshared["tokens"] and shared["visible_pairs"] < unshared["visible_pairs"]
     assert any(r["vs"] == "sdpa-dense-mask" for r in record["ratios"])
+    timed = [r for r in record["rows"] + record["bpo_rows"] if "ms" in r]
+    assert {r["impl"] for r in timed} == {"r4b-schedule", "r4b-kernel", "r4b", "sdpa-dense-mask"}
+    assert [r["impl"] for r in timed][:2] == ["r4b-schedule", "r4b-schedule"]  # the new rows first
+    for row in timed:  # each timed row checked against float64, and the kernel that ran named
+        assert row["within_tolerance"] is True and row["max_rel_err"] < 1e-5, row
+        assert row["backend"] and "versions" in row
 
 
 def test_sft_step_benchmark_smoke(tmp_path, monkeypatch):
@@ -79,6 +91,7 @@ def test_full_size_models_build():
     build: on the meta device, so no memory and no time; a config whose per-layer fields do not match the layer
     count fails here, not on the GPU."""
     import torch
+    import yaml
 
     from r4b.models.r4b_model import RForConditionalGeneration
 
@@ -96,6 +109,17 @@ def test_full_size_models_build():
     text = model.config.text_config
     assert (text.num_hidden_layers, len(text.layer_types), text.vocab_size, text.head_dim) == (10, 10, 151936, 128)
     assert model.config.vision_config.hidden_size // model.config.vision_config.num_attention_heads == 72
+    # the GPU checks' training runs: the same attention shapes, a checkpoint of ~1 GB (12 bytes a parameter: fp32
+    # masters and AdamW's two moments), not the 1b preset's ~15 GB
+    small = make_random_model.build_model("small", device="meta")
+    assert sum(p.numel() for p in small.parameters()) * 12 < 1.1e9
+    text, vision = small.config.text_config, small.config.vision_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (16, 8, 128)
+    assert (vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads) == (16, 72)
+    for stage in ("sft", "bpo"):
+        config = yaml.safe_load((ROOT / "configs" / "gpu" / f"{stage}.yaml").read_text())
+        assert config["model"]["path"] == "runs/gpu/model"
+    assert "--out runs/gpu/model --preset $preset" in (ROOT / "scripts" / "gpu_checks.sh").read_text()
 
 
 @pytest.mark.subprocess

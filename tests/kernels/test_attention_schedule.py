@@ -319,3 +319,64 @@ def test_walking_kernels_compile_for_hopper():
             assert info["kv_buffers"], (case, name, info)  # the K/V (or Q/dO) ring: multi-buffered
     assert report["72-bf16"]["fwd"]["shared"] == 82944  # 80 columns of K/V per stage, not 128 (132,096 at 128)
     assert (report["128-bf16"]["dq"]["num_stages"], report["128-bf16"]["dkdv"]["num_stages"]) == (3, 2)
+
+
+def hopper_layout():
+    """Documents spanning several 128 x 64 tiles, lengths off the tile sizes: a shared-prefix one (a 300-token prompt
+    with an image block inside, 16 responses of ragged lengths, some of one token), a plain one, a one-token one and
+    a shorter shared-prefix one (a prompt of 70 and 3 responses)."""
+    gen = torch.Generator().manual_seed(25)
+    responses = [1, 1, *torch.randint(2, 60, (14,), generator=gen).tolist()]
+    docs = [  # (segment ids, the bidir block: (first, end, id))
+        ([0] * 300 + [k for k, n in enumerate(responses, 1) for _ in range(n)], (20, 220, 1)),
+        ([0] * 333, (0, 0, 0)),
+        ([0], (0, 0, 0)),
+        ([0] * 70 + [1] * 50 + [2] * 9 + [3] * 66, (5, 65, 2)),
+    ]
+    seg = torch.tensor([s for ids, _ in docs for s in ids], dtype=torch.int32)
+    bidir = torch.zeros_like(seg)
+    start = 0
+    for ids, (first, end, block) in docs:
+        bidir[start + first : start + end] = block
+        start += len(ids)
+    cu = torch.tensor([0, *torch.tensor([len(ids) for ids, _ in docs]).cumsum(0).tolist()], dtype=torch.int32)
+    return cu.to(DEVICE), seg.to(DEVICE), bidir.to(DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the compiled kernels at the config a GPU trains with")
+@pytest.mark.parametrize(
+    ("mask", "heads", "head_dim"),
+    [("causal", (8, 2), 128), ("shared-prefix+bidir", (8, 2), 128), ("full", (4, 4), 72)],
+    ids=["causal-128", "shared-prefix+bidir-128", "full-72"],
+)
+def test_walking_kernels_at_their_hopper_bf16_config(mask, heads, head_dim):
+    """The walking kernels as a GPU trains with them (bf16: 128 x 64 tiles, 8 warps, 3 / 3 / 2 stages for the
+    forward, dQ and dK/dV) against float64 on the same bf16 inputs: GQA at head dim 128 on the language model's
+    masks, the vision tower's full mask at 72 (its ALIGN path). The fp32 tests run other tiles (64 x 64)."""
+    from helpers import GRAD_RTOL, rel_err
+
+    from r4b.kernels.reference import varlen_attention_reference
+
+    assert sched.default_blocks(torch.bfloat16) == (128, 64)
+    launch = {kernel: sched.launch_config(kernel, torch.bfloat16, 128, 64) for kernel in ("fwd", "dq", "dkdv")}
+    assert launch == {kernel: {"num_warps": w, "num_stages": s} for kernel, (w, s) in sched._LAUNCH_16BIT.items()}
+    assert sched._LAUNCH_16BIT == {"fwd": (8, 3), "dq": (8, 3), "dkdv": (8, 2)}
+    cu, seg, bidir = hopper_layout()
+    kw = mask_kwargs(mask, seg, bidir)
+    layout, causal = mask_layout(cu, mask, seg, bidir)
+    n = int(cu[-1])
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(n, h, head_dim, generator=gen, dtype=torch.float64) for h in (heads[0], heads[1], heads[1]))
+    ours = [t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().double().requires_grad_() for t in ours]  # the same bf16 values, in float64
+    out = sched.scheduled_varlen_attention(*ours, layout, causal=causal)
+    schedule = sched.schedule_for(layout, causal=causal, block_m=128, block_n=64)
+    assert schedule.stats()["partial_tiles"] > 0 and schedule.stats()["full_tiles"] > 0  # both paths run
+    expected = varlen_attention_reference(*ref, cu, int(cu.diff().max()), **kw)
+    assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 2e-2  # test_varlen_attention.py's bounds
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    out.backward(grad.to(torch.bfloat16))
+    (expected * grad.to(torch.bfloat16).double()).sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
+        assert rel_err(a.grad, b.grad) < GRAD_RTOL[torch.bfloat16], name
