@@ -41,6 +41,7 @@ from .attention_tiles import (
     zeros_head,
 )
 from .packed_layout import PackedLayout
+from .varlen_attention import check_attention_inputs
 
 BUILDS = {"count": 0}  # schedule builds so far (the tests count them)
 _CHUNK_ELEMENTS = 1 << 24  # pairs checked per chunk of candidate tiles
@@ -476,10 +477,11 @@ def scheduled_varlen_attention(
     """``varlen_attention``'s contract on the kernels that walk the tile schedule (the layout's, with its tile sizes
     the kernels', unless given). The mask is the layout's: its ``cu_seqlens``, ``segment_ids`` and ``bidir_ids``.
     Triton only (GPU or the interpreter)."""
+    ids = (layout.segment_ids, layout.bidir_ids)
+    check_attention_inputs(q, k, v, layout.cu_seqlens, layout.host, layout.max_seqlen, causal, *ids)
     if schedule is None:
         bm, bn = default_blocks(q.dtype)
         schedule = schedule_for(layout, causal=causal, block_m=bm, block_n=bn)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    ids = (layout.segment_ids, layout.bidir_ids)
     return _ScheduledAttention.apply(q, k, v, layout.cu_seqlens, causal, *ids, scale, schedule)

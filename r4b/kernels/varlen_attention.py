@@ -308,7 +308,9 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-def _check_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids) -> None:
+def check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids) -> None:
+    """The varlen attention contract's checks (shapes, dtypes, heads, ``cu_seqlens`` against N and ``max_seqlen``, the
+    mask's ids), one ValueError each; the kernels that walk the tile schedule run them too."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [N, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -380,7 +382,7 @@ def varlen_attention(
     GPU when installed; else the Triton kernel (GPU, or CPU under
     ``TRITON_INTERPRET=1``); else the explicit-mask reference.
     """
-    _check_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids)
+    check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_host, max_seqlen, causal, segment_ids, bidir_ids)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plain = segment_ids is None and bidir_ids is None
     half = q.dtype in (torch.float16, torch.bfloat16)  # q, k and v share it (checked)

@@ -380,3 +380,15 @@ def test_walking_kernels_at_their_hopper_bf16_config(mask, heads, head_dim):
     (expected * grad.to(torch.bfloat16).double()).sum().backward()
     for name, a, b in zip(("dq", "dk", "dv"), ours, ref, strict=True):
         assert rel_err(a.grad, b.grad) < GRAD_RTOL[torch.bfloat16], name
+
+
+def test_the_walking_kernels_check_their_inputs():
+    """Mismatched kv heads or a layout of another length are one ValueError, not garbage."""
+    from r4b.kernels.packed_layout import PackedLayout
+
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32, device=DEVICE)
+    q, k = torch.randn(9, 4, 16, device=DEVICE), torch.randn(9, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k and v must be \[N=9, Hkv, D=16\]"):
+        sched.scheduled_varlen_attention(q, k, torch.randn(9, 1, 16, device=DEVICE), PackedLayout(cu))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 9 must equal the packed tokens N = 8"):
+        sched.scheduled_varlen_attention(q[:8], k[:8], k[:8], PackedLayout(cu))
