@@ -4,10 +4,11 @@ from the update, reward.thought_budget's penalty shows in the metrics, and the d
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from helpers import tiny_bpo
+from helpers import run_two_ranks, tiny_bpo
 
 from r4b.config import load_config
 from r4b.config.loading import ConfigError
@@ -115,3 +116,35 @@ def test_overlong_buffer_over_max_new_tokens_is_a_config_error(data, tmp_path):
     extra = ("reward.overlong=soft", "reward.overlong_buffer=7")
     with pytest.raises(ConfigError, match=r"reward\.overlong_buffer=7 is over rollout\.max_new_tokens=6"):
         BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", *extra)))
+
+
+def test_resume_gives_the_uninterrupted_run_with_both_controls(data, tmp_path):
+    """The controls keep no state across steps: a run stopped after step 1 and resumed equals the straight run."""
+    extra = ("reward.overlong=soft", "reward.overlong_buffer=3", "reward.thought_budget=2", "train.steps=2",
+             "train.save_every=1", "train.stop_after_flat_steps=0")  # fmt: skip
+    straight = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "a", *extra)))
+    train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *extra, "train.max_steps=1")))
+    resumed = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *extra)))
+    keys = ("step", "reward", "loss", "grad_norm", "thinking", "non_thinking")
+    rows = lambda run: [{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").open()]
+    assert rows(resumed) == rows(straight) and len(rows(straight)) == 2
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_give_the_one_rank_run_with_both_controls(data, tmp_path):
+    """The overlong penalty and the thought budget shape the same rewards on every rank and the updates agree:
+    2 processes = 1, step for step (soft, not mask: the untrained tiny model's rollouts are nearly all cut, and
+    masking them all would leave nothing to update)."""
+    extra = ("reward.overlong=soft", "reward.overlong_buffer=3", "reward.thought_budget=2", "train.steps=2",
+             "train.stop_after_flat_steps=0")  # fmt: skip
+    one = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "one", *extra)))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    two = overrides(data, tmp_path / "two", *extra, "engine.kind=fsdp2")
+    run_two_ranks(["-m", "r4b", "bpo", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=300,
+                  fresh=tmp_path / "two")  # fmt: skip
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows(one), rows(tmp_path / "two"), strict=True):
+        assert (a["reward"], a.get("responses"), a["thinking"], a["non_thinking"]) == (
+            b["reward"], b.get("responses"), b["thinking"], b["non_thinking"])  # fmt: skip
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
