@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from r4b.errors import InputError
+from r4b.train.engine import DeepSpeedEngine, host_norm
 from r4b.train.ranks import rank
 
 T = TypeVar("T")
@@ -75,7 +76,8 @@ class NonFiniteStep(InputError):
 class NonFiniteGuard:
     """The engine as the loop drives it, with a check before every optimizer step: ``backward`` notes on the device
     (no host sync) whether any loss it saw was non-finite, and :meth:`step` reduces that flag over the ranks and
-    computes the gradient norm (already global) before ``engine.step()``, so every rank takes the same decision.
+    takes the engine's gradient norm (already global; ``engine.step`` clips with it, not computing it again) before
+    the step, so every rank takes the same decision.
     A non-finite step raises :class:`NonFiniteStep` (``policy="stop"``), or (``"skip"``) has its gradients
     dropped: the weights and AdamW's moments stay, the learning-rate schedule advances as for a taken step (a
     resumed run and the data plan stay keyed by the step), and :attr:`skipped` counts it.
@@ -115,9 +117,10 @@ class NonFiniteGuard:
         bad_loss = self._loss_was_nonfinite()
         if _is_deepspeed(self.engine):
             return self._deepspeed_step(bad_loss)
-        norm = self._grad_norm()
+        total = self.engine.grad_norm()  # handed to the step: the engine's clip does not compute it again
+        norm = host_norm(total)
         if not bad_loss and math.isfinite(norm):
-            return self.engine.step()
+            return self.engine.step(total)
         return self._refuse("loss" if bad_loss else f"gradient norm ({norm})", drop=True)
 
     def _deepspeed_step(self, bad_loss: bool) -> float:
@@ -174,14 +177,6 @@ class NonFiniteGuard:
             bad = torch.zeros((), dtype=torch.bool, device=self.engine.device)
         return _reduce_any(bad)
 
-    def _grad_norm(self) -> float:
-        """The global 2-norm of the gradients before the step (0 when there are none)."""
-        grads = [p.grad for p in _optimizer_params(self.engine) if p.grad is not None]
-        if not grads:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
-
 
 def _optimizer_params(engine: Any) -> list[torch.Tensor]:
     return [p for group in engine.optimizer.param_groups for p in group["params"]]
@@ -192,8 +187,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _is_deepspeed(engine: Any) -> bool:
-    from r4b.train.engine import DeepSpeedEngine
-
     return isinstance(engine, DeepSpeedEngine)
 
 

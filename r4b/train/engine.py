@@ -247,6 +247,13 @@ def _add_initial_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             optimizer.state[param] = state
 
 
+def host_norm(norm: torch.Tensor | None) -> float:
+    """A :meth:`_TorchOptimEngine.grad_norm` as a Python float (0 for None; a DTensor's full value under FSDP2)."""
+    if norm is None:
+        return 0.0
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def _lrs(groups: list[_Group], opt: torch.optim.Optimizer, sched: LambdaLR, lr_lambda) -> dict[str, float]:
     by_name = {g["name"]: g["lr"] for g in opt.param_groups}
     # groups with no trainable parameter are not in the optimizer: report the lr they would have
@@ -326,15 +333,18 @@ class _TorchOptimEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global 2-norm of the gradients (a DTensor under FSDP2: one all-reduce), None where none has one."""
         grads = _grads(self._params)
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # a DTensor under FSDP2
-            if self.config.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self._params, self.config.grad_clip, norm)
-            norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        else:
-            norm_value = 0.0
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else None
+
+    def step(self, norm: torch.Tensor | None = None) -> float:
+        """Clip to ``grad_clip`` and take the optimizer and schedule step; returns the gradient norm. ``norm``: the
+        caller's :meth:`grad_norm` of these gradients (the non-finite guard's), not computed a second time."""
+        norm = self.grad_norm() if norm is None else norm
+        if norm is not None and self.config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.config.grad_clip, norm)
+        norm_value = host_norm(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
