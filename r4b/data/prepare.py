@@ -49,6 +49,7 @@ from r4b.data.report import DataReport
 from r4b.data.schema import parse_sample
 from r4b.data.tables import TABLE_KINDS, TableInput, input_kind, table_record
 from r4b.errors import InputError
+from r4b.file_hash import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -358,12 +359,8 @@ INDEX_FILES = ("lengths.npy", "loss_tokens.npy", "data_report.json")
 
 
 def file_digest(path: Path) -> dict[str, Any]:
-    """``{"bytes": size, "sha256": hex}`` of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    """``{"bytes": size, "sha256": hex}`` of a file."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _remove_unused_images(images: Path, used: set[str]) -> None:

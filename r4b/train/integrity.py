@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -27,9 +26,9 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from r4b.errors import InputError
+from r4b.file_hash import file_sha256
 
 MANIFEST = "checksums.json"
-_CHUNK = 1 << 22
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NEARLY_FULL = 16 << 20  # free bytes under which a failed write is taken for a full disk (writes fill, then fail)
 _VERIFIED: dict[tuple, str | None] = {}  # manifest identity -> verdict, so that a second look costs nothing
@@ -46,7 +45,7 @@ def checksum_files(root: Path, names: Iterable[str] | None = None, *, distribute
     root = Path(root)
     names = sorted(_files(root) if names is None else names)
     mine = _share(root, names) if distributed else names
-    entries = {name: {"size": (root / name).stat().st_size, "sha256": _sha256(root / name)} for name in mine}
+    entries = {name: {"size": (root / name).stat().st_size, "sha256": file_sha256(root / name)} for name in mine}
     if distributed:
         for part in all_gather(entries):
             entries.update(part)
@@ -114,7 +113,7 @@ def _verify(root: Path, manifest: Path, distributed: bool) -> str | None:
             return f"{path}: {path.stat().st_size} bytes where {sizes[name]} were written (truncated or overwritten)"
     names = sorted(sizes)
     mine = _share(root, names) if distributed else names
-    found = next((name for name in mine if _sha256(root / name) != digests[name]), None)
+    found = next((name for name in mine if file_sha256(root / name) != digests[name]), None)
     if distributed:
         found = min((name for name in all_gather(found) if name is not None), default=None)
     return None if found is None else f"{root / found}: its contents differ from its checksum (damaged)"
@@ -257,11 +256,3 @@ def _free_bytes(path: Path) -> int:
             continue
         return stat.f_bavail * stat.f_frsize
     return 1 << 62
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
