@@ -20,7 +20,6 @@ The kernel that runs it is chosen per call by :mod:`r4b.models.attention_backend
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Sequence
 
@@ -48,9 +47,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
-_BY_CONTENT: collections.OrderedDict = collections.OrderedDict()  # (device, host values) -> PackedLayout
-
-
 @functools.lru_cache(maxsize=16)
 def _rows_layout(batch: int, seq_len: int, device: torch.device) -> PackedLayout:
     """``batch`` unpacked rows of ``seq_len`` tokens: one layout per shape, so every layer shares what is built
@@ -65,15 +61,13 @@ def _layout_of(cu_seqlens: torch.Tensor, segment_ids, bidir_ids) -> PackedLayout
     cu_seqlens = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
     if segment_ids is not None or bidir_ids is not None:
         return PackedLayout(cu_seqlens, segment_ids=segment_ids, bidir_ids=bidir_ids)
-    host = tuple(cu_seqlens.tolist())
-    key = (str(cu_seqlens.device), host)
-    layout = _BY_CONTENT.get(key)
-    if layout is None:
-        layout = _BY_CONTENT[key] = PackedLayout(cu_seqlens, host)
-        while len(_BY_CONTENT) > 16:
-            _BY_CONTENT.popitem(last=False)
-    _BY_CONTENT.move_to_end(key)
-    return layout
+    return _layout_by_content(tuple(cu_seqlens.tolist()), cu_seqlens.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout_by_content(host: tuple[int, ...], device: torch.device) -> PackedLayout:
+    """One layout per packing (its host values) and device, for the calls that pass equal ``cu_seq_lens_q``."""
+    return PackedLayout(torch.tensor(host, dtype=torch.int32, device=device), host)
 
 
 def varlen_attention_forward(

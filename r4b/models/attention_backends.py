@@ -50,7 +50,6 @@ BUILDS: collections.Counter = collections.Counter()  # "flex-block-mask", "tile-
 
 _override: list[str] = []  # use_attention_backend, innermost last
 _setting: list[str] = []  # set_attention_backend
-_PER_SHAPE: collections.OrderedDict = collections.OrderedDict()  # rows without cu_seqlens: (kind, T, ...) -> mask
 
 
 def _check(name: str) -> str:
@@ -169,21 +168,13 @@ def flex_block_mask(layout: PackedLayout, *, causal: bool = True, block_size: in
     return layout.memo(("flex-block-mask", causal, block_size), build)
 
 
+@functools.lru_cache(maxsize=16)
 def _flex_rows_mask(seq_len: int, device: torch.device, block_size: int):
-    """The causal block mask of rows of ``seq_len`` tokens (calls without cu_seqlens), cached per shape."""
-    key = ("flex-rows", seq_len, str(device), block_size)
-    hit = _PER_SHAPE.get(key)
-    if hit is None:
-        BUILDS["flex-block-mask"] += 1
-        flex = _flex()
-        hit = flex.create_block_mask(
-            lambda b, h, q, k: k <= q, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=block_size
-        )
-        _PER_SHAPE[key] = hit
-        while len(_PER_SHAPE) > 16:
-            _PER_SHAPE.popitem(last=False)
-    _PER_SHAPE.move_to_end(key)
-    return hit
+    """The causal block mask of rows of ``seq_len`` tokens (calls without cu_seqlens), built once per shape."""
+    BUILDS["flex-block-mask"] += 1
+    return _flex().create_block_mask(
+        lambda b, h, q, k: k <= q, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=block_size
+    )
 
 
 def _flex_call(q, k, v, block_mask, scale):
