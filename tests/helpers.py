@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SFT = ROOT / "configs" / "demo" / "sft.yaml"
+DEMO_BPO = ROOT / "configs" / "demo" / "bpo.yaml"
 
 
 def bench_module(name: str):

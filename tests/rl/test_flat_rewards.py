@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_bpo
+from helpers import DEMO_BPO, synthetic_data, tiny_bpo
 
 from r4b.cli import main
 from r4b.rl import compute_advantages
 from r4b.rl.metrics import rollout_metrics
 from r4b.rl.reward import REWARDS
 from r4b.rollout import Rollout
-from r4b.synth import write_synthetic
 from r4b.train.logging import _status
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
@@ -48,15 +44,13 @@ def test_the_progress_line_warns_on_a_flat_step():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=2, n_rl=8, n_eval=2, seed=0)
-    return out
+    return synthetic_data(tmp_path_factory, n_sft=2, n_rl=8, n_eval=2)
 
 
 def _bpo(data: Path, out: Path, *extra: str) -> list[str]:
     args = tiny_bpo(data, out, "rollout.max_new_tokens=4", "train.prompts_per_step=2", "policy.beta=0",
                     "reward.name=constant", "reward.off_mode=null", *extra)  # fmt: skip
-    return ["bpo", "--config", str(DEMO), *args]
+    return ["bpo", "--config", str(DEMO_BPO), *args]
 
 
 def _rows(run: Path) -> list[dict]:

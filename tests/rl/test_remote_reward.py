@@ -13,16 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import run_two_ranks, tiny_bpo
+from helpers import DEMO_BPO, ROOT, run_two_ranks, synthetic_data, tiny_bpo
 
 from r4b.config import load_config
 from r4b.rl.remote_reward import RemoteReward, RewardServerError, server_scores
 from r4b.rollout import Rollout
-from r4b.synth import write_synthetic
 from r4b.train.bpo import BPOConfig, train_bpo
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")
 
 
@@ -129,9 +126,7 @@ def test_an_unreachable_server_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=2, n_rl=8, n_eval=2, seed=0)
-    return out
+    return synthetic_data(tmp_path_factory, n_sft=2, n_rl=8, n_eval=2)
 
 
 def bpo_overrides(data: Path, out: Path, url: str, *extra: str) -> list[str]:
@@ -140,7 +135,7 @@ def bpo_overrides(data: Path, out: Path, url: str, *extra: str) -> list[str]:
 
 
 def test_bpo_trains_on_the_servers_rewards(data, tmp_path, server):
-    run = train_bpo(load_config(BPOConfig, DEMO, bpo_overrides(data, tmp_path / "run", server.url)))
+    run = train_bpo(load_config(BPOConfig, DEMO_BPO, bpo_overrides(data, tmp_path / "run", server.url)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["reward_failures"] == 0 for r in rows)
     assert len(server.requests) == 2 * 4  # 16 rollouts a step in requests of 5
@@ -153,7 +148,7 @@ def test_a_server_that_fails_stops_bpo_in_one_line(data, tmp_path, server, capsy
     from r4b.cli import main
 
     server.fail_first = 100
-    argv = ["bpo", "--config", str(DEMO), *bpo_overrides(data, tmp_path / "run", server.url, "reward.retries=0")]
+    argv = ["bpo", "--config", str(DEMO_BPO), *bpo_overrides(data, tmp_path / "run", server.url, "reward.retries=0")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"r4b bpo: error: reward server {server.url}: 16 of 16 rollouts unscored")
@@ -176,10 +171,10 @@ def test_the_reference_pass_overlaps_the_servers_requests(data, tmp_path, server
     monkeypatch.setattr(BPOTrainer, "_reference_logprobs", timed)
     args = ("policy.beta=0.1", "advantages.mode_decision_from=all", "train.steps=1", "reward.batch_size=16")
     server.hold.clear()
-    overlapped = train_bpo(load_config(BPOConfig, DEMO, bpo_overrides(data, tmp_path / "a", server.url, *args)))
+    overlapped = train_bpo(load_config(BPOConfig, DEMO_BPO, bpo_overrides(data, tmp_path / "a", server.url, *args)))
     assert len(started) == 1 and started[0] < server.answered[0]
     monkeypatch.setattr(BPOTrainer, "_reference_while_scoring", lambda self: False)
-    in_turn = train_bpo(load_config(BPOConfig, DEMO, bpo_overrides(data, tmp_path / "b", server.url, *args)))
+    in_turn = train_bpo(load_config(BPOConfig, DEMO_BPO, bpo_overrides(data, tmp_path / "b", server.url, *args)))
     assert started[1] > server.answered[1]
     keep = ("reward", "loss", "grad_norm", "kl", "tokens")
     rows = lambda run: [{k: json.loads(line).get(k) for k in keep} for line in (run / "metrics.jsonl").open()]
@@ -188,11 +183,11 @@ def test_the_reference_pass_overlaps_the_servers_requests(data, tmp_path, server
 
 @pytest.mark.multiprocess
 def test_two_ranks_get_the_one_rank_rewards(data, tmp_path, server):
-    one = train_bpo(load_config(BPOConfig, DEMO, bpo_overrides(data, tmp_path / "one", server.url)))
+    one = train_bpo(load_config(BPOConfig, DEMO_BPO, bpo_overrides(data, tmp_path / "one", server.url)))
     asked = len(server.requests)
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     two = bpo_overrides(data, tmp_path / "two", server.url, "engine.kind=fsdp2")
-    run_two_ranks(["-m", "r4b", "bpo", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=300,
+    run_two_ranks(["-m", "r4b", "bpo", "--config", str(DEMO_BPO), *two], env=env, cwd=ROOT, timeout=300,
                   fresh=tmp_path / "two")  # fmt: skip
     rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows(one), rows(tmp_path / "two"), strict=True):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_two_ranks
+from helpers import DEMO_BPO, ROOT, run_two_ranks, synthetic_data
 
 from r4b.config import load_config
 from r4b.format import MODE_SUFFIX
@@ -21,21 +21,14 @@ from r4b.rl.credit import decision_token_counts, move_decision_tokens
 from r4b.rl.metrics import rollout_metrics
 from r4b.rollout import Prompt, Rollout, RolloutEngine, SamplingParams
 from r4b.rollout.prompts import encode_for_generation, stop_token_ids
-from r4b.synth import write_synthetic
 from r4b.train.bpo import BPOConfig, BPOTrainer, prompt_indices, train_bpo
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
-
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=2, n_rl=12, n_eval=4, seed=0)
-    return out
+    return synthetic_data(tmp_path_factory, n_sft=2, n_rl=12, n_eval=4)
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
@@ -61,7 +54,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode(data, tmp_path):
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", "train.export=false")))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", "train.export=false")))
     samples = [trainer.prompts[i] for i in prompt_indices(0, 4, len(trainer.prompts), 0)]
     rollouts = trainer.generate(samples, step=0)
     tokenizer = load_tokenizer()
@@ -81,7 +74,7 @@ def test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode(data, tmp_path)
 
 
 def test_mode_decision_credit_moves_the_suffix_tail_into_the_response(data, tmp_path):
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", "train.export=false")))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", "train.export=false")))
     rollout = trainer.generate(trainer.prompts[:1], step=0)[0][-1]  # a non-thinking rollout
     moved = move_decision_tokens(rollout, 2)
     blank, close = load_tokenizer().encode("\n\n</think>")
@@ -89,7 +82,7 @@ def test_mode_decision_credit_moves_the_suffix_tail_into_the_response(data, tmp_
 
 
 def test_run_logs_checkpoints_evaluates_and_exports(data, tmp_path):
-    run = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", "train.eval_every=2")))
+    run = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", "train.eval_every=2")))
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "eval_auto" in rows[1] and "eval_auto" not in rows[0]
@@ -99,7 +92,7 @@ def test_run_logs_checkpoints_evaluates_and_exports(data, tmp_path):
 
 def test_grpo_baseline_rolls_out_in_auto_mode(data, tmp_path):
     run = train_bpo(
-        load_config(BPOConfig, DEMO, overrides(data, tmp_path / "g", "rollout.strategy=grpo", "train.max_steps=1"))
+        load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "g", "rollout.strategy=grpo", "train.max_steps=1"))
     )
     (row,) = metrics(run)
     assert "auto" in row and "thinking" not in row
@@ -107,10 +100,10 @@ def test_grpo_baseline_rolls_out_in_auto_mode(data, tmp_path):
 
 def test_resume_gives_the_uninterrupted_run(data, tmp_path):
     common = ("train.save_every=2", "train.keep_checkpoints=5", "train.export=false")
-    straight = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "a", *common)))
-    train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *common, "train.max_steps=3")))
+    straight = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "a", *common)))
+    train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "b", *common, "train.max_steps=3")))
     shutil.rmtree(tmp_path / "b" / "checkpoint-3")  # resume from step 2: step 3 is redone
-    train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *common)))
+    train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "b", *common)))
     keys = ("step", "reward", "loss", "grad_norm", "tokens")
     assert [tuple(r[k] for k in keys) for r in metrics(tmp_path / "b")] == [
         tuple(r[k] for k in keys) for r in metrics(straight)
@@ -121,11 +114,11 @@ def test_resume_gives_the_uninterrupted_run(data, tmp_path):
 @pytest.mark.parametrize("kind", ["fsdp2", "deepspeed"])
 def test_two_processes_give_the_one_process_run(data, tmp_path, kind):
     args = ("train.max_steps=2", "train.export=false", "data.eval=null")
-    train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "one", *args)))
+    train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "one", *args)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     two = overrides(data, tmp_path / "two", *args, f"engine.kind={kind}")
     run_two_ranks(
-        ["-m", "r4b", "bpo", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=300, fresh=tmp_path / "two"
+        ["-m", "r4b", "bpo", "--config", str(DEMO_BPO), *two], env=env, cwd=ROOT, timeout=300, fresh=tmp_path / "two"
     )
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert (a["reward"], a["tokens"]) == (b["reward"], b["tokens"])  # the same rollouts
@@ -138,7 +131,7 @@ def test_configured_suffixes_replace_the_templates(data, tmp_path):
     template's; rewards read it back (full_text) and mode-decision credit moves all of it after <think>."""
     custom = "<think>\nStep by step.\n"
     extra = ('rollout.suffixes={thinking: "<think>\\nStep by step.\\n"}', "train.export=false", "data.eval=null")
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", *extra)))
     tokenizer = load_tokenizer()
     rows = trainer.generate(trainer.prompts[:2], step=0)
     for row in rows:
@@ -152,22 +145,24 @@ def test_configured_suffixes_replace_the_templates(data, tmp_path):
     assert moved.prompt_ids[-1] == think and moved.response_ids[: len(tail)] == tail
     assert trainer.step(0)["thinking"]["response_len"] > 0
     with pytest.raises(ValueError, match="unknown mode"):
-        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "rollout.suffixes={think: x}")))
+        BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", "rollout.suffixes={think: x}")))
 
 
 def test_format_reward_is_added_with_its_weight_and_logged(data, tmp_path):
     extra = ("reward.format_weight=0.5", "train.export=false", "data.eval=null")
     plain = ("reward.off_mode=null",)  # the plain sum: no off-mode score replaces it
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra, *plain)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", *extra, *plain)))
     row = trainer.step(0)
     for mode in ("thinking", "non_thinking"):
         assert 0 <= row[mode]["format"] <= 1
         assert row[mode]["reward"] == pytest.approx(row[mode]["accuracy"] + 0.5 * row[mode]["format"])
     assert row["non_thinking"]["format"] > 0  # scored on the full text: the suffix opens and closes the block
     with pytest.raises(ValueError, match="format reward alone"):
-        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", "reward.name=format", *extra[:1])))
+        BPOTrainer(
+            load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", "reward.name=format", *extra[:1]))
+        )
     with pytest.raises(ValueError, match=r"rollout\.engine=vllm"):
-        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad2", "rollout.vllm_sleep_level=1")))
+        BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad2", "rollout.vllm_sleep_level=1")))
 
 
 def test_rollout_metrics_by_hand():
@@ -241,7 +236,7 @@ def scripted_trainer(data: Path, out: Path, engine: type[ScriptedEngine], *extra
     """The demo config's trainer generating with ``engine``, without mode-decision credit (a probe then reads the
     thinking group's own tokens alone) or evaluation."""
     extra = ("advantages.mode_decision_credit=false", "data.eval=null", *extra)
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, out, *extra)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, out, *extra)))
     trainer.rollout_engine = engine(trainer)
     return trainer
 
@@ -284,7 +279,7 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
     # reward.min_thought_chars: the scripted thought (29 characters) is too short for 30, so every thinking rollout
     # is off-mode and scores -1
     extra = ("reward.min_thought_chars=30", "data.eval=null", "rollout.max_new_tokens=8")
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "min", *extra)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "min", *extra)))
     trainer.rollout_engine = ScriptedEngine(trainer)
     row = trainer.step(0)
     assert row["thinking"]["off_mode"] == 1.0 and row["thinking"]["reward"] == -1.0
@@ -306,7 +301,7 @@ def test_close_thoughts_makes_a_stopped_thought_off_mode(data, tmp_path):
     """reward.close_thoughts: a forced thought that stops before </think> is off-mode (scored -1); off by default."""
     for close, expected in (("false", 0.5), ("true", 1.0)):
         extra = (f"reward.close_thoughts={close}", "data.eval=null", "rollout.max_new_tokens=8")
-        trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / close, *extra)))
+        trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / close, *extra)))
         trainer.rollout_engine = StoppingEngine(trainer)
         assert trainer.step(0)["thinking"]["off_mode"] == expected
 
@@ -332,7 +327,7 @@ def test_bpo_applies_the_configured_liger_patches(data, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(liger, "apply_configured_liger", lambda model, enabled, announce=True: seen.append(enabled))
     extra = ("train.export=false", "data.eval=null", "model.liger=false")
-    BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "run", *extra)))
+    BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "run", *extra)))
     assert seen == [False]
 
 
@@ -346,7 +341,7 @@ def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, 
     import r4b.train.bpo as bpo
 
     extra = (f"advantages.mode_decision_from={credit}", "data.eval=null", "train.export=false")
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / credit, *extra)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / credit, *extra)))
     trainer.rollout_engine = ScriptedEngine(trainer)
     moved, advantages = [], []
     spy = lambda r, d: moved.append((r.mode, d)) or move_decision_tokens(r, d)
@@ -370,7 +365,7 @@ def test_positive_mode_decision_credit_trains_only_the_better_modes_token(data, 
 def test_unknown_mode_decision_from_is_refused(data, tmp_path):
     args = overrides(data, tmp_path / "run", "advantages.mode_decision_from=best")
     with pytest.raises(ValueError, match=r"advantages\.mode_decision_from = 'best': expected one of 'all', 'positive'"):
-        BPOTrainer(load_config(BPOConfig, DEMO, args))
+        BPOTrainer(load_config(BPOConfig, DEMO_BPO, args))
 
 
 class WrongThoughtEngine(ScriptedEngine):
@@ -411,4 +406,4 @@ def test_kl_to_the_annealed_model_bounds_how_far_forced_thoughts_fall(data, tmp_
     print(f"fall of the thought's log-prob per step: {drops}; the level with beta 1: {bound:.3f}")
     assert drops["0.0"][-1] > drops["0.0"][3] + 0.2 and drops["0.0"][-1] > bound + 0.4  # no KL: still falling
     assert all(abs(d - bound) < 0.1 for d in drops["1.0"][3:]), (drops, bound)  # beta 1: level at the bound
-    assert BPOConfig().policy.beta == 0.0 and load_config(BPOConfig, DEMO, []).policy.beta == 0.2  # the demo's
+    assert BPOConfig().policy.beta == 0.0 and load_config(BPOConfig, DEMO_BPO, []).policy.beta == 0.2  # the demo's

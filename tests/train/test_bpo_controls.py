@@ -8,27 +8,21 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import run_two_ranks, tiny_bpo
+from helpers import DEMO_BPO, ROOT, run_two_ranks, synthetic_data, tiny_bpo
 
 from r4b.config import load_config
 from r4b.config.loading import ConfigError
 from r4b.models.tokenizer import load_tokenizer
 from r4b.rollout import Rollout, RolloutEngine
 from r4b.rollout.prompts import encode_for_generation, stop_token_ids
-from r4b.synth import write_synthetic
 from r4b.train.bpo import BPOConfig, BPOTrainer, train_bpo
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo" / "bpo.yaml"
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, n_sft=2, n_rl=12, n_eval=4, seed=0)
-    return out
+    return synthetic_data(tmp_path_factory, n_sft=2, n_rl=12, n_eval=4)
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
@@ -68,7 +62,7 @@ class CuttingEngine(RolloutEngine):
 
 
 def scripted_step(data: Path, out: Path, *extra: str) -> dict:
-    trainer = BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, out, "rollout.max_new_tokens=40", *extra)))
+    trainer = BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, out, "rollout.max_new_tokens=40", *extra)))
     trainer.rollout_engine = CuttingEngine(trainer)
     return trainer.step(0)
 
@@ -98,7 +92,7 @@ def test_r4b_bpo_with_both_controls_on_the_tiny_model(data, tmp_path):
     every rollout was cut makes no update."""
     run = tmp_path / "run"
     extra = ("train.steps=2", "reward.overlong=mask", "reward.thought_budget=2")
-    train_bpo(load_config(BPOConfig, DEMO, overrides(data, run, *extra)))
+    train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, run, *extra)))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -115,16 +109,16 @@ def test_r4b_bpo_with_both_controls_on_the_tiny_model(data, tmp_path):
 def test_overlong_buffer_over_max_new_tokens_is_a_config_error(data, tmp_path):
     extra = ("reward.overlong=soft", "reward.overlong_buffer=7")
     with pytest.raises(ConfigError, match=r"reward\.overlong_buffer=7 is over rollout\.max_new_tokens=6"):
-        BPOTrainer(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "bad", *extra)))
+        BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", *extra)))
 
 
 def test_resume_gives_the_uninterrupted_run_with_both_controls(data, tmp_path):
     """The controls keep no state across steps: a run stopped after step 1 and resumed equals the straight run."""
     extra = ("reward.overlong=soft", "reward.overlong_buffer=3", "reward.thought_budget=2", "train.steps=2",
              "train.save_every=1", "train.stop_after_flat_steps=0")  # fmt: skip
-    straight = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "a", *extra)))
-    train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *extra, "train.max_steps=1")))
-    resumed = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "b", *extra)))
+    straight = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "a", *extra)))
+    train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "b", *extra, "train.max_steps=1")))
+    resumed = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "b", *extra)))
     keys = ("step", "reward", "loss", "grad_norm", "thinking", "non_thinking")
     rows = lambda run: [{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").open()]
     assert rows(resumed) == rows(straight) and len(rows(straight)) == 2
@@ -137,10 +131,10 @@ def test_two_ranks_give_the_one_rank_run_with_both_controls(data, tmp_path):
     masking them all would leave nothing to update)."""
     extra = ("reward.overlong=soft", "reward.overlong_buffer=3", "reward.thought_budget=2", "train.steps=2",
              "train.stop_after_flat_steps=0")  # fmt: skip
-    one = train_bpo(load_config(BPOConfig, DEMO, overrides(data, tmp_path / "one", *extra)))
+    one = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "one", *extra)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     two = overrides(data, tmp_path / "two", *extra, "engine.kind=fsdp2")
-    run_two_ranks(["-m", "r4b", "bpo", "--config", str(DEMO), *two], env=env, cwd=ROOT, timeout=300,
+    run_two_ranks(["-m", "r4b", "bpo", "--config", str(DEMO_BPO), *two], env=env, cwd=ROOT, timeout=300,
                   fresh=tmp_path / "two")  # fmt: skip
     rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows(one), rows(tmp_path / "two"), strict=True):

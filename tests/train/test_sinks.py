@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_SFT, ROOT, run_two_ranks, synthetic_data, tiny_bpo
+from helpers import DEMO_BPO, DEMO_SFT, ROOT, run_two_ranks, synthetic_data, tiny_bpo
 
 from r4b.config import load_config
 from r4b.config.sections import LoggingSection, SinkName
@@ -25,7 +25,6 @@ from r4b.train.logging import RunLogger, _scalars
 from r4b.train.sft import SFTConfig, train_sft
 from r4b.train.sinks import RUNS_FILE, SINKS, Sink, chosen_sinks
 
-DEMO_BPO = ROOT / "configs" / "demo" / "bpo.yaml"
 TIMING_KEYS = ("time/", "tokens_per_s")  # wall-clock: differs between any two runs
 
 pytestmark = pytest.mark.usefixtures("torch_reference_kernels")  # tests/conftest.py
