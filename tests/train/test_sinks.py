@@ -303,14 +303,18 @@ def test_a_resumed_logger_drops_sample_lines_past_its_step(tmp_path):
 @trackers
 @pytest.mark.multiprocess
 def test_only_rank_0_logs_to_the_sinks(data, offline):
-    run, store = offline / "two", offline / "mlruns"
+    """Every tracker's files inside the run directory, which run_two_ranks deletes before it reruns a launch that
+    gloo's teardown aborted: a rerun's count is not the aborted launch's plus its own."""
+    run = offline / "two"
+    store = run / "mlruns"
     args = ["-m", "r4b", "sft", "--config", str(DEMO_SFT), f"output_dir={run}", f"data.train=[{data / 'sft.jsonl'}]"]
     args += ["train.global_batch_samples=12", "train.max_steps=2", "train.progress=false", "train.export=false"]
     args += ["engine.kind=fsdp2", "logging.sinks=[tensorboard,wandb,mlflow]", f"logging.mlflow_uri=file:{store}"]
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    env.pop("WANDB_DIR")  # W&B's files go to output_dir/wandb
     run_two_ranks(args, env=env, cwd=ROOT, timeout=240, fresh=run)
-    files = wandb_runs(offline / "wandb-dir")
+    files = wandb_runs(run)
     assert len(files) == 1
     assert [h["_step"] for h in wandb_history(files[0])] == [1, 2]
     client = mlflow_client(store)
