@@ -42,6 +42,7 @@ except ImportError:  # no CUDA build (a CPU machine): the torch implementation d
 
 __all__ = [
     "IGNORE_INDEX",
+    "pack_responses",
     "pack_shared_prefix",
     "pack_unshared",
     "unpack_responses",
@@ -139,6 +140,22 @@ def unpack_responses(packed: PackedRow, values: Tensor) -> Tensor:
     valid = token < packed.response_lengths[:, None]
     out = out.zero_()
     out[valid] = values[(packed.response_starts[:, None] + token)[valid]]
+    return out
+
+
+def pack_responses(packed: PackedRow, values: Tensor) -> Tensor:
+    """The inverse of :func:`unpack_responses`: ``values`` [R, >= Lmax] per (response, token) placed at the packed
+    positions that predict those tokens, ``[N]``, 0 elsewhere (a per-token loss input the packing kernel does not
+    carry: the rollout correction's importance weights)."""
+    if values.shape[0] != packed.num_responses or values.shape[1] < packed.max_response_len:
+        raise ValueError(
+            f"values has shape {tuple(values.shape)}; want [{packed.num_responses}, >= {packed.max_response_len}]"
+        )
+    values = values.to(packed.response_starts.device)
+    token = torch.arange(packed.max_response_len, device=values.device)
+    valid = token < packed.response_lengths[:, None]
+    out = values.new_zeros(packed.num_tokens)
+    out[(packed.response_starts[:, None] + token)[valid]] = values[:, : packed.max_response_len][valid]
     return out
 
 

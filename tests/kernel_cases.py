@@ -66,6 +66,13 @@ def bpo_batch(n=60, h=40, v=90, *, seed=0, num_seqs=6):
     return hidden, weight, targets, {k: t.to(DEVICE) for k, t in extras.items()}
 
 
+def rollout_weights(n: int, *, seed: int) -> torch.Tensor:
+    """Importance weights as the rollout correction makes them: in [0, 2], every fifth token masked (0, MIS)."""
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    weights[::5] = 0.0
+    return weights.to(DEVICE)
+
+
 def policy_logprobs(hidden, weight, targets, temperature):
     logits = (hidden @ weight.t()) / temperature
     return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).detach()

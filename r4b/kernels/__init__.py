@@ -16,7 +16,8 @@ default unless ``R4B_FUSED_LOSS_METHOD`` says otherwise), ``"cublas"`` or ``"cub
 logits per token chunk, gradients made in the forward: ``r4b.kernels.fused_grad``).
 
 ``FusedLinearGRPOLoss`` is liger-kernel's ``LigerFusedLinearGRPOLoss`` (same constructor, call and return) on
-``fused_linear_bpo_loss``: code written for liger switches by its import (``r4b.kernels.liger_compat``).
+``fused_linear_bpo_loss``: code written for liger switches by its import (``r4b.kernels.liger_compat``);
+``linear_cross_entropy`` is verl's fused LM head, ``(log_probs, entropy)`` (``r4b.kernels.verl_compat``).
 """
 
 from . import fused_grad
@@ -27,6 +28,7 @@ from .losses import bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_
 from .packed_layout import PackedLayout
 from .reference import LOSS_AGG_MODES
 from .varlen_attention import varlen_attention
+from .verl_compat import linear_cross_entropy
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -39,6 +41,7 @@ __all__ = [
     "fused_grad",
     "fused_linear_bpo_loss",
     "fused_linear_cross_entropy",
+    "linear_cross_entropy",
     "linear_logprobs",
     "varlen_attention",
 ]

@@ -77,10 +77,6 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             )
         if importance_sampling_level != "token":
             raise _unsupported("importance_sampling_level", importance_sampling_level, "r4b weighs tokens: 'token'")
-        if delta is not None:
-            raise _unsupported("delta", delta, "no two-sided clipping in r4b: None")
-        if use_bias_correction_kl:
-            raise _unsupported("use_bias_correction_kl", use_bias_correction_kl, "r4b's KL is uncorrected: False")
         if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:  # liger's checks, kept for the same errors
             raise ValueError(f"sapo temperatures must be positive, got {sapo_temperature_pos}, {sapo_temperature_neg}")
         if loss_type == "dr_grpo" and max_completion_length is None:
@@ -120,8 +116,6 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         vllm_is_ratio: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        if vllm_is_ratio is not None:
-            raise _unsupported("vllm_is_ratio", "<tensor>", "no per-token importance weights in r4b: None")
         if _input.dim() != 3:
             raise ValueError(f"_input must be [B, T, H] hidden states, got shape {tuple(_input.shape)}")
         batch, seq_len = _input.shape[:2]
@@ -129,6 +123,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"attention_mask must be [B, T] = {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
         if advantages.shape != (batch,):
             raise ValueError(f"advantages must be [B] = [{batch}] (one per sequence), got {tuple(advantages.shape)}")
+        if vllm_is_ratio is not None and vllm_is_ratio.shape not in ((batch, seq_len), (batch, 1)):
+            raise ValueError(f"vllm_is_ratio must be [B, T] or [B, 1], got {tuple(vllm_is_ratio.shape)}")
         mask = attention_mask.bool()
         ref = self._reference_logprobs(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids, mask)
         hidden, weight = _with_bias(_input, lin_weight, bias)
@@ -139,9 +135,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             hidden.reshape(batch * seq_len, -1), weight, flat(selected_token_ids),
             advantages.repeat_interleave(seq_len), seq_ids=seq_ids, loss_mask=flat(mask),
             old_logprobs=flat(old_per_token_logps), ref_logprobs=flat(ref), clip_eps_low=self.epsilon_low,
+            is_weights=None if vllm_is_ratio is None else flat(vllm_is_ratio.expand(batch, seq_len)),
             clip_eps_high=self.epsilon_high, beta=self.beta if ref is not None else 0.0,
             temperature=self.temperature, loss_agg_mode=LOSS_TYPES[self.loss_type],
             norm_len=self.max_completion_length, method=self.method, chunk_bytes=self.chunk_bytes,
+            delta=self.delta, bias_correction_kl=self.use_bias_correction_kl,
         )  # fmt: skip
         scale = self._liger_normalizer_scale(mask, num_items_in_batch)
         if scale is not None:

@@ -67,6 +67,23 @@ def _aggregation_weights(
     return maskf / (norm_len * num_seqs)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+
+def kl_term(log_ref_ratio: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Schulman's per-token estimators of KL(policy || reference) from ``log_ref_ratio = ref - logp``: ``k1``
+    ``-x``, ``k2`` ``x^2 / 2``, ``k3`` ``e^x - x - 1`` (TRL's and liger's), ``low_var_kl`` k3 clamped to [-10, 10]
+    (verl's)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    if estimator == "k1":
+        return -log_ref_ratio
+    if estimator == "k2":
+        return 0.5 * log_ref_ratio.square()
+    k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
+    return k3.clamp(-10.0, 10.0) if estimator == "low_var_kl" else k3
+
+
 def _bpo_token_terms(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -76,8 +93,15 @@ def _bpo_token_terms(
     clip_eps_low: float,
     clip_eps_high: float,
     beta: float,
+    is_weights: torch.Tensor | None = None,
+    delta: float | None = None,
+    bias_correction_kl: bool = False,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token_loss, clipped, unclipped, kl) per token; differentiable in ``logp``."""
+    """(token_loss, clipped, unclipped, kl) per token; differentiable in ``logp``. ``is_weights`` scale the
+    surrogate, not the KL (verl's and TRL's rollout correction); clipped / unclipped stay unweighted (clip_frac).
+    ``delta``: the unclipped ratio capped at delta (INTELLECT-2's two-sided clipping); ``bias_correction_kl``: the
+    KL times the ratio (DeepSeek-V3.2's importance-corrected KL); ``kl_estimator``: :func:`kl_term`'s."""
     # Masked tokens get neutral inputs so that garbage there (inf, NaN) cannot
     # leak NaN into the gradient through a 0 * inf.
     detached = logp.detach()
@@ -86,10 +110,14 @@ def _bpo_token_terms(
     ratio = torch.exp(logp - old)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    token_loss = torch.maximum(unclipped, clipped)
+    surrogate = unclipped if delta is None else -adv * ratio.clamp(max=delta)
+    token_loss = torch.maximum(surrogate, clipped)
+    if is_weights is not None:
+        token_loss = token_loss * torch.where(mask, is_weights.to(logp.dtype), 0.0)
     if ref_logprobs is not None:
-        delta = torch.where(mask, ref_logprobs.to(logp.dtype), detached) - logp
-        kl = torch.exp(delta) - delta - 1.0
+        kl = kl_term(torch.where(mask, ref_logprobs.to(logp.dtype), detached) - logp, kl_estimator)
+        if bias_correction_kl:
+            kl = kl * ratio
         token_loss = token_loss + beta * kl
     else:
         kl = torch.zeros_like(logp)
@@ -104,21 +132,29 @@ def bpo_loss_from_logprobs(
     loss_mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     beta: float = 0.0,
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
+    entropy_coeff: float = 0.0,
+    delta: float | None = None,
+    bias_correction_kl: bool = False,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BPO/GRPO loss of ``fused_linear_bpo_loss`` from per-token log-probs you already have.
 
-    ``entropy`` (per token, optional) only feeds the ``entropy`` metric.
+    ``entropy`` (per token, optional) feeds the ``entropy`` metric and, with ``entropy_coeff``, the entropy bonus
+    ``- entropy_coeff * entropy`` per token (differentiable where ``entropy`` is).
     """
+    if entropy_coeff and entropy is None:
+        raise ValueError("entropy_coeff != 0 needs the per-token entropy")
     _check_bpo_inputs(
         logprobs,
         dict(advantages=advantages, seq_ids=seq_ids, loss_mask=loss_mask, old_logprobs=old_logprobs,
-             ref_logprobs=ref_logprobs, entropy=entropy),
+             ref_logprobs=ref_logprobs, is_weights=is_weights, entropy=entropy),
         beta=beta, loss_agg_mode=loss_agg_mode, norm_len=norm_len, clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high,
     )  # fmt: skip
@@ -126,9 +162,12 @@ def bpo_loss_from_logprobs(
     logp = logprobs
     mask = torch.ones_like(logp, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     token_loss, clipped, unclipped, kl = _bpo_token_terms(
-        logp, advantages, mask, old_logprobs, ref_logprobs, clip_eps_low, clip_eps_high, beta
-    )
+        logp, advantages, mask, old_logprobs, ref_logprobs, clip_eps_low, clip_eps_high, beta, is_weights,
+        delta=delta, bias_correction_kl=bias_correction_kl, kl_estimator=kl_estimator,
+    )  # fmt: skip
 
+    if entropy_coeff:
+        token_loss = token_loss - entropy_coeff * torch.where(mask, entropy, 0.0)
     weights = _aggregation_weights(seq_ids, mask, loss_agg_mode, norm_len)
     loss = (token_loss * weights).sum()
 
@@ -137,7 +176,9 @@ def bpo_loss_from_logprobs(
         metrics = {
             "clip_frac": ((clipped > unclipped) & mask).sum() / n_tokens,
             "kl": torch.where(mask, kl, 0.0).sum() / n_tokens,
-            "entropy": torch.where(mask, entropy, 0.0).sum() / n_tokens if entropy is not None else n_tokens * 0,
+            "entropy": torch.where(mask, entropy.detach(), 0.0).sum() / n_tokens
+            if entropy is not None
+            else n_tokens * 0,
         }
     return loss, metrics
 
@@ -152,12 +193,17 @@ def fused_linear_bpo_loss(
     loss_mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     beta: float = 0.0,
     temperature: float = 1.0,
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
+    entropy_coeff: float = 0.0,
+    delta: float | None = None,
+    bias_correction_kl: bool = False,
+    kl_estimator: str = "k3",
     chunk_elements: int | None = None,
     method: str | None = None,
     chunk_bytes: int | None = None,
@@ -167,6 +213,14 @@ def fused_linear_bpo_loss(
     Per token: ``max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high)) + beta * k3``
     with ``r = exp(logp - old_logprobs)`` (``old_logprobs=None``: on-policy,
     the ratio is 1 with logp's gradient) and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+    ``is_weights`` (per token, non-negative, no gradient) multiply the surrogate term, not the KL: the
+    rollout/training mismatch correction's importance weights (``r4b.rl.rollout_correction``; liger's and
+    TRL's ``vllm_is_ratio``). ``entropy_coeff`` adds verl's entropy bonus, ``- entropy_coeff * entropy`` per token
+    before the aggregation, its gradient through the fused kernel's entropy (the ``"recompute"`` method: the cuBLAS
+    methods make only the log-prob gradient in the forward). ``delta`` caps the unclipped ratio (INTELLECT-2's
+    two-sided clipping) and ``bias_correction_kl`` multiplies the KL by the ratio (DeepSeek-V3.2), as liger's
+    options of those names. ``kl_estimator``: ``k1``, ``k2``, ``k3`` (the default) or ``low_var_kl``
+    (:func:`kl_term`).
     Tokens outside ``loss_mask`` contribute nothing, whatever their targets,
     advantages or old/ref log-probs hold (a padding target of -100 is fine).
     ``loss_agg_mode`` follows verl; ``seq-mean-token-sum-norm`` (Dr. GRPO)
@@ -183,20 +237,22 @@ def fused_linear_bpo_loss(
     _check_bpo_inputs(
         targets,
         dict(advantages=advantages, seq_ids=seq_ids, loss_mask=loss_mask, old_logprobs=old_logprobs,
-             ref_logprobs=ref_logprobs),
+             ref_logprobs=ref_logprobs, is_weights=is_weights),
         beta=beta, loss_agg_mode=loss_agg_mode, norm_len=norm_len, clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high,
     )  # fmt: skip
-    method = fused_grad.resolve_method(method)
+    method = "recompute" if entropy_coeff else fused_grad.resolve_method(method)  # see the docstring
     mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     safe_targets = targets.masked_fill(~mask, 0)
-    aggregation = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta)
+    aggregation = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta, delta=delta,
+                       bias_correction_kl=bias_correction_kl, kl_estimator=kl_estimator)  # fmt: skip
     if method != "recompute" and _cublas_applies(hidden, weight, safe_targets, temperature, chunk_bytes):
         flat_mask = mask.reshape(-1)
         weights = _aggregation_weights(seq_ids.reshape(-1), flat_mask, loss_agg_mode, norm_len)
         adv = advantages.reshape(-1)
         old = None if old_logprobs is None else old_logprobs.reshape(-1)
         ref = None if ref_logprobs is None else ref_logprobs.reshape(-1)
+        isw = None if is_weights is None else is_weights.reshape(-1)
 
         def token_grad(logp_chunk: torch.Tensor, rows: slice) -> torch.Tensor:
             """d loss / d logp of the chunk's tokens: autograd through the same O(C) token terms."""
@@ -205,6 +261,8 @@ def fused_linear_bpo_loss(
                 token_loss = _bpo_token_terms(
                     lp, adv[rows], flat_mask[rows], None if old is None else old[rows],
                     None if ref is None else ref[rows], clip_eps_low, clip_eps_high, beta,
+                    None if isw is None else isw[rows], delta=delta, bias_correction_kl=bias_correction_kl,
+                    kl_estimator=kl_estimator,
                 )[0]  # fmt: skip
                 (grad,) = torch.autograd.grad((token_loss * weights[rows]).sum(), lp)
             return grad
@@ -214,7 +272,8 @@ def fused_linear_bpo_loss(
         )
         loss, metrics = bpo_loss_from_logprobs(
             logprobs, advantages, seq_ids=seq_ids, loss_mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, entropy=entropy, loss_agg_mode=loss_agg_mode, norm_len=norm_len,
+            ref_logprobs=ref_logprobs, is_weights=is_weights, entropy=entropy, loss_agg_mode=loss_agg_mode,
+            norm_len=norm_len,
             **aggregation,
         )  # fmt: skip
         return loss + carrier, metrics
@@ -234,12 +293,12 @@ def fused_linear_bpo_loss(
         loss_mask=mask,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
-        entropy=entropy.detach(),
-        clip_eps_low=clip_eps_low,
-        clip_eps_high=clip_eps_high,
-        beta=beta,
+        is_weights=is_weights,
+        entropy=entropy if entropy_coeff else entropy.detach(),  # no entropy gradient pass unless the bonus asks
         loss_agg_mode=loss_agg_mode,
         norm_len=norm_len,
+        entropy_coeff=entropy_coeff,
+        **aggregation,
     )
 
 

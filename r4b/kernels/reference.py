@@ -39,14 +39,22 @@ def bpo_loss_reference(
     loss_mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     beta: float = 0.0,
     temperature: float = 1.0,
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
+    entropy_coeff: float = 0.0,
+    delta: float | None = None,
+    bias_correction_kl: bool = False,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The BPO/GRPO token-level clipped surrogate + beta * k3 KL, aggregated as verl does."""
+    """The BPO/GRPO token-level clipped surrogate (the unclipped ratio capped at ``delta``; times ``is_weights``,
+    the rollout correction's importance weights) + beta * k3 KL (times the ratio with ``bias_correction_kl``) -
+    entropy_coeff * entropy, aggregated as verl does; ``kl_estimator`` k1, k2, k3 or low_var_kl (k3 clamped to
+    [-10, 10])."""
     mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
     logp, entropy = linear_logprobs_reference(hidden, weight, safe_targets, temperature=temperature, with_entropy=True)
@@ -55,12 +63,22 @@ def bpo_loss_reference(
     adv = advantages.to(logp.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    token_loss = torch.maximum(unclipped, clipped)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)  # INTELLECT-2's two-sided clip
+    token_loss = torch.maximum(-adv * capped, clipped)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.to(logp.dtype)
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
-        delta = ref_logprobs.to(logp.dtype) - logp
-        kl = torch.exp(delta) - delta - 1.0
-    token_loss = token_loss + beta * kl
+        log_ratio = logp - ref_logprobs.to(logp.dtype)  # log(pi / pi_ref)
+        kl = {
+            "k1": log_ratio,
+            "k2": log_ratio**2 / 2,
+            "k3": torch.exp(-log_ratio) + log_ratio - 1.0,
+            "low_var_kl": (torch.exp(-log_ratio) + log_ratio - 1.0).clamp(-10.0, 10.0),
+        }[kl_estimator]
+        if bias_correction_kl:
+            kl = kl * ratio
+    token_loss = token_loss + beta * kl - entropy_coeff * entropy
 
     masked = [token_loss[(seq_ids == s) & mask] for s in torch.unique(seq_ids)]
     masked = [x for x in masked if x.numel() > 0]

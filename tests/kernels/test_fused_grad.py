@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, GRAD_RTOL, VALUE_ATOL, AllocationTracker, leaf, max_abs, random_problem, rel_err
-from kernel_cases import bpo_batch, policy_logprobs
+from kernel_cases import bpo_batch, policy_logprobs, rollout_weights
 
 from r4b.kernels import LOSS_AGG_MODES, fused_grad, fused_linear_bpo_loss, fused_linear_cross_entropy, linear_logprobs
 from r4b.kernels.reference import bpo_loss_reference, cross_entropy_reference, linear_logprobs_reference
@@ -44,7 +44,7 @@ GRAD_TOL = {
 }
 
 
-def _bpo_case(loss_agg_mode, on_policy, beta, dtype, method, *, seed=1, rows=13, scale=1.0):
+def _bpo_case(loss_agg_mode, on_policy, beta, dtype, method, *, seed=1, rows=13, scale=1.0, **extra):
     temperature = 0.8
     hidden64, weight64, targets, b = bpo_batch(seed=seed)
     policy = policy_logprobs(hidden64, weight64, targets, temperature)
@@ -59,6 +59,7 @@ def _bpo_case(loss_agg_mode, on_policy, beta, dtype, method, *, seed=1, rows=13,
         temperature=temperature,
         loss_agg_mode=loss_agg_mode,
         norm_len=64,
+        **extra,  # is_weights, delta, bias_correction_kl
     )
     hidden, weight = leaf(hidden64, dtype), leaf(weight64, dtype)
     hidden_ref, weight_ref = leaf(hidden, torch.float64), leaf(weight, torch.float64)
@@ -87,6 +88,15 @@ def _bpo_case(loss_agg_mode, on_policy, beta, dtype, method, *, seed=1, rows=13,
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 def test_bpo_matches_reference_fp32(loss_agg_mode, on_policy, beta):
     _bpo_case(loss_agg_mode, on_policy, beta, torch.float32, "cublas")
+
+
+@pytest.mark.parametrize(("method", "dtype"), [("cublas", torch.float32), ("cublas-fast", torch.bfloat16)])
+def test_bpo_with_importance_weights_matches_reference(method, dtype):
+    """The rollout correction's per-token weights, liger's delta and corrected KL reach the gradients made in the
+    forward too (cublas-fast on-policy, as in the bf16 test below)."""
+    on_policy = method == "cublas-fast"
+    options = dict(is_weights=rollout_weights(60, seed=5), delta=1.1, bias_correction_kl=True)
+    _bpo_case("token-mean", on_policy, 0.05, dtype, method, rows=17, **options)
 
 
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)

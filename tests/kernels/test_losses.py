@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, GRAD_RTOL, leaf, max_abs, random_problem, rel_err
-from kernel_cases import bpo_batch, policy_logprobs
+from kernel_cases import bpo_batch, policy_logprobs, rollout_weights
 
 from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, fused_linear_cross_entropy
 from r4b.kernels.reference import bpo_loss_reference, cross_entropy_reference
@@ -44,6 +44,51 @@ def test_bpo_matches_reference(loss_agg_mode, on_policy, beta):
         assert abs(metrics[name].item() - metrics_ref[name].item()) < 1e-5, name
     if not on_policy:
         assert metrics["clip_frac"].item() > 0  # the test exercises the clipped branch
+    loss.backward()
+    loss_ref.backward()
+    assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]
+    assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.05], ids=["no-bonus", "entropy-bonus"])
+def test_bpo_with_importance_weights_matches_reference(loss_agg_mode, entropy_coeff):
+    """is_weights scale each token's surrogate, not its KL; clip_frac counts the unweighted clipped branch. The
+    entropy bonus's gradient goes through the kernel's entropy."""
+    hidden64, weight64, targets, b = bpo_batch(seed=3)
+    policy = policy_logprobs(hidden64, weight64, targets, 1.0)
+    kwargs = dict(seq_ids=b["seq_ids"], loss_mask=b["loss_mask"], old_logprobs=policy + b["old_delta"],
+                  ref_logprobs=policy + b["ref_delta"], beta=0.05, loss_agg_mode=loss_agg_mode, norm_len=64,
+                  is_weights=rollout_weights(targets.numel(), seed=3), entropy_coeff=entropy_coeff)  # fmt: skip
+    hidden, weight = leaf(hidden64, torch.float32), leaf(weight64, torch.float32)
+    hidden_ref, weight_ref = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    loss, metrics = fused_linear_bpo_loss(hidden, weight, targets, b["advantages"].float(), **kwargs)
+    loss_ref, metrics_ref = bpo_loss_reference(hidden_ref, weight_ref, targets, b["advantages"], **kwargs)
+    plain, _ = bpo_loss_reference(hidden_ref, weight_ref, targets, b["advantages"], **{**kwargs, "is_weights": None})
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * max(1.0, abs(loss_ref.item()))
+    assert abs(loss_ref.item() - plain.item()) > 1e-3  # the weights change the loss
+    for name in ("clip_frac", "kl", "entropy"):
+        assert abs(metrics[name].item() - metrics_ref[name].item()) < 1e-5, name
+    loss.backward()
+    loss_ref.backward()
+    assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]
+    assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3", "low_var_kl"])
+@pytest.mark.parametrize("options", [{}, {"delta": 1.15, "bias_correction_kl": True}], ids=["plain", "delta+corrected"])
+def test_bpo_kl_estimators_and_liger_options_match_reference(kl_estimator, options):
+    hidden64, weight64, targets, b = bpo_batch(seed=7)
+    policy = policy_logprobs(hidden64, weight64, targets, 1.0)
+    ref = policy + b["ref_delta"] * (40.0 if kl_estimator == "low_var_kl" else 1.0)  # far enough to reach the clamp
+    kwargs = dict(seq_ids=b["seq_ids"], loss_mask=b["loss_mask"], old_logprobs=policy + b["old_delta"],
+                  ref_logprobs=ref, beta=0.1, kl_estimator=kl_estimator, **options)  # fmt: skip
+    hidden, weight = leaf(hidden64, torch.float32), leaf(weight64, torch.float32)
+    hidden_ref, weight_ref = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    loss, metrics = fused_linear_bpo_loss(hidden, weight, targets, b["advantages"].float(), **kwargs)
+    loss_ref, metrics_ref = bpo_loss_reference(hidden_ref, weight_ref, targets, b["advantages"], **kwargs)
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * max(1.0, abs(loss_ref.item()))
+    assert abs(metrics["kl"].item() - metrics_ref["kl"].item()) < 1e-5 * max(1.0, abs(metrics_ref["kl"].item()))
     loss.backward()
     loss_ref.backward()
     assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]

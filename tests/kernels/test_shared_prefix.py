@@ -28,6 +28,7 @@ from r4b.kernels.reference import attention_mask_reference
 from r4b.packed_row import PackedRow
 from r4b.shared_prefix import (
     IGNORE_INDEX,
+    pack_responses,
     pack_shared_prefix,
     pack_unshared,
     unpack_responses,
@@ -266,6 +267,7 @@ def test_unpack_round_trips(packer, seed: int) -> None:
     valid = torch.arange(b["responses"].shape[1]) < b["response_lengths"][:, None]
     assert torch.equal(unpack_responses(packed, packed.targets), b["responses"] * valid)
     assert torch.equal(unpack_responses(packed, packed.old_logprobs), b["old_logprobs"] * valid)
+    assert torch.equal(pack_responses(packed, b["old_logprobs"]), packed.old_logprobs)  # the inverse
     features = torch.randn(packed.num_tokens, 2, 3).to(torch.bfloat16)
     out = unpack_responses(packed, features)
     assert out.shape == (*b["responses"].shape, 2, 3) and out.dtype == torch.bfloat16
