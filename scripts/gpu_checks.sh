@@ -278,7 +278,8 @@ kernel_tests() {
 }
 
 gpu_marked() {
-    step gpu-marked 90 env R4B_AUTOTUNE=0 "${PYTEST[@]}" --continue-on-collection-errors -m gpu "$REPO/tests"
+    step gpu-marked 90 env R4B_AUTOTUNE=0 "${PYTEST[@]}" --continue-on-collection-errors -m gpu "$REPO/tests" \
+        --ignore "$REPO/tests/real_vllm" # vllm_checks runs them, alone on the GPU
 }
 
 train() {
@@ -302,10 +303,23 @@ train() {
     step bpo-result 20 "$PY" "$REPORT" run runs/gpu/bpo
 }
 
+# The vLLM rollout engine on the GPU: what vLLM's CPU build (make test-vllm) cannot show, CUDA graphs and sleep mode
+# (tests/real_vllm/test_vllm_gpu.py), then the CPU tests' parity, sync and BPO/eval checks on CUDA, then the rollout
+# benchmark with compiled graphs. Only where the image has vLLM: its CUDA wheels do not fit what a call carries.
+vllm_checks() {
+    if [ "$PLAN" != 1 ] && ! "$PY" -c "import vllm" 2>/dev/null; then
+        skip vllm "vLLM is not installed on this image (pip install -e '.[vllm]')"
+        return 0
+    fi
+    step vllm-tests 300 "${PYTEST[@]}" --timeout=600 "$REPO/tests/real_vllm"
+    step vllm-bench 150 "$PY" "$REPO/bench/rollout.py" "${SMOKE[@]}" --compiled --out "$OUT"
+}
+
 jobs_to_run=()
 if want tests; then jobs_to_run+=(kernel_tests_new kernel_tests gpu_marked); fi
 if want train; then jobs_to_run+=(train); fi
 ((${#jobs_to_run[@]})) && parallel "${jobs_to_run[@]}"
+want tests && vllm_checks # alone: vLLM takes its share of the GPU's memory
 
 # --- 4. the whole-step benchmarks, alone on the GPU (in `bench`: every row of every suite first) ---------------
 if [ "$STAGE" = bench ]; then

@@ -24,8 +24,10 @@ __all__ = [
     "BPOTrainSection",
     "DataSection",
     "EngineConfig",
+    "ExportSection",
     "FusedLossMethod",
     "LoggingSection",
+    "LoraSection",
     "LossAggMode",
     "ModelSection",
     "OptimSection",
@@ -51,6 +53,30 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared by both stages
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft) instead of full weights (r4b.models.lora): the base stays frozen in the training dtype
+    and only the adapters train (in model.train's modules, at their learning rates). The rollouts and the merged
+    export see base + alpha/rank x BA under the base names."""
+
+    rank: Annotated[int, NON_NEGATIVE] = 0
+    """The adapters' rank; 0: no LoRA, the full weights train."""
+
+    alpha: Annotated[float, POSITIVE] = 16.0
+    """The adapters' scale is alpha / rank."""
+
+    dropout: Annotated[float, NON_NEGATIVE, FRACTION] = 0.0
+    """Dropout on the adapters' input while training."""
+
+    targets: Annotated[list[str], NON_EMPTY] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """The linear layers that get adapters. A name without a dot (a regular expression over a layer's own name)
+    names the language model's layers only; a pattern with a dot, a regular expression over the whole dotted name
+    (.*vision_tower.*fc1), may reach the vision tower and the projector. lm_head is refused: the fused loss reads
+    the base lm_head."""
 
 
 @dataclass
@@ -83,6 +109,8 @@ class ModelSection:
     """How the fused lm_head losses compute (r4b.kernels): recompute (Triton logits recomputed in the backward),
     cublas (cuBLAS logits, fp32) or cublas-fast (logits in the compute dtype). The environment variable
     R4B_FUSED_LOSS_METHOD, when set, overrides this key; null: the variable, else recompute."""
+
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass
@@ -153,6 +181,16 @@ class TrainBase:
     before applying it, with one line naming the step (nothing of it is applied or saved). skip: its gradients are
     dropped (the weights and AdamW's moments stay; the learning-rate schedule and the data move on as for a taken
     step), the step's skipped_updates counts it in metrics.jsonl and a line says so."""
+
+
+@dataclass
+class ExportSection:
+    """What output_dir holds at the end (train.export)."""
+
+    lora: Annotated[Literal["merged", "adapter", "both"], RESUME_MAY_CHANGE] = "merged"
+    """A model.lora run: merged writes output_dir/model with the adapters merged into the base (loads without r4b
+    and without peft, as a full run's export does); adapter writes output_dir/adapter, peft's adapter directory
+    (PeftModel.from_pretrained on the base); both writes the two."""
 
 
 @dataclass
@@ -268,6 +306,7 @@ class SFTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,9 +380,23 @@ class RolloutSection:
     vllm_sleep_level: int | None = None
     """1 or 2: vLLM sleeps between rollouts, freeing GPU memory for the update (rollout.engine: vllm)."""
 
+    vllm_kv_cache_gib: Annotated[float | None, POSITIVE] = None
+    """vLLM's KV-cache budget in GiB, on the GPU and the CPU (rollout.engine: vllm; vllm.LLM's kv_cache_memory_bytes);
+    null: 40% of the GPU's memory on a GPU, 1 GiB on a CPU (where vLLM's own default reserves a share of the
+    machine's RAM)."""
+
     suffixes: dict[str, str] = field(default_factory=dict)
     """Per-mode prompt suffixes replacing the chat template's, e.g. {thinking: "<think>\\nLet me think.\\n"};
     mode-decision credit then trains everything after <think> in them."""
+
+    filter_groups: bool = False
+    """DAPO's dynamic sampling: drop the prompts whose advantages are all 0 (under BPO's joint grouping: whose 2g
+    rewards, both modes together, are all equal) and draw more prompts until the step holds train.prompts_per_step
+    with a signal or max_filter_rounds have run (r4b.rl.dynamic_sampling). metrics.jsonl: filter."""
+
+    max_filter_rounds: Annotated[int, POSITIVE] = 3
+    """rollout.filter_groups: the most generation rounds of a step, the first included; when they run out the step
+    trains on the prompts it kept (filter.full: false)."""
 
 
 @dataclass
@@ -444,8 +497,8 @@ class PolicyUpdate:
     clip-higher."""
 
     beta: Annotated[float, NON_NEGATIVE] = 0.0
-    """Weight of the k3 KL to the reference, the frozen initial policy (the paper's beta KL); > 0 costs the
-    reference's forward pass each step."""
+    """Weight of the KL to the reference (policy.kl_estimator), the frozen initial policy (the paper's beta KL);
+    > 0 costs the reference's forward pass each step."""
 
     loss_agg_mode: LossAggMode = "token-mean"
     """verl's loss aggregation: token-mean over all loss tokens, or a mean over responses (seq-mean-*)."""
@@ -462,6 +515,30 @@ class PolicyUpdate:
 
     shared_prefix: bool = True
     """Pack each (prompt, mode) once with its responses, so the prompt and its image tokens are computed once."""
+
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Rollout/training mismatch correction (r4b.rl.rollout_correction): importance weights pi_old / pi_rollout
+    from the rollout engine's own log-probs, on each token's surrogate inside the fused loss; tis truncates them at
+    rollout_correction_cap, mis drops the tokens (or responses) above it. Costs a log-prob pass when the update is
+    one step. metrics.jsonl: is_weight_mean, is_weight_max, is_capped."""
+
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """One weight per token, or per response (the product of its tokens' ratios)."""
+
+    rollout_correction_cap: Annotated[float, POSITIVE] = 2.0
+    """The cap C of the importance weights (verl's and TRL's default, 2)."""
+
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
+    """The per-token estimator of the KL to the reference (policy.beta > 0): k1 log(pi/ref), k2 its square / 2,
+    k3 ref/pi - log(ref/pi) - 1 (TRL's, liger's), low_var_kl k3 clamped to [-10, 10] (verl's)."""
+
+    delta: Annotated[float | None, POSITIVE] = None
+    """INTELLECT-2's two-sided clipping: the unclipped ratio is capped at delta (> 1 + clip_eps_high), bounding a
+    negative advantage's push on a token the policy already made much likelier; null: off."""
+
+    entropy_coeff: Annotated[float, NON_NEGATIVE] = 0.0
+    """verl's entropy bonus: - entropy_coeff x each loss token's entropy (fused, from the kernel's entropy; no
+    logits), aggregated like the loss. 0: none (the entropy is still logged)."""
 
 
 @dataclass
@@ -510,6 +587,7 @@ class BPOConfig:
     train: BPOTrainSection = field(default_factory=BPOTrainSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "bpo": BPOConfig}

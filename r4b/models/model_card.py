@@ -75,6 +75,7 @@ def write_model_card(
     config: Any,
     run_dir: str | Path,
     data_files: Sequence[str | Path] = (),
+    adapter: bool = False,
 ) -> Path:
     """Write ``model_dir/README.md`` for the export of one training stage.
 
@@ -83,6 +84,7 @@ def write_model_card(
         config: the stage's config (a dataclass or a plain mapping); its ``model.path`` is the model trained.
         run_dir: the run directory (its last ``metrics.jsonl`` line goes into the card).
         data_files: the JSONL files trained on (each listed with its number of records).
+        adapter: ``model_dir`` is peft's adapter directory of a ``model.lora`` run (``export.lora``), not a model.
     """
     from r4b.config import config_to_dict
 
@@ -107,6 +109,8 @@ def write_model_card(
     )
     data = {"name": Path(model_dir).resolve().name, "family": _family(model_dir), "base_model": base}
     data |= {"stages": stages, "eval": None}
+    if adapter:
+        data["adapter"] = True
     return _write(model_dir, data)
 
 
@@ -176,7 +180,7 @@ def render_model_card(data: Mapping[str, Any]) -> str:
     stages = data["stages"]
     lines = [
         "---",
-        "library_name: transformers",
+        f"library_name: {'peft' if data.get('adapter') else 'transformers'}",
         "pipeline_tag: image-text-to-text",
         "tags: [r4b, auto-thinking, multimodal]",
         "---",
@@ -190,7 +194,12 @@ def render_model_card(data: Mapping[str, Any]) -> str:
         "## Usage",
         "",
     ]
-    if remote:
+    if data.get("adapter"):
+        lines += [
+            "LoRA adapters (peft) of the last stage below, to load onto its base model: "
+            "`PeftModel.from_pretrained(base, path)` (`merge_and_unload()` gives the merged model).",
+        ]
+    elif remote:
         lines += [
             "R-4B's architecture (`RForConditionalGeneration`, model type `rvl`): the model code is in this "
             "directory, loaded as for the released R-4B with `trust_remote_code=True` (no r4b needed).",
@@ -215,7 +224,10 @@ def render_model_card(data: Mapping[str, Any]) -> str:
     lines += ["", "## Training", "", f"- Base model: `{data['base_model']}`"]
     if stages:
         names = " -> ".join(STAGE_NAMES.get(s["stage"], s["stage"]) for s in stages)
-        lines += [f"- Stages: {names}", ""]
+        lines += [f"- Stages: {names}"]
+        in_dir = lambda k: bool(data.get("adapter")) and k == len(stages)  # an adapter export's own stage
+        lines += [_lora_line(k, s, in_dir(k)) for k, s in enumerate(stages, 1) if _lora(s)]
+        lines += [""]
         lines += ["| # | stage | from | run | data (records) | steps |", "|---:|---|---|---|---|---:|"]
         for k, s in enumerate(stages, 1):
             files = "<br>".join(f"`{d['file']}` ({_fmt(d['records'])})" for d in s["data"]) or "-"
@@ -245,6 +257,22 @@ def render_model_card(data: Mapping[str, Any]) -> str:
     # ">" escaped (valid JSON in strings, absent outside them): no "-->" can end the comment early
     lines += ["", DATA_MARK + json.dumps(data, sort_keys=True).replace(">", "\\u003e") + " -->", ""]
     return "\n".join(lines)
+
+
+def _lora(stage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``model.lora`` section of a stage that trained LoRA adapters, else None."""
+    lora = ((stage.get("config") or {}).get("model") or {}).get("lora") or {}
+    return lora if lora.get("rank") else None
+
+
+def _lora_line(k: int, stage: Mapping[str, Any], in_this_directory: bool) -> str:
+    lora = _lora(stage) or {}
+    targets = ", ".join(f"`{t}`" for t in lora.get("targets", []))
+    where = "the adapters are this directory" if in_this_directory else "merged into the weights"
+    return (
+        f"- LoRA-trained (stage {k}, {stage['stage']}): rank {lora['rank']}, alpha {_fmt(lora.get('alpha'))}, "
+        f"dropout {_fmt(lora.get('dropout'))}, on {targets}; {where} (base + alpha/rank x BA)"
+    )
 
 
 def _fmt(value: Any, fmt: str | None = None) -> str:

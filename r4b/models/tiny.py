@@ -12,13 +12,14 @@ TINY_IMAGE_SIZE = 28  # one tile: 2 x 2 patches of 14 pixels -> 4 tokens
 TINY_GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 
 
-def tiny_r4b_config(tokenizer=None) -> RConfig:
-    """R-4B's architecture at toy size over the shipped tiny tokenizer (or ``tokenizer``)."""
+def tiny_r4b_config(tokenizer=None, head_dim: int = 16) -> RConfig:
+    """R-4B's architecture at toy size over the shipped tiny tokenizer (or ``tokenizer``); ``head_dim``: the text
+    attention's (vLLM's CPU attention takes 32 and up)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     vocab_size = -(-len(tokenizer) // 8) * 8
     text = Qwen3Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     vision = SiglipVisionConfig(
@@ -37,9 +38,9 @@ def tiny_r4b_config(tokenizer=None) -> RConfig:
     )
 
 
-def build_tiny_r4b(seed: int = 0, tokenizer=None) -> RForConditionalGeneration:
+def build_tiny_r4b(seed: int = 0, tokenizer=None, head_dim: int = 16) -> RForConditionalGeneration:
     """A freshly initialised tiny R-4B in fp32; the weights depend only on ``seed`` (global RNG state untouched)."""
-    config = tiny_r4b_config(tokenizer)
+    config = tiny_r4b_config(tokenizer, head_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = RForConditionalGeneration(config)

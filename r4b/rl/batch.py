@@ -33,7 +33,7 @@ from r4b.data.image import ImageProcessor, decode_images
 from r4b.models.mrope import continued_mrope_position_ids
 from r4b.packed_row import PackedRow
 from r4b.rollout.base import Rollout
-from r4b.shared_prefix import pack_shared_prefix, pack_unshared
+from r4b.shared_prefix import pack_responses, pack_shared_prefix, pack_unshared
 
 __all__ = ["Chunk", "RolloutBatch", "build_micro_batch", "plan_chunks"]
 
@@ -288,8 +288,10 @@ def build_micro_batch(
     pixel_dtype: torch.dtype = torch.float32,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> PackedRow:
-    """Pack ``chunks`` (in entry order) into one row on ``device``; ``old``/``ref`` are ``[R, Lmax]`` of the batch.
+    """Pack ``chunks`` (in entry order) into one row on ``device``; ``old``/``ref`` log-probs and the rollout
+    correction's ``is_weights`` are ``[R, Lmax]`` of the batch.
     The row's ``responses`` are the batch indices of its responses, in packing order; its ``inputs()`` the
     objective's keyword arguments."""
     chunks = sorted(chunks, key=lambda c: (c.entry, c.responses))
@@ -308,6 +310,8 @@ def build_micro_batch(
         ref_logprobs=on(ref_logprobs),
     )
     row.responses = tuple(index.tolist())
+    if is_weights is not None:
+        row.is_weights = pack_responses(row, on(is_weights).float())
     # One copy of an entry's images per packed document: per chunk (shared) or per response (unshared).
     docs = [c.entry for c in chunks for _ in (c.responses if not shared else (0,))]
     with_images = [e for e in docs if batch.pixel_values[e] is not None]

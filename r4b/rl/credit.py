@@ -11,6 +11,7 @@ vocabulary, so a negative push on one mode's token feeds the likeliest other tok
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,8 @@ def move_decision_tokens(rollout: Rollout, decision: int) -> Rollout:
         text=rollout.text,
         finished=rollout.finished,
         mode=rollout.mode,
-        logprobs=None,
+        # the moved tokens were forced, not sampled: no rollout log-prob (the rollout correction weighs them 1)
+        logprobs=None if rollout.logprobs is None else [math.nan] * decision + list(rollout.logprobs),
         prompt_suffix=rollout.prompt_suffix,
     )
 

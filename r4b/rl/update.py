@@ -33,6 +33,7 @@ from r4b.shared_prefix import unpack_responses
 from r4b.train.accumulate import MicroStep, accumulate_gradients, rank_micro_steps
 
 from .batch import Chunk, RolloutBatch, build_micro_batch, chunk_tokens, plan_chunks
+from .rollout_correction import CORRECTIONS, LEVELS, rollout_correction_weights
 
 __all__ = ["BPOObjective", "UpdateConfig", "compute_logprobs", "policy_update"]
 
@@ -58,6 +59,12 @@ class UpdateConfig(PolicyUpdate):
             raise ValueError("ppo_epochs, mini_batches and max_tokens must be positive")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.delta is not None and self.delta <= 1.0 + self.clip_eps_high:
+            raise ValueError(f"delta={self.delta} must be above 1 + clip_eps_high = {1.0 + self.clip_eps_high}")
+        if self.rollout_correction not in CORRECTIONS or self.rollout_correction_level not in LEVELS:
+            raise ValueError(
+                f"rollout_correction must be one of {CORRECTIONS} and rollout_correction_level one of {LEVELS}"
+            )
 
 
 class BPOObjective(nn.Module):
@@ -85,6 +92,7 @@ class BPOObjective(nn.Module):
         seq_ids: Tensor | None = None,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        is_weights: Tensor | None = None,
         segment_ids: Tensor | None = None,
         pixel_values: Tensor | None = None,
         image_sizes: Tensor | None = None,
@@ -96,6 +104,9 @@ class BPOObjective(nn.Module):
         temperature: float = 1.0,
         loss_agg_mode: str = "token-mean",
         norm_len: int | None = None,
+        entropy_coeff: float = 0.0,
+        delta: float | None = None,
+        kl_estimator: str = "k3",
         logprobs_only: bool = False,
         with_entropy: bool = False,
     ) -> tuple[Tensor, Any]:
@@ -121,8 +132,10 @@ class BPOObjective(nn.Module):
             raise ValueError("the BPO loss needs advantages and seq_ids (or pass logprobs_only=True)")
         return fused_linear_bpo_loss(
             hidden, weight, targets, advantages, seq_ids=seq_ids, loss_mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
-            temperature=temperature, loss_agg_mode=loss_agg_mode, norm_len=norm_len,
+            ref_logprobs=ref_logprobs, is_weights=is_weights, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+            beta=beta,
+            temperature=temperature, loss_agg_mode=loss_agg_mode, norm_len=norm_len, entropy_coeff=entropy_coeff,
+            delta=delta, kl_estimator=kl_estimator,
         )  # fmt: skip
 
 
@@ -194,7 +207,7 @@ def compute_logprobs(
 
 def _model_inputs(micro: PackedRow) -> dict[str, Any]:
     """The log-prob pass's keyword arguments: the row's inputs but the loss's (``loss_mask`` stays: the mask)."""
-    loss_only = ("advantages", "seq_ids", "old_logprobs", "ref_logprobs")
+    loss_only = ("advantages", "seq_ids", "old_logprobs", "ref_logprobs", "is_weights")
     return {k: v for k, v in micro.inputs().items() if k not in loss_only}
 
 
@@ -243,11 +256,14 @@ def policy_update(
     ``engine``: an r4b Engine wrapping a :class:`BPOObjective` (``engine.backward`` per micro-batch,
     ``engine.step`` per mini-batch). ``old_logprobs`` / ``ref_logprobs``: ``[R, Lmax]`` of the rollout and
     reference policies. Without ``old_logprobs`` a single step is on-policy (ratio 1); with several steps
-    the old log-probs are first computed with the current weights (what verl does). Each rank takes its
+    the old log-probs are first computed with the current weights (what verl does). With
+    ``config.rollout_correction`` the batch's ``rollout_logprobs`` and those old log-probs (computed for it even for
+    one step) give the importance weights of :mod:`r4b.rl.rollout_correction`. Each rank takes its
     balanced share of every mini-batch. Returns metrics: ``loss`` (mean over steps of each mini-batch's
     loss), ``clip_frac`` / ``kl`` / ``entropy`` (token means over all updates), ``grad_norm`` (mean over
     steps; ``grad_norms`` each), ``tokens`` (response tokens), ``tokens_<mode>``, ``packed_tokens`` (per
-    epoch, all ranks), ``steps`` and ``micro_batches`` (this rank's forward/backward calls).
+    epoch, all ranks), ``steps`` and ``micro_batches`` (this rank's forward/backward calls), and with a rollout
+    correction ``is_weight_mean``, ``is_weight_max`` and ``is_capped``.
     """
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError("UpdateConfig.beta != 0 needs ref_logprobs (the reference policy's log-probs)")
@@ -258,10 +274,22 @@ def policy_update(
             raise ValueError(f"{name} must have the shape of response_ids {tuple(batch.response_ids.shape)}")
     steps = config.ppo_epochs * config.mini_batches
     shared = config.shared_prefix
-    if old_logprobs is None and steps > 1:
-        old_logprobs = compute_logprobs(
+    correcting = config.rollout_correction != "none"
+    if correcting and batch.rollout_logprobs is None:
+        raise ValueError("policy.rollout_correction needs the rollout engine's log-probs; the rollouts carry none")
+    old = old_logprobs
+    if old is None and (steps > 1 or correcting):
+        old = compute_logprobs(
             engine, batch, max_tokens=config.max_tokens, shared_prefix=shared, temperature=config.temperature,
             rank=rank, world_size=world_size,
+        )  # fmt: skip
+    if steps > 1:
+        old_logprobs = old  # one on-policy step keeps ratio 1 with logp's own gradient
+    is_weights, correction = None, {}
+    if correcting:
+        is_weights, correction = rollout_correction_weights(
+            old, batch.rollout_logprobs.to(old.device), batch.response_lengths, correction=config.rollout_correction,
+            level=config.rollout_correction_level, cap=config.rollout_correction_cap,
         )  # fmt: skip
     _, device, dtype = _callable_objective(engine)
     loss_kwargs = {
@@ -271,6 +299,9 @@ def policy_update(
         "temperature": config.temperature,
         "loss_agg_mode": config.loss_agg_mode,
         "norm_len": config.norm_len if config.norm_len is not None else batch.response_ids.shape[1],
+        "entropy_coeff": config.entropy_coeff,
+        "delta": config.delta,
+        "kl_estimator": config.kl_estimator,
     }
     lengths = batch.response_lengths.tolist()
     minis = split_mini_batches(batch, config.mini_batches)
@@ -291,7 +322,7 @@ def policy_update(
                 for chunks, padding in rank_micro_steps(plan, rank, padding_chunks):
                     micro = build_micro_batch(
                         batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
-                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
                     )  # fmt: skip
                     share = 0.0 if padding else (
                         micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
@@ -326,6 +357,7 @@ def policy_update(
         "packed_tokens": sum(
             chunk_tokens(batch, c.entry, c.responses, shared=shared) for p in plans for r in p for m in r for c in m
         ),
+        **correction,
     }
     for mode in dict.fromkeys(batch.modes):
         out[f"tokens_{mode}"] = sum(n for n, m in zip(lengths, batch.modes, strict=True) if m == mode)

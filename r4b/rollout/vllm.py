@@ -11,11 +11,17 @@ disagree above about 3x3 tiles; :func:`align_rvl_image_token_count` makes its co
 
 Weights come from the trainer through :meth:`VLLMRolloutEngine.load_weights` (the Hugging Face state dict,
 renamed to the checkpoint's names, which vLLM's loader maps) inside this process (the engine core runs
-in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the loading closure never crosses a process boundary).
-Afterwards the prefix cache and the encoder cache are dropped: cached prompt states and image embeddings belong
-to the old weights. With ``sleep_level``, :meth:`VLLMRolloutEngine.sleep` hands vLLM's GPU memory to the
-trainer between rollout phases (the LLM must be built with ``enable_sleep_mode=True``); level 2 discards the
-weights, so :attr:`VLLMRolloutEngine.needs_weights` asks the trainer for a fresh :meth:`load_weights`.
+in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the weight stream never crosses a process boundary). They go
+through vLLM's checkpoint-format reload (``collective_rpc("reload_weights")``), not ``model.load_weights``: backends
+that repack weights after loading (the CPU backend prepacks fp32 linear layers and leaves an empty ``Parameter``;
+quantized kernels) repack the new ones too. Afterwards the prefix cache and the encoder cache are dropped: cached
+prompt states and image embeddings belong to the old weights. ``verify_sync`` asks the trainer's weight sync to
+compare a probe's log-probs with the trainer's (:mod:`r4b.train.sync_probe`), so a sync that did not take effect
+is an error. The KV cache gets a stated budget (``kv_cache_gib``): vLLM's own default on a CPU reserves a share
+of the machine's RAM. On a CPU prompts are prefilled whole (:data:`CPU_DEFAULTS`). With ``sleep_level``,
+:meth:`VLLMRolloutEngine.sleep` hands vLLM's GPU memory to the trainer between rollout phases (the LLM must be
+built with ``enable_sleep_mode=True``); level 2 discards the weights, so :attr:`VLLMRolloutEngine.needs_weights`
+asks the trainer for a fresh :meth:`load_weights`.
 
 Sampling: each prompt is one vLLM request with ``n`` samples; vLLM seeds sample k with ``seed + k``, so request
 seeds are hashed from (``sampling.seed``, prompt index) into blocks 2**16 apart and never collide. Greedy
@@ -31,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,10 +52,23 @@ from r4b.models.checkpoint import checkpoint_name
 from .base import Prompt, Rollout, RolloutEngine, SamplingParams, Weights, check_suffixes, weight_pairs
 from .prompts import EncodedPrompt, encode_for_generation, stop_token_ids
 
-__all__ = ["VLLMRolloutEngine", "align_rvl_image_token_count", "import_vllm", "request_seed"]
+__all__ = [
+    "VLLMRolloutEngine",
+    "align_rvl_image_token_count",
+    "check_cpu_head_dim",
+    "import_vllm",
+    "kv_cache_args",
+    "request_seed",
+]
 
 IMAGE_LOGIT_BIAS = -100.0  # vLLM clamps biases to [-100, 100]
 SEED_BLOCK = 1 << 16  # vLLM seeds a request's sample k with seed + k: room for n < 65536
+CPU_KV_CACHE_GIB = 1.0  # on a CPU vLLM's default reserves a share of the machine's RAM (0.4 of 24 GiB: 9.6 GiB)
+GPU_MEMORY_SHARE = 0.4  # the trainer shares the GPU
+# vLLM's CPU backend fails a seeded request whose prefill is split over steps (it rewinds the request's generator,
+# which a CPU generator cannot: "CPU Generator does not use offset"), so prompts are prefilled whole there.
+CPU_DEFAULTS: dict[str, Any] = {"enable_chunked_prefill": False}
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
 
 
 def import_vllm() -> Any:
@@ -57,7 +77,8 @@ def import_vllm() -> Any:
         return importlib.import_module("vllm")
     except ImportError as error:
         raise ImportError(
-            "the vLLM rollout engine needs vLLM: pip install 'r4b[vllm]' (a CUDA machine), or use rollout.engine=hf"
+            "the vLLM rollout engine needs vLLM: pip install 'r4b[vllm]' on a CUDA machine (a CPU: README's vLLM "
+            "section), or use rollout.engine=hf"
         ) from error
 
 
@@ -82,6 +103,43 @@ def align_rvl_image_token_count(processor: ImageProcessor) -> None:
     rvl.RVLProcessingInfo._get_num_unpadded_features = onevision
 
 
+def kv_cache_args(kv_cache_gib: float | None, *, on_gpu: bool) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for a KV cache of ``kv_cache_gib`` GiB (``kv_cache_memory_bytes``, which overrides
+    the memory share on both backends); None: vLLM sizes it from the GPU's share on a GPU, 1 GiB on a CPU."""
+    if kv_cache_gib is None and not on_gpu:
+        kv_cache_gib = CPU_KV_CACHE_GIB
+    if kv_cache_gib is None:
+        return {}
+    if kv_cache_gib <= 0:
+        raise ValueError(f"the KV cache budget must be positive, got {kv_cache_gib} GiB")
+    return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30))}
+
+
+def check_cpu_head_dim(path: str | Path) -> None:
+    """Refuse, before vLLM loads it, a model whose text attention vLLM's CPU build cannot run (it would fail at the
+    first generate with "Unsupported CPU attention configuration")."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # vLLM says what is missing
+    config = json.loads(config_file.read_text())
+    text = config.get("text_config", config)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(
+            f"{path}: vLLM's CPU build runs text head dims {', '.join(map(str, CPU_HEAD_DIMS))}, this model's is "
+            f"{head_dim} (the embedded tiny model: build_tiny_r4b(head_dim=32)); use rollout.engine=hf"
+        )
+
+
+def _cpu_backend() -> bool:
+    """Whether the installed vLLM is its CPU build."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # an older vLLM
+        return False
+    return bool(current_platform.is_cpu())
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Generates with a ``vllm.LLM``.
 
@@ -94,6 +152,8 @@ class VLLMRolloutEngine(RolloutEngine):
             next call; None keeps it awake.
         suffixes: per-mode suffixes replacing the template's (:attr:`RolloutEngine.suffixes`).
     """
+
+    verify_sync = True  # r4b.train.weight_sync checks a probe's log-probs after each sync (r4b.train.sync_probe)
 
     def __init__(
         self,
@@ -113,6 +173,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_placeholder(processor))
         self.sleeping: set[str] = set()  # the memory tags vLLM has released
         self.needs_weights = False  # True after a level-2 sleep discarded them
+        # the synced tensors are cast to it on the training device (r4b.train.weight_sync.rollout_weights_dtype)
+        self.weights_dtype = getattr(getattr(llm.llm_engine, "model_config", None), "dtype", None)
         if not hasattr(llm.llm_engine, "reset_encoder_cache"):  # else image embeddings outlive a weight sync
             raise ImportError("this vLLM cannot reset its encoder cache after a weight update: install r4b[vllm]")
 
@@ -125,19 +187,25 @@ class VLLMRolloutEngine(RolloutEngine):
         *,
         sleep_level: int | None = None,
         suffixes: Mapping[str, str] | None = None,
+        kv_cache_gib: float | None = None,
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
         """A colocated engine on the checkpoint at ``path`` (r4b's export: it holds the processor config vLLM
         reads); ``llm_kwargs`` go to ``vllm.LLM`` and override r4b's defaults (processed log-probs, prefix
-        caching, 40% of the GPU memory, sleep mode when asked)."""
+        caching, 40% of the GPU memory, sleep mode when asked). ``kv_cache_gib``: the KV cache's budget
+        (:func:`kv_cache_args`)."""
         vllm = import_vllm()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # load_weights' closure stays in-process
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the weight stream stays in-process
         align_rvl_image_token_count(processor)
+        if _cpu_backend():
+            check_cpu_head_dim(path)
         defaults: dict[str, Any] = {
             "logprobs_mode": "processed_logprobs",
             "enable_prefix_caching": True,  # the 2g rollouts of a prompt share its prefix
-            "gpu_memory_utilization": 0.4,  # the trainer shares the GPU
+            "gpu_memory_utilization": GPU_MEMORY_SHARE,
             "enable_sleep_mode": sleep_level is not None,
+            **kv_cache_args(kv_cache_gib, on_gpu=torch.cuda.is_available()),
+            **({} if torch.cuda.is_available() else CPU_DEFAULTS),
         }
         llm = vllm.LLM(model=str(path), **(defaults | llm_kwargs))
         return cls(llm, tokenizer, processor, sleep_level=sleep_level, suffixes=suffixes)
@@ -145,11 +213,12 @@ class VLLMRolloutEngine(RolloutEngine):
     # -- weights and memory ---------------------------------------------------------------------------
 
     def load_weights(self, weights: Weights) -> None:
-        """Load the policy's weights into vLLM's model, one tensor at a time as they come; drop the caches
-        computed with the old weights."""
+        """Load the policy's weights into vLLM's model, one tensor at a time as they come, through vLLM's
+        checkpoint-format reload (every backend's repacking runs again); drop the caches computed with the old
+        weights."""
         self._wake("weights")
         renamed = ((checkpoint_name(name), tensor) for name, tensor in weight_pairs(weights))
-        self.llm.apply_model(lambda model: model.load_weights(renamed))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": renamed, "is_checkpoint_format": True})
         self.needs_weights = False
         self._wake("kv_cache")
         self.llm.reset_prefix_cache()

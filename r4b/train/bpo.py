@@ -39,8 +39,10 @@ from r4b.config.loading import ConfigError, config_to_dict
 from r4b.config.sections import AdvantageSection, BPOConfig, RewardSection, RolloutSection
 from r4b.errors import InputError
 from r4b.format import is_thinking
+from r4b.models.lora import adapters_disabled, apply_lora
 from r4b.rl import REWARDS, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.credit import credit_mode_decision, decision_token_counts
+from r4b.rl.dynamic_sampling import Draw, concat_draws, empty_groups, refill_indices, refill_size, select_rows
 from r4b.rl.metrics import rollout_metrics, update_scalars
 from r4b.rl.remote_reward import ServerScoring
 from r4b.rl.shaping import kept_rollouts, score, shape_rewards, think_close_token
@@ -53,11 +55,11 @@ from r4b.train.engine import build_engine
 from r4b.train.logging import RunLogger
 from r4b.train.ranks import rank
 from r4b.train.run_lock import releases_run_locks
-from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.runtime import export_trained, lora_base_dtype, resume, start_run
 from r4b.train.samples import sample_records
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.signals import StopSignal
-from r4b.train.weight_sync import sync_rollout_weights
+from r4b.train.sync_probe import sync_and_verify
 
 
 def read_prompt_files(paths: list[str], data: Any, images_dir: Path | None = None) -> tuple[list[Any], Any]:
@@ -96,8 +98,9 @@ def prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]
 def _check_rollout_and_reward(rollout: RolloutSection, reward: RewardSection, advantages: AdvantageSection) -> None:
     """Settings that cannot work together, refused before any model loads (each value's own choices and range are
     checked with the config: r4b.config.check_values): one-line errors naming the keys."""
-    if rollout.engine != "vllm" and (rollout.vllm or rollout.vllm_sleep_level is not None):
-        raise ConfigError("rollout.vllm and rollout.vllm_sleep_level are for rollout.engine=vllm")
+    vllm_only = rollout.vllm or rollout.vllm_sleep_level is not None or rollout.vllm_kv_cache_gib is not None
+    if rollout.engine != "vllm" and vllm_only:
+        raise ConfigError("rollout.vllm, vllm_sleep_level and vllm_kv_cache_gib are for rollout.engine=vllm")
     try:
         check_suffixes(rollout.suffixes)
     except ValueError as error:
@@ -159,7 +162,11 @@ class BPOTrainer:
         self.shares_policy = self.world_size == 1 and config.engine.kind == "single" and config.rollout.engine == "hf"
         self.rollout_stale = not self.shares_policy  # a resumed engine holds other weights than the copy
         rollout_source = self._rollout_source(model)
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.policy.beta > 0 else None
+        # LoRA after the rollout copy is taken: it keeps the base's class and names, and the sync merges into them
+        self.lora = apply_lora(model, config.model.lora, lora_base_dtype(config.engine), announce=self.main)
+        # the reference: a frozen copy of the initial policy; with LoRA, the engine run with the adapters off
+        copied = config.policy.beta > 0 and self.lora is None
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if copied else None
         objective = BPOObjective(model.train(), vision_every_step=self.world_size > 1)
         lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
         modules = [m for m in config.model.train if lrs[m] > 0]
@@ -175,6 +182,8 @@ class BPOTrainer:
         )
         if self.reference is not None:
             self.reference.to(self.engine.device)
+        elif config.policy.beta > 0:
+            self.reference = self.engine  # (LoRA) its base: _reference_logprobs runs it with adapters_disabled
         self.rollout_engine = self._rollout_engine(rollout_source)
         self.update_config = UpdateConfig.from_policy(config.policy, temperature=config.rollout.temperature or 1.0)
         # every optimizer update of policy_update goes through the guard: no non-finite update, checkpoint or export
@@ -189,7 +198,7 @@ class BPOTrainer:
         if not self.rollout_stale and not self.rollout_engine.needs_weights:
             return
         self.rollout_stale = False
-        sync_rollout_weights(self.engine, self.rollout_engine)  # one tensor at a time, collective
+        sync_and_verify(self.engine, self.rollout_engine)  # one tensor at a time, collective; vLLM's probed
 
     def _rollout_source(self, model: torch.nn.Module) -> torch.nn.Module | str:
         """What the rollout engine generates from, taken before the training engine shards ``model``: the
@@ -233,6 +242,7 @@ class BPOTrainer:
             engine="vllm",
             suffixes=rollout.suffixes,
             sleep_level=rollout.vllm_sleep_level,
+            kv_cache_gib=rollout.vllm_kv_cache_gib,
             vllm_args=defaults | rollout.vllm,
         )
 
@@ -240,27 +250,33 @@ class BPOTrainer:
         g = self.config.rollout.group_size
         return [("thinking", g), ("non_thinking", g)] if self.config.rollout.strategy == "bpo" else [("auto", 2 * g)]
 
-    def _sampling(self, step: int, chunk: int, salt: int, *, greedy: bool = False, max_new: int | None = None):
+    def _sampling(
+        self, step: int, chunk: int, salt: int, *, round_: int = 0, greedy: bool = False, max_new: int | None = None
+    ) -> SamplingParams:
         r = self.config.rollout
-        seed = (self.config.train.seed * 1_000_003 + step) * 10_007 + chunk * 31 + salt
+        seed = (self.config.train.seed * 1_000_003 + step) * 10_007 + chunk * 31 + salt + round_ * 7_919_000_003
         return SamplingParams(
             temperature=0.0 if greedy else r.temperature,
             top_p=r.top_p,
             top_k=r.top_k,
             max_new_tokens=max_new or r.max_new_tokens,
             seed=seed,
+            logprobs=not greedy and self.config.policy.rollout_correction != "none",  # the correction's weights
         )
 
-    def generate(self, prompts: Sequence[Any], step: int) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[Any], step: int, round_: int = 0) -> list[list[Rollout]]:
         """Rollouts for ``prompts`` (:class:`~r4b.rollout.Prompt` objects or the samples they are made of; thinking
-        columns first in BPO), identical whatever the world size."""
+        columns first in BPO) in round ``round_`` of ``step`` (rollout.filter_groups), identical whatever the world
+        size."""
         per_call = self.config.rollout.prompts_per_call
         chunks = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
         mine = {}
         for c in range(self.rank, len(chunks), self.world_size):
             chunk = [Prompt.from_sample(s) for s in chunks[c]]
             columns = [
-                self.rollout_engine.generate(chunk, n=n, mode=mode, sampling=self._sampling(step, c, salt))
+                self.rollout_engine.generate(
+                    chunk, n=n, mode=mode, sampling=self._sampling(step, c, salt, round_=round_)
+                )
                 for salt, (mode, n) in enumerate(self._modes())
             ]
             mine[c] = [[r for col in columns for r in col[p]] for p in range(len(chunk))]
@@ -273,31 +289,78 @@ class BPOTrainer:
     # -- one step -------------------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, Any]:
-        """One BPO step: generate, score, advantages, batch, update; returns the step's metrics row."""
+        """One BPO step: generate, score, advantages (round after round under rollout.filter_groups), batch,
+        update; returns the step's metrics row."""
         config, clock = self.config, _Stopwatch()
         indices = prompt_indices(step, config.train.prompts_per_step, len(self.prompts), config.train.seed)
-        samples = [self.prompts[i] for i in indices]
         self._sync_rollout_weights()
         clock.lap("sync")
 
+        filtering = config.rollout.filter_groups
+        drawn, early = self._draw(step, 0, indices, clock, overlap=not filtering)
+        trained = drawn
+        if filtering:
+            trained, drawn, filtered = self._fill_groups(step, drawn, indices, clock)
+            self.rollout_engine.sleep()
+        self.step_rollouts = (drawn.samples, drawn.rollouts, drawn.shaped)  # what a sample table shows
+        keep = trained.shaped.keep
+        trains = len(trained) > 0 and (keep is None or bool(keep.any()))
+        if early is not None:  # the reference pass ran while the server scored; the advantages are known now
+            batch, ref = early
+            batch = dataclasses.replace(batch, advantages=trained.advantages[tuple(zip(*batch.source, strict=True))])
+        elif trains:
+            batch = self._batch(trained.rollouts, trained.advantages, trained.prompts, keep)
+            ref = self._reference_logprobs(batch)
+        clock.lap("logprobs")
+
+        update = self._update(step, batch, ref) if trains else {}
+        clock.lap("update")
+        elapsed = clock.elapsed()
+
+        shaped = drawn.shaped  # the metrics describe every rollout the step drew, filtered or not
+        logged = rollout_metrics(
+            drawn.rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off, drawn.advantages,
+            shaped.per_mode_metrics(),
+        )  # fmt: skip
+        metrics = {"step": step + 1, **logged, **update_scalars(update)}
+        if filtering:
+            metrics["filter"] = filtered
+        if not trains and len(trained):  # every rollout was cut at max_new_tokens and masked: no update this step
+            metrics["all_masked"] = True
+        if self.reward_server is not None:
+            metrics["reward_failures"] = drawn.failures  # rollouts scored reward.on_failure
+        metrics["skipped_updates"] = self.guard.skipped  # train.on_nonfinite=skip
+        metrics["time"] = clock.laps
+        metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed if trains else 0.0
+        metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
+        return metrics
+
+    def _draw(
+        self, step: int, round_: int, indices: list[int], clock: _Stopwatch, *, overlap: bool
+    ) -> tuple[Draw, tuple[RolloutBatch, torch.Tensor | None] | None]:
+        """Generate and score the prompts ``indices`` (round ``round_`` of the step). With ``overlap`` (no round
+        follows) the rollout engine sleeps at once and the reference pass may run while a reward server scores:
+        then also that ``(batch, reference log-probs)``, the batch's advantages still 0."""
+        config = self.config
+        samples = [self.prompts[i] for i in indices]
         prompts = [Prompt.from_sample(s).decoded() for s in samples]  # images decoded once, for rollouts and update
-        rollouts = self.generate(prompts, step)
-        self.rollout_engine.sleep()  # a vLLM engine hands its GPU memory to the update
+        rollouts = self.generate(prompts, step, round_)
+        if overlap:
+            self.rollout_engine.sleep()  # a vLLM engine hands its GPU memory to the update
         clock.lap("rollout")
 
         answers = [s.answer for s in samples]
         keep = kept_rollouts(rollouts, config.reward)  # reward.overlong=mask: the finished rollouts alone train
-        trains = keep is None or bool(keep.any())
         pending = self.reward_server.ask(rollouts, prompts, answers) if self.reward_server else None
-        if early := trains and self._reference_while_scoring():  # the reference pass overlaps the server's requests
+        early = None
+        if overlap and (keep is None or bool(keep.any())) and self._reference_while_scoring():
             batch = self._batch(rollouts, torch.zeros(len(rollouts), len(rollouts[0])), prompts, keep)
-            ref = self._reference_logprobs(batch)
+            early = batch, self._reference_logprobs(batch)
         scores, failures = self.reward_server.answer(pending) if self.reward_server else (None, 0)
         shaped = shape_rewards(
             rollouts, answers, config.reward, scores,
             max_new_tokens=config.rollout.max_new_tokens, think_close_id=self.think_close_id,
         )  # fmt: skip
-        self.step_rollouts = (samples, rollouts, shaped)  # what a sample table shows (logging.samples_every)
         advantages = compute_advantages(
             shaped.rewards,
             config.advantages.grouping,
@@ -306,31 +369,34 @@ class BPOTrainer:
             valid=keep,
         )
         clock.lap("reward")
+        return Draw(samples, prompts, rollouts, shaped, advantages, failures), early
 
-        if early:  # the same batch, its advantages now known
-            batch = dataclasses.replace(batch, advantages=advantages[tuple(zip(*batch.source, strict=True))].float())
-        elif trains:
-            batch = self._batch(rollouts, advantages, prompts, keep)
-            ref = self._reference_logprobs(batch)
-        clock.lap("logprobs")
-
-        update = self._update(step, batch, ref) if trains else {}
-        clock.lap("update")
-        elapsed = clock.elapsed()
-
-        logged = rollout_metrics(
-            rollouts, shaped.rewards, shaped.scores, shaped.formats, shaped.off, advantages, shaped.per_mode_metrics()
-        )
-        metrics = {"step": step + 1, **logged, **update_scalars(update)}
-        if not trains:  # every rollout was cut at max_new_tokens and masked: no update this step
-            metrics["all_masked"] = True
-        if self.reward_server is not None:
-            metrics["reward_failures"] = failures  # rollouts scored reward.on_failure
-        metrics["skipped_updates"] = self.guard.skipped  # train.on_nonfinite=skip
-        metrics["time"] = clock.laps
-        metrics["tokens_per_s"] = float(batch.response_lengths.sum()) / elapsed if trains else 0.0
-        metrics["lr"] = update.get("lr", self.engine.lrs().get("llm", 0.0))
-        return metrics
+    def _fill_groups(
+        self, step: int, first: Draw, indices: list[int], clock: _Stopwatch
+    ) -> tuple[Draw, Draw, dict[str, Any]]:
+        """rollout.filter_groups: (the prompts to train on, every prompt drawn, the filter's metrics) after as many
+        rounds as it takes to keep train.prompts_per_step prompts with a signal (r4b.rl.dynamic_sampling)."""
+        config = self.config
+        want, rounds = config.train.prompts_per_step, [first]
+        used = set(indices)
+        kept = lambda: sum(int((~empty_groups(d.advantages)).sum()) for d in rounds)
+        while kept() < want and len(rounds) < config.rollout.max_filter_rounds:
+            drawn = sum(len(d) for d in rounds)
+            count = refill_size(want - kept(), drawn, kept(), want)
+            more = refill_indices(step, len(rounds), count, len(self.prompts), config.train.seed, used)
+            if not more:  # every prompt was drawn this step
+                break
+            used.update(more)
+            rounds.append(self._draw(step, len(rounds), more, clock, overlap=False)[0])
+        everything = concat_draws(rounds)
+        rows = (~empty_groups(everything.advantages)).nonzero().flatten().tolist()[:want]
+        filtered = {
+            "rounds": len(rounds),
+            "filtered": 1.0 - kept() / len(everything),  # share of the drawn prompts that had no signal
+            "prompts": len(rows),
+            "full": len(rows) == want,
+        }
+        return select_rows(everything, rows), everything, filtered
 
     def _update(self, step: int, batch: RolloutBatch, ref: torch.Tensor | None) -> dict[str, Any]:
         """The policy update on ``batch``; its mini-batches are at most the prompts the batch kept (reward.overlong=
@@ -384,13 +450,14 @@ class BPOTrainer:
         if self.reference is None:
             return None
         policy = self.config.policy
-        return compute_logprobs(
-            self.reference,
-            batch,
-            max_tokens=policy.max_tokens,
-            shared_prefix=policy.shared_prefix,
-            temperature=self.update_config.temperature,
-        )
+        with adapters_disabled(self.model):  # LoRA: the base, without a second copy of its weights; else no-op
+            return compute_logprobs(
+                self.reference,
+                batch,
+                max_tokens=policy.max_tokens,
+                shared_prefix=policy.shared_prefix,
+                temperature=self.update_config.temperature,
+            )
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -455,17 +522,9 @@ class BPOTrainer:
             logger.close()
         if config.train.export:
             self.guard.check_weights()
-            export_model(self.engine, self.model, self.tokenizer, self.run_dir / "model", self.main)
-            if self.main:
-                from r4b.models.model_card import write_model_card
-
-                write_model_card(
-                    self.run_dir / "model",
-                    stage=config.rollout.strategy,
-                    config=config,
-                    run_dir=self.run_dir,
-                    data_files=config.data.prompts,
-                )
+            stage, files = config.rollout.strategy, config.data.prompts
+            export_trained(self.engine, self.model, self.tokenizer, config, self.run_dir, self.main, stage=stage,
+                           data_files=files)  # fmt: skip
         return self.run_dir
 
 
@@ -518,7 +577,9 @@ class _Stopwatch:
         self.laps: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        self.laps[name], self.clock = time.perf_counter() - self.clock, time.perf_counter()
+        """Add the seconds since the last lap to phase ``name`` (a phase may come back: rounds of rollouts)."""
+        now = time.perf_counter()
+        self.laps[name], self.clock = self.laps.get(name, 0.0) + now - self.clock, now
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

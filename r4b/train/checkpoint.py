@@ -34,7 +34,7 @@ from r4b.train.integrity import (
     verify_dir,
     write_manifest,
 )
-from r4b.train.ranks import barrier, rank, world
+from r4b.train.ranks import barrier, rank
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -54,8 +54,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a node with fewer GPUs than the writer's sets its own
+        for device, cuda_state in zip(range(torch.cuda.device_count()), state["cuda"], strict=False):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], keep: int = 2) -> Path:
@@ -136,19 +137,19 @@ def load_checkpoint(path: Path, engine: Any) -> dict[str, Any]:
         raise InputError(f"{path}: not a complete r4b checkpoint (no {STATE_FILE})")
     rng_file = path / f"rng-{rank()}.pt"
     if not rng_file.exists():
-        raise InputError(_missing_rng(path, rng_file))
+        rng_file = _rng_of_fewer_ranks(path, rng_file)
     engine.load(path / "engine")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())
 
 
-def _missing_rng(path: Path, rng_file: Path) -> str:
-    """Why ``rng_file`` is missing: the checkpoint was written by fewer ranks than this run has, or it lost it."""
+def _rng_of_fewer_ranks(path: Path, rng_file: Path) -> Path:
+    """The RNG state a rank the checkpoint's run did not have takes (resumed on more ranks than wrote it): rank
+    ``rank % k`` of its k writers' (every rank starts from the same seed); a missing file of a writer is damage."""
     written = sorted(int(m.group(1)) for p in path.glob("rng-*.pt") if (m := re.fullmatch(r"rng-(\d+)\.pt", p.name)))
     ranks = len(written)
     if written and written == list(range(ranks)) and rank() >= ranks:
-        return (
-            f"{rng_file}: missing: the checkpoint was written by {ranks} rank{'s' * (ranks > 1)} and this run has "
-            f"{world()[1]}; resume it with {ranks} process{'es' * (ranks > 1)}"
-        )
-    return f"{rng_file}: missing: the checkpoint is damaged (each of its ranks wrote one); resume an earlier one"
+        return path / f"rng-{rank() % ranks}.pt"
+    raise InputError(
+        f"{rng_file}: missing: the checkpoint is damaged (each of its ranks wrote one); resume an earlier one"
+    )

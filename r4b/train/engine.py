@@ -18,8 +18,8 @@ partitioned gradient buffers across several ``backward`` calls (checked by tests
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 _STATE_FILE = "engine_state.pt"  # scheduler state (and the single engine's model/optimizer)
-_ZERO_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")  # one per data-parallel rank
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -260,6 +259,21 @@ def _lrs(groups: list[_Group], opt: torch.optim.Optimizer, sched: LambdaLR, lr_l
     return {g.name: float(by_name.get(g.name, g.lr * lr_lambda(sched.last_epoch))) for g in groups}
 
 
+def _adapters_only(module: nn.Module) -> bool:
+    """Whether checkpoints hold the trainable parameters only: a model with LoRA adapters (r4b.models.lora), whose
+    frozen base is the loaded model's and never changes."""
+    from r4b.models.lora import has_lora
+
+    return has_lora(module)
+
+
+def _checkpointed(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``state`` (the module's state dict): with LoRA, its adapters alone."""
+    from r4b.models.lora import is_adapter_parameter
+
+    return {k: v for k, v in state.items() if is_adapter_parameter(k)} if _adapters_only(module) else state
+
+
 # --------------------------------------------------------------------------------------------------------------
 # engines
 
@@ -372,7 +386,7 @@ class SingleEngine(_TorchOptimEngine):
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         state = {
-            "model": self.module.state_dict(),
+            "model": _checkpointed(self.module, self.module.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -380,7 +394,10 @@ class SingleEngine(_TorchOptimEngine):
 
     def load(self, path: str) -> None:
         state = torch.load(os.path.join(path, _STATE_FILE), map_location=_device(), weights_only=True)
-        self.module.load_state_dict(state["model"])
+        expected = _checkpointed(self.module, self.module.state_dict()).keys()
+        if set(state["model"]) != set(expected):  # a LoRA checkpoint and a full run's (or other adapters) differ
+            raise InputError(f"{path}: its model state does not fit this run's model (model.lora changed?)")
+        self.module.load_state_dict(state["model"], strict=not _adapters_only(self.module))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -433,7 +450,7 @@ class FSDP2Engine(_TorchOptimEngine):
 
         os.makedirs(path, exist_ok=True)
         _add_initial_optimizer_state(self.optimizer)  # the loader expects state for every trainable parameter
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=self._state_options())
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
         if is_main_process():
             torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(path, _STATE_FILE))
@@ -448,7 +465,7 @@ class FSDP2Engine(_TorchOptimEngine):
             set_optimizer_state_dict,
         )
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=self._state_options())
         # Checkpoints written before save() added the state of parameters that never had a gradient lack it:
         # restore those parameters without state, as the run that wrote the checkpoint had them.
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -457,7 +474,7 @@ class FSDP2Engine(_TorchOptimEngine):
             del optim_sd["state"][fqn]
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(self.module, state["model"])
+        set_model_state_dict(self.module, state["model"], options=self._state_options())
         set_optimizer_state_dict(
             self.module, self.optimizer, state["optimizer"], options=StateDictOptions(strict=not stateless)
         )
@@ -467,6 +484,13 @@ class FSDP2Engine(_TorchOptimEngine):
                 self.optimizer.state.pop(named[fqn], None)
         extra = torch.load(os.path.join(path, _STATE_FILE), weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
+
+    def _state_options(self) -> Any:
+        """torch.distributed.checkpoint's options of a checkpoint: with LoRA, the frozen base is left out."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        lora = _adapters_only(self.module)
+        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -553,29 +577,35 @@ class DeepSpeedEngine(Engine):
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         client = {"scheduler": self.scheduler.state_dict()}
-        self._ds.save_checkpoint(path, tag="engine", client_state=client, save_latest=False)
+        lora = _adapters_only(self._ds.module)  # the frozen base is the loaded model's
+        self._ds.save_checkpoint(
+            path, tag="engine", client_state=client, save_latest=False, exclude_frozen_parameters=lora
+        )
         barrier()
 
     def load(self, path: str) -> None:
-        self._check_world_size(path)
-        load_path, client = self._ds.load_checkpoint(
-            path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        from r4b.train.zero_universal import ranks_written, universal_copy
+
+        # ZeRO's state is partitioned by rank: another rank count loads DeepSpeed's universal form of it
+        written, ranks = ranks_written(path), dist.get_world_size()
+        reshard = written > 0 and written != ranks
+        if reshard and self._zero3:  # DeepSpeed's universal load of ZeRO-3 gave parameters other groups' lrs
+            raise InputError(
+                f"{os.path.dirname(os.path.normpath(path))} was written by {written} ranks and this run has {ranks}: "
+                f"a DeepSpeed ZeRO-3 checkpoint resumes on {written} ranks only (ZeRO-1 and 2 ones reshard)"
+            )
+        with universal_copy(path) if reshard else contextlib.nullcontext(path) as source:
+            self._ds._config.load_universal_checkpoint = reshard
+            load_path, client = self._ds.load_checkpoint(
+                source,
+                tag="engine",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=not _adapters_only(self._ds.module),
+            )
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
         self.scheduler.load_state_dict(client["scheduler"])
-
-    def _check_world_size(self, path: str) -> None:
-        """ZeRO partitions the optimizer state by rank and DeepSpeed cannot repartition it: refuse another number
-        of ranks in one line (DeepSpeed's own failure is a traceback deep in its loader)."""
-        files = os.listdir(os.path.join(path, "engine")) if os.path.isdir(os.path.join(path, "engine")) else []
-        written = len({m.group(1) for name in files if (m := _ZERO_RANK_FILE.search(name))})
-        ranks = dist.get_world_size()
-        if written and written != ranks:
-            raise InputError(
-                f"{os.path.dirname(os.path.normpath(path))} was written by {written} ranks and this run has {ranks}: "
-                f"DeepSpeed ZeRO cannot repartition its optimizer state, resume it on {written} ranks"
-            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed

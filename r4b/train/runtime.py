@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -140,6 +141,9 @@ def check_run_dir(config: Any, run_dir: Path) -> None:
     previous = _checkpoint_config(path, run_dir)
     if previous is None:
         return
+    # a key added to r4b after the checkpoint was written (model.lora) had its default's effect then
+    if dataclasses.is_dataclass(config):
+        previous = _with_defaults(config_to_dict(type(config)()), previous)
     current = config_to_dict(config)
     previous_data = _checkpoint_data(path)
     if previous_data is not None:  # the data files' contents, beside their paths (older checkpoints lack them)
@@ -165,6 +169,17 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed: list[str] = 
         if any(key == a or key.startswith(f"{a}.") for a in allowed):
             continue
         out.append((key, old.get(key), new.get(key)))
+    return out
+
+
+def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``defaults`` (sections merged key by key)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(value, out[key])
     return out
 
 
@@ -324,15 +339,32 @@ def resume(policy: str, run_dir: Path, engine: Any) -> int:
 EXPORT_UNCHECKED = ("README.md",)  # the model card: rewritten after the export (r4b eval adds its results)
 
 
-def export_model(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path, main: bool) -> None:
+def export_model(
+    engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path | None, main: bool, adapter: tuple | None = None
+) -> None:
     """Write the trained model as a Hugging Face directory (R-4B's layout) from rank 0 (all ranks call this).
     It is written into a staging sibling with its checksums (r4b.train.integrity) and renamed into place: a
-    signal or a full disk mid-export leaves the previous ``out`` (or none), and says so in one line."""
-    out = Path(out)
+    signal or a full disk mid-export leaves the previous ``out`` (or none), and says so in one line.
+    A model with LoRA adapters (r4b.models.lora) is written merged, base + alpha/rank x BA under the base names;
+    ``adapter`` = ``(directory, peft LoraConfig, base model)`` writes peft's adapter directory there too (``out``
+    None: that alone)."""
+    from r4b.models.lora import lora_scale, merged_state_dict, save_adapter
+
     state = engine.full_state_dict()  # collective: every rank takes part
+    if out is not None:
+        scale = lora_scale(model)
+        merged = merged_state_dict(state, scale) if main and scale is not None else state
+        _publish_export(Path(out), main, lambda staging: _save_full(model, merged, tokenizer, staging))
+    if adapter is not None:
+        where, config, base = adapter
+        _publish_export(Path(where), main, lambda staging: save_adapter(staging, state, config, base))
+
+
+def _publish_export(out: Path, main: bool, write: Any) -> None:
+    """``write(staging)`` on rank 0 into a staging sibling of ``out``, then its checksums and the rename."""
     staging = out.parent / f".{out.name}.partial"
     try:
-        together(lambda: _write_export(model, state, tokenizer, staging, out) if main else None)
+        together(lambda: _write_export(write, staging, out) if main else None)
     except BaseException as error:  # (a full disk may come as DCP's CheckpointException, a BaseException)
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -349,19 +381,50 @@ def export_model(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path,
     barrier()
 
 
-def _write_export(model: torch.nn.Module, state: dict, tokenizer: Any, staging: Path, out: Path) -> None:
+def _save_full(model: torch.nn.Module, state: dict, tokenizer: Any, staging: Path) -> None:
     from r4b.models.loading import save_model
 
+    # The engine may have sharded `model` in place (and LoRA replaced its layers): a fresh copy of the base class.
+    fresh = type(model)(model.config)
+    fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    save_model(fresh, staging, tokenizer)
+
+
+def _write_export(write: Any, staging: Path, out: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with _signals_stop_export():
-        # The engine may have sharded `model` in place: load the full weights into a fresh copy.
-        fresh = type(model)(model.config)
-        fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        staging.mkdir(parents=True)
         with disk_full_is_said(staging):
-            save_model(fresh, staging, tokenizer)
+            write(staging)
         entries = checksum_files(staging)
         write_manifest(staging, {k: v for k, v in entries.items() if k not in EXPORT_UNCHECKED})
         publish(staging, out)
+
+
+def lora_base_dtype(engine: Any) -> torch.dtype | None:
+    """The dtype a LoRA run keeps its frozen base in (``model.lora``): the training dtype, bf16 under
+    ``engine.mixed_precision: bf16`` (no fp32 copy of weights that never update), else as loaded."""
+    return torch.bfloat16 if engine.mixed_precision == "bf16" else None
+
+
+def export_trained(
+    engine: Any, model: torch.nn.Module, tokenizer: Any, config: Any, run_dir: Path, main: bool, **card: Any
+) -> None:
+    """The end of a training stage (train.export): ``run_dir/model`` and its model card; with ``model.lora``,
+    ``export.lora`` says whether the model is merged (``model``), peft's adapter directory (``adapter``) or both.
+    ``card``: :func:`r4b.models.model_card.write_model_card`'s stage and data files."""
+    from r4b.models.lora import lora_config
+    from r4b.models.model_card import write_model_card
+
+    lora = lora_config(model)
+    how = config.export.lora if lora is not None else "merged"
+    out = run_dir / "model" if how in ("merged", "both") else None
+    adapter = (run_dir / "adapter", lora, config.model.path) if how in ("adapter", "both") else None
+    export_model(engine, model, tokenizer, out, main, adapter)
+    if main:
+        for where, is_adapter in ((out, False), (adapter and adapter[0], True)):
+            if where is not None:
+                write_model_card(where, config=config, run_dir=run_dir, adapter=is_adapter, **card)
 
 
 class _Stopped(KeyboardInterrupt):

@@ -28,16 +28,21 @@ def module_of(name: str) -> str:
 
 def parameter_groups(model: nn.Module, lrs: dict[str, float], trainable: Iterable[str]) -> list[dict]:
     """One optimizer group per module with its learning rate (the paper: ViT 4e-6, projector 4e-6,
-    LLM 4e-5). Modules not in ``trainable`` are frozen (``requires_grad=False``) and left out."""
+    LLM 4e-5). Modules not in ``trainable`` are frozen (``requires_grad=False``) and left out. A model with LoRA
+    adapters (r4b.models.lora) trains its adapters only, each in its module's group; the base stays frozen."""
+    from r4b.models.lora import has_lora, is_adapter_parameter
+
     trainable = set(trainable)
     unknown = trainable - set(MODULES)
     if unknown:
         raise ValueError(f"unknown module(s) {sorted(unknown)}; expected a subset of {MODULES}")
+    adapters_only = has_lora(model)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in MODULES}
     for name, param in model.named_parameters():
         module = module_of(name)
-        param.requires_grad_(module in trainable)
-        if module in trainable:
+        trains = module in trainable and (not adapters_only or is_adapter_parameter(name))
+        param.requires_grad_(trains)
+        if trains:
             groups[module].append(param)
     return [{"name": m, "params": params, "lr": lrs[m]} for m, params in groups.items() if params]
 

@@ -27,7 +27,7 @@ from r4b.train.loader import MicroBatchLoader, default_workers, rank_micro_batch
 from r4b.train.logging import RunLogger
 from r4b.train.objective import PackedSFTObjective
 from r4b.train.run_lock import releases_run_locks
-from r4b.train.runtime import export_model, resume, start_run
+from r4b.train.runtime import export_trained, lora_base_dtype, resume, start_run
 from r4b.train.schedule import parameter_groups, warmup_cosine
 from r4b.train.sft_data import SFTDataset
 from r4b.train.signals import StopSignal
@@ -48,6 +48,9 @@ def train_sft(config: SFTConfig) -> Path:
     from r4b.models.liger import apply_configured_liger
 
     apply_configured_liger(model, config.model.liger, announce=main)
+    from r4b.models.lora import apply_lora
+
+    apply_lora(model, config.model.lora, lora_base_dtype(config.engine), announce=main)  # model.lora.rank 0: none
     dataset = SFTDataset.from_files(
         config.data.train,
         tokenizer,
@@ -125,13 +128,7 @@ def train_sft(config: SFTConfig) -> Path:
         logger.close()
     if config.train.export:
         guard.check_weights()
-        export_model(engine, model, tokenizer, run_dir / "model", main)
-        if main:
-            from r4b.models.model_card import write_model_card
-
-            write_model_card(
-                run_dir / "model", stage="sft", config=config, run_dir=run_dir, data_files=config.data.train
-            )
+        export_trained(engine, model, tokenizer, config, run_dir, main, stage="sft", data_files=config.data.train)
     return run_dir
 
 

@@ -28,8 +28,18 @@ def rollout_weights_dtype(rollout_engine: Any) -> torch.dtype | None:
 def sync_rollout_weights(engine: Any, rollout_engine: Any, prefix: str = "model.") -> None:
     """Load the training ``engine``'s current weights into ``rollout_engine`` (``RolloutEngine.load_weights``), one
     tensor at a time as ``engine.full_tensors`` streams them (a collective: every rank calls it), names without
-    ``prefix`` (the objective's attribute holding the model)."""
-    pairs = engine.full_tensors(dtype=rollout_weights_dtype(rollout_engine))
+    ``prefix`` (the objective's attribute holding the model). A model with LoRA adapters streams merged weights,
+    base + alpha/rank x BA under the base names (r4b.models.lora.merged_tensors: vLLM cannot apply LoRA to vision
+    towers, and the rollout model is the base's class)."""
+    from r4b.models.lora import lora_scale, merged_tensors
+
+    dtype = rollout_weights_dtype(rollout_engine)
+    module = getattr(engine, "unwrapped_module", None)
+    scale = lora_scale(module) if module is not None else None
+    if scale is None:
+        pairs = engine.full_tensors(dtype=dtype)
+    else:  # merged in fp32 from the weights as trained, then cast
+        pairs = merged_tensors(engine.full_tensors(dtype=None), scale, dtype)
     rollout_engine.load_weights((name.removeprefix(prefix), tensor) for name, tensor in pairs)
 
 

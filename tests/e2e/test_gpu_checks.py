@@ -33,13 +33,15 @@ def _steps(plan: str) -> list[str]:
 @pytest.mark.subprocess
 def test_plan_orders_the_steps_by_value(tmp_path):
     """The new benchmark rows right after the install, alone; then the tests of the new kernels, the older ones, the
-    gpu-marked tests and the training runs together; sft_step and bpo_step last. Nothing runs."""
+    gpu-marked tests and the training runs together; then the vLLM checks alone; sft_step and bpo_step last. Nothing
+    runs."""
     out = subprocess.run(["bash", SCRIPT, "plan"], env=_env(tmp_path), capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     steps = _steps(out.stdout)
     assert steps == [
         "install", "import-cuda-alone", "import-native", "fused_loss-new", "attention-new", "kernel-tests-new",
-        "kernel-tests", "gpu-marked", "prep", "sft", "sft-result", "bpo", "bpo-result", "sft_step", "bpo_step",
+        "kernel-tests", "gpu-marked", "prep", "sft", "sft-result", "bpo", "bpo-result", "vllm-tests", "vllm-bench",
+        "sft_step", "bpo_step",
     ]  # fmt: skip
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if not line.startswith("--")}
     assert "--impls r4b-cublas r4b-cublas-fast r4b" in lines["fused_loss-new"]

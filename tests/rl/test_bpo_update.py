@@ -19,6 +19,7 @@ from r4b.models.tiny import build_tiny_r4b
 from r4b.models.tokenizer import IMAGE_TOKEN
 from r4b.rl import BPOObjective, RolloutBatch, UpdateConfig, compute_advantages, compute_logprobs, policy_update
 from r4b.rl.batch import plan_chunks
+from r4b.rl.rollout_correction import rollout_correction_weights
 from r4b.rollout import Prompt, Rollout, encode_prompt
 from r4b.shared_prefix import pack_unshared
 from r4b.train.engine import build_engine
@@ -78,8 +79,11 @@ def noisy_logprobs(model, batch, *, seed: int, scale: float) -> torch.Tensor:
     return torch.where(valid, logp + scale * torch.randn(logp.shape, generator=gen), 0.0)
 
 
-def reference_loss(model, batch: RolloutBatch, config: UpdateConfig, old, ref) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unshared, unfused, float64: (loss, per-token log-probs [R, Lmax]) with a graph to the model."""
+def reference_loss(
+    model, batch: RolloutBatch, config: UpdateConfig, old, ref, is_weights=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unshared, unfused, float64: (loss, per-token log-probs [R, Lmax]) with a graph to the model; ``is_weights``
+    [R, Lmax] scale each token's surrogate; ``config.entropy_coeff`` subtracts each token's entropy."""
     packed = pack_unshared(
         batch.prompt_ids, batch.response_ids, batch.response_lengths, batch.groups, batch.advantages,
         old_logprobs=old, ref_logprobs=ref,
@@ -92,6 +96,7 @@ def reference_loss(model, batch: RolloutBatch, config: UpdateConfig, old, ref) -
     )  # fmt: skip
     log_probs = torch.log_softmax(model.lm_head(hidden).double() / config.temperature, dim=-1)
     logp = log_probs.gather(1, packed.targets.clamp(min=0)[:, None]).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
     per_seq, all_tokens = [], []
     table = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
     for i in range(batch.num_responses):
@@ -101,10 +106,16 @@ def reference_loss(model, batch: RolloutBatch, config: UpdateConfig, old, ref) -
         ratio = torch.exp(lp - packed.old_logprobs[at].double()) if old is not None else torch.exp(lp - lp.detach())
         a = packed.advantages[at].double()
         clipped = ratio.clamp(1 - config.clip_eps_low, 1 + config.clip_eps_high)
-        token = torch.maximum(-a * ratio, -a * clipped)
+        capped = ratio if config.delta is None else ratio.clamp(max=config.delta)
+        token = torch.maximum(-a * capped, -a * clipped)
+        if is_weights is not None:
+            token = token * is_weights[i, : lp.numel()].double()
+        token = token - config.entropy_coeff * entropy[at]
         if config.beta:
             delta = packed.ref_logprobs[at].double() - lp
-            token = token + config.beta * (torch.exp(delta) - delta - 1)
+            k3 = torch.exp(delta) - delta - 1
+            kl = {"k1": -delta, "k2": delta**2 / 2, "k3": k3, "low_var_kl": k3.clamp(-10, 10)}[config.kl_estimator]
+            token = token + config.beta * kl
         per_seq.append(token)
         all_tokens.append(token)
     mode = config.loss_agg_mode
@@ -120,9 +131,9 @@ def reference_loss(model, batch: RolloutBatch, config: UpdateConfig, old, ref) -
     return loss, table
 
 
-def reference_grads(model, batch, config, old, ref):
+def reference_grads(model, batch, config, old, ref, is_weights=None):
     model.zero_grad(set_to_none=True)
-    loss, _ = reference_loss(model, batch, config, old, ref)
+    loss, _ = reference_loss(model, batch, config, old, ref, is_weights)
     loss.backward()
     grads = {n: grad_or_zeros(p) for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -148,6 +159,49 @@ def test_update_equals_unshared_unfused_reference(tokenizer, model, loss_agg_mod
     assert_grads_close(engine.grads[0], expected)
 
 
+@pytest.mark.parametrize(("correction", "level"), [("tis", "token"), ("mis", "token"), ("tis", "sequence")])
+def test_rollout_correction_weighs_each_token_inside_the_fused_loss(tokenizer, model, correction, level):
+    """One on-policy step: the weights come from the trainer's own log-probs (a pass of their own) against the
+    rollout engine's, and scale each token's surrogate exactly where the packing put it."""
+    batch = make_batch(tokenizer, model, seed=6)
+    batch.rollout_logprobs = noisy_logprobs(model, batch, seed=7, scale=0.4).float()
+    config = UpdateConfig(rollout_correction=correction, rollout_correction_level=level, rollout_correction_cap=1.5,
+                          max_tokens=120)  # fmt: skip
+    old = compute_logprobs(model, batch, max_tokens=BIG)
+    weights, expected_metrics = rollout_correction_weights(
+        old, batch.rollout_logprobs, batch.response_lengths, correction=correction, level=level, cap=1.5
+    )
+    assert 0 < expected_metrics["is_capped"] < 1  # the cap acts on some tokens (responses), not all
+    expected_loss, expected = reference_grads(model, batch, config, None, None, weights)
+    plain_loss, _ = reference_grads(model, batch, UpdateConfig(max_tokens=120), None, None)
+    assert abs(float(expected_loss) - float(plain_loss)) > 1e-4  # the weights change the loss
+
+    engine = RecordingEngine(model)
+    metrics = policy_update(engine, batch, config)
+    assert metrics["loss"] == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
+    for name, value in expected_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert_grads_close(engine.grads[0], expected)
+
+    batch.rollout_logprobs = None
+    with pytest.raises(ValueError, match="needs the rollout engine's log-probs"):
+        policy_update(RecordingEngine(model), batch, config)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-sum"])
+def test_entropy_bonus_delta_and_kl_estimator_are_the_reference_terms(tokenizer, model, loss_agg_mode):
+    batch = make_batch(tokenizer, model, seed=9)
+    old = noisy_logprobs(model, batch, seed=10, scale=0.5)
+    ref = noisy_logprobs(model, batch, seed=11, scale=0.3)
+    config = UpdateConfig(entropy_coeff=0.05, delta=1.3, beta=0.05, kl_estimator="k2", loss_agg_mode=loss_agg_mode,
+                          max_tokens=120)  # fmt: skip
+    expected_loss, expected = reference_grads(model, batch, config, old, ref)
+    engine = RecordingEngine(model)
+    metrics = policy_update(engine, batch, config, old_logprobs=old, ref_logprobs=ref)
+    assert metrics["loss"] == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
+    assert_grads_close(engine.grads[0], expected)
+
+
 def test_micro_batches_split_entries_and_ranks_without_changing_gradients(tokenizer, model):
     batch = make_batch(tokenizer, model, seed=4)
     old = noisy_logprobs(model, batch, seed=5, scale=0.3)
@@ -170,9 +224,11 @@ def test_micro_batches_split_entries_and_ranks_without_changing_gradients(tokeni
     policy_update(unshared, batch, UpdateConfig(**base, max_tokens=BIG, shared_prefix=False), old_logprobs=old)
     assert_grads_close(unshared.grads[0], one.grads[0])
 
-    # two ranks, each its balanced share: engines average gradients, so the mean of the two is the whole
-    for mode in ("token-mean", "seq-mean-token-sum"):
-        config = UpdateConfig(clip_eps_high=0.28, loss_agg_mode=mode, max_tokens=80)
+    # two ranks, each its balanced share: engines average gradients, so the mean of the two is the whole (the
+    # rollout correction's weights too, made from the given old log-probs)
+    batch.rollout_logprobs = noisy_logprobs(model, batch, seed=8, scale=0.3).float()
+    for mode, correction in (("token-mean", "none"), ("seq-mean-token-sum", "none"), ("token-mean", "mis")):
+        config = UpdateConfig(clip_eps_high=0.28, loss_agg_mode=mode, max_tokens=80, rollout_correction=correction)
         whole = RecordingEngine(model)
         policy_update(whole, batch, config, old_logprobs=old)
         ranks = [RecordingEngine(model) for _ in range(2)]

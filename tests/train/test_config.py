@@ -155,7 +155,7 @@ def test_resume_may_change_keys_are_declared_on_the_fields():
         "train.tensorboard", "train.progress", "train.export", "train.allow_config_change", "engine.timeout_minutes",
         "model.attention_backend", "model.fused_loss_method", "train.on_nonfinite", "train.stop_after_flat_steps",
         "logging.sinks", "logging.samples_every", "logging.samples_prompts", "logging.project", "logging.run_name",
-        "logging.mlflow_uri",
+        "logging.mlflow_uri", "export.lora",
     } == HARMLESS_KEYS  # fmt: skip
     old = {"model": {"path": None}, "train": {"save_every": 0}}
     new = {"model": {"path": None, "attention_backend": "flex"}, "train": {"save_every": 5}}

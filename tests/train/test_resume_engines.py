@@ -1,8 +1,9 @@
 """Resuming the sharded engines' checkpoints: for every ``model.train`` set that matters, on FSDP2 and DeepSpeed
 with 2 gloo ranks, a run resumed from its step-1 checkpoint ends with the losses, gradient norms and exported
 weights of the uninterrupted run, bit for bit (weight decay on, so that a parameter moved by a resume would show).
-FSDP2 checkpoints written before they held optimizer state for parameters without a gradient resume too, and FSDP2
-resumes on another number of ranks (torch.distributed.checkpoint reshards); DeepSpeed ZeRO refuses that in one line.
+FSDP2 checkpoints written before they held optimizer state for parameters without a gradient resume too, and FSDP2 and
+DeepSpeed ZeRO-2 resume on another number of ranks (torch.distributed.checkpoint reshards; DeepSpeed through its
+universal checkpoint); ZeRO-3 refuses that in one line.
 
 The multi-rank cases run in one torchrun launch (this file is its worker), each case a few tiny steps."""
 
@@ -145,13 +146,16 @@ def test_fsdp2_checkpoints_hold_state_for_parameters_without_a_gradient(two_rank
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_resumes_on_another_number_of_ranks(two_rank_runs, data, tmp_path):
-    """A 2-rank FSDP2 checkpoint (with optimizer state for the never-updated post_layernorm) resumed on 1 rank:
-    the same steps follow, equal up to the order of the ranks' sums."""
-    where = case_dir(two_rank_runs, CASES[0])
+@pytest.mark.parametrize("kind", ["fsdp2", "deepspeed"])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(two_rank_runs, data, tmp_path, kind):
+    """A 2-rank FSDP2 or DeepSpeed ZeRO-2 checkpoint (with optimizer state for the never-updated post_layernorm)
+    resumed on 1 rank: the same steps follow, equal up to the order of the ranks' sums; DeepSpeed's universal copy
+    of the checkpoint is gone afterwards."""
+    where = case_dir(two_rank_runs, CASES[0 if kind == "fsdp2" else len(TRAIN_SETS)])
     resume = f"train.resume={where / 'full' / 'checkpoint-1'}"
-    proc = one_rank(*sft_args(data, tmp_path / "one", "fsdp2", TRAIN_SETS[0], resume))
+    proc = one_rank(*sft_args(data, tmp_path / "one", kind, TRAIN_SETS[0], resume))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (where / "full").glob(".checkpoint-*")) == []
     full, resumed = metrics(where / "full"), metrics(tmp_path / "one")
     assert [m["step"] for m in resumed] == [2, 3]
     for a, b in zip(full[1:], resumed, strict=True):
@@ -167,14 +171,14 @@ def test_fsdp2_resumes_on_another_number_of_ranks(two_rank_runs, data, tmp_path)
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_refuses_another_number_of_ranks_in_one_line(two_rank_runs, data, tmp_path):
-    checkpoint = case_dir(two_rank_runs, CASES[len(TRAIN_SETS)]) / "full" / "checkpoint-1"
-    proc = one_rank(*sft_args(data, tmp_path / "one", "deepspeed", TRAIN_SETS[0], f"train.resume={checkpoint}"))
+def test_deepspeed_zero3_refuses_another_number_of_ranks_in_one_line(two_rank_runs, data, tmp_path):
+    checkpoint = case_dir(two_rank_runs, ZERO3) / "full" / "checkpoint-1"
+    proc = one_rank(*sft_args(data, tmp_path / "one", "deepspeed-zero3", TRAIN_SETS[0], f"train.resume={checkpoint}"))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert lines[-1] == (
-        f"r4b sft: error: {checkpoint} was written by 2 ranks and this run has 1: DeepSpeed ZeRO cannot "
-        "repartition its optimizer state, resume it on 2 ranks"
+        f"r4b sft: error: {checkpoint} was written by 2 ranks and this run has 1: a DeepSpeed ZeRO-3 checkpoint "
+        "resumes on 2 ranks only (ZeRO-1 and 2 ones reshard)"
     )
     assert not (tmp_path / "one" / "metrics.jsonl").exists()
 

@@ -1,0 +1,170 @@
+"""``r4b plan`` against what is measured: the tiny model's parameter, gradient and AdamW bytes on the single engine
+(exactly), its saved activations on the CPU (within a factor of 1.5), DeepSpeed's own ZeRO-2/3 estimator (exactly),
+the fused loss's and the attention's peaks on the H100 (bench/results/h100-2026-11-27, within 2%); and the command's
+table, JSON, its verdict on a config that does not fit, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from r4b.cli import main
+from r4b.config import load_config
+from r4b.config.sections import EngineConfig, SFTConfig
+from r4b.plan.estimate import activation_bytes, attention_workspace, loss_workspace, model_state
+from r4b.plan.shapes import Shapes, Tower, model_shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+H100 = ROOT / "bench" / "results" / "h100-2026-11-27"
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Shapes:
+    return model_shapes(None)
+
+
+def items(listed) -> dict[str, float]:
+    return {item.name: item.bytes for item in listed}
+
+
+@pytest.mark.parametrize("train", [["vision", "projector", "llm"], ["projector", "llm"]])
+def test_parameter_gradient_and_optimizer_bytes_are_exact(tiny, train):
+    """The single engine after one step of the tiny model: every trained parameter with a gradient and AdamW state."""
+    from r4b.models.tiny import build_tiny_r4b
+    from r4b.train.engine import build_engine
+    from r4b.train.schedule import parameter_groups
+
+    model = build_tiny_r4b(0)
+    lrs = {"vision": 1e-3, "projector": 1e-3, "llm": 1e-3}
+    engine = build_engine(model, parameter_groups(model, lrs, train), lambda step: 1.0, EngineConfig(kind="single"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    grads = sum(p.grad.nbytes for p in trained)
+    engine.step()
+    state = sum(t.nbytes for s in engine.optimizer.state.values() for t in s.values())
+    planned = items(model_state(tiny, train, EngineConfig(kind="single"), 1))
+    assert planned["weights"] == sum(p.nbytes for p in model.parameters())
+    assert planned["gradients"] == grads and planned["optimizer"] == state
+    assert sum(tiny.params[m] for m in train) == sum(p.numel() for p in trained)
+
+
+def test_activations_are_within_a_factor_of_what_the_forward_saves(tiny, torch_reference_kernels, tmp_path):
+    """Bytes autograd saves in the tiny model's packed forward (fp32, parameters aside), less what only the CPU's
+    reference kernels save (the [heads, N, N] attention probabilities and masks, the [N, V] logits), against the
+    plan at the row's length and image share."""
+    from r4b.models.loading import load_model_and_processor
+    from r4b.synth import write_synthetic
+    from r4b.train.objective import PackedSFTObjective
+    from r4b.train.sft_data import SFTDataset
+
+    write_synthetic(tmp_path, n_sft=16, n_rl=1, n_eval=1, seed=0)
+    model, tokenizer, processor = load_model_and_processor(None, dtype=torch.float32)
+    dataset = SFTDataset.from_files([str(tmp_path / "sft.jsonl")], tokenizer, processor, max_tokens=4096)
+    inputs = dataset.host_batch(list(range(16))).inputs()
+    n = inputs["input_ids"].numel()
+    images = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        dense = t.dim() >= 2 and t.shape[-1] in (n, tiny.vocab) and t.shape[-2] == n  # reference kernels only
+        if t.untyped_storage().data_ptr() not in params and not dense:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        PackedSFTObjective(model.train())(**inputs)
+    planned = activation_bytes(tiny, ["vision", "projector", "llm"], n, images / n, 4, ckpt=False)
+    measured = sum(saved.values())
+    assert 1 / 1.5 <= planned / measured <= 1.5, (planned, measured)
+    assert activation_bytes(tiny, ["vision", "projector", "llm"], n, images / n, 4, ckpt=True) < planned
+
+
+def h100_rows(name: str, impl: str, mode: str) -> list[dict]:
+    (path,) = H100.glob(f"{name}-nvidia-h100*.json")
+    return [r for r in json.loads(path.read_text())["rows"] if r["impl"] == impl and r["mode"] == mode]
+
+
+def qwen3_4b(tiny: Shapes) -> Shapes:
+    """The H100 benchmarks' shapes: Qwen3-4B's hidden 2560, vocabulary 151,936, GQA 32/8 of 128."""
+    return replace(tiny, vocab=151936, llm=Tower(36, 2560, 9728, 32, 8, 128))
+
+
+def test_the_fused_loss_workspace_is_the_h100_benchmarks_peak(tiny):
+    rows = h100_rows("fused_loss", "r4b", "fwd+bwd")
+    assert {r["N"] for r in rows} == {4096, 16384}
+    for row in rows:
+        planned = loss_workspace(qwen3_4b(tiny), row["N"], 2) / GIB
+        assert planned == pytest.approx(row["peak_gib"], rel=0.02), row
+
+
+def test_the_attention_workspace_is_the_h100_benchmarks_peak(tiny):
+    rows = [r for r in h100_rows("attention", "r4b", "fwd+bwd") if r["mask"] == "causal-docs"]
+    assert {r["tokens"] for r in rows} == {16384, 65536}
+    for row in rows:
+        planned = attention_workspace(qwen3_4b(tiny).llm, row["tokens"], 2) / GIB
+        assert planned == pytest.approx(row["peak_gib"], rel=0.02), row
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_states_are_deepspeeds_own_estimate(tiny, stage):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    engine = EngineConfig(kind="deepspeed", zero_stage=stage, mixed_precision="bf16")
+    planned = items(model_state(tiny, ["vision", "projector", "llm"], engine, 8))
+    planned.pop("reduce bucket")
+    total, layer = tiny.total, tiny.largest_layer
+    if stage == 2:
+        _, expected = estimate_zero2_model_states_mem_needs(total, 8, cpu_offload=False)
+    else:
+        _, expected, _ = estimate_zero3_model_states_mem_needs(total, layer, 8, cpu_offload=False)
+    assert sum(planned.values()) == pytest.approx(expected, abs=2)  # DeepSpeed rounds to whole bytes
+
+
+def test_the_table_and_the_json(capsys):
+    assert main(["plan", "--config", "configs/demo/bpo.yaml", "--gpus", "1", "model.path=null", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stage"] == "bpo" and plan["fits"] and plan["parameters"]["total"] == 232352
+    assert {"weights", "gradients", "optimizer", "activations", "reference model"} <= set(plan["memory_gib"])
+    assert set(plan["step_seconds_by_part"]) == {"update", "prefill", "decode"}
+    assert main(["plan", "--config", "configs/demo/sft.yaml", "--gpus", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "memory per GPU" in table and "fits" in table and "tokens per step: 65,536" in table
+
+
+def test_a_config_that_does_not_fit_says_so_and_what_to_change(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_random_model import build_config
+
+    build_config("1b").save_pretrained(tmp_path)
+    argv = ["plan", "--config", "configs/demo/sft.yaml", "--gpus", "1", f"model.path={tmp_path}",
+            "data.max_tokens=65536", "--json"]  # fmt: skip
+    assert main(argv) == 1
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["fits"] and plan["peak_gib"] > plan["budget_gib"]
+    assert "engine.activation_checkpointing=true" in plan["fixes"]
+    config = load_config(SFTConfig, "configs/demo/sft.yaml", [f"model.path={tmp_path}"])
+    assert config.engine.kind == "single"  # the fixes name changes to this config, the engine stays
+
+
+def test_one_line_errors(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", "--config", "configs/demo/sft.yaml", "--gpus", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("engine.kind = 'single' runs on one GPU, not 2: plan engine.kind=fsdp2") and "\n" not in err
+    assert main(["plan", "--config", "configs/demo/sft.yaml", "--gpus", "1", "model.path=nobody/no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "r4b plan: error: model.path nobody/no-such-model: no such directory (download the model first; r4b plan "
+        "reads its config.json only)"
+    )
+    assert "\n" not in err
