@@ -379,20 +379,21 @@ class BPOTrainer:
         config = self.config
         want, rounds = config.train.prompts_per_step, [first]
         used = set(indices)
-        kept = lambda: sum(int((~empty_groups(d.advantages)).sum()) for d in rounds)
-        while kept() < want and len(rounds) < config.rollout.max_filter_rounds:
-            drawn = sum(len(d) for d in rounds)
-            count = refill_size(want - kept(), drawn, kept(), want)
+        signal = lambda draw: int((~empty_groups(draw.advantages)).sum())
+        drawn, kept = len(first), signal(first)  # running counts over the rounds
+        while kept < want and len(rounds) < config.rollout.max_filter_rounds:
+            count = refill_size(want - kept, drawn, kept, want)
             more = refill_indices(step, len(rounds), count, len(self.prompts), config.train.seed, used)
             if not more:  # every prompt was drawn this step
                 break
             used.update(more)
             rounds.append(self._draw(step, len(rounds), more, clock, overlap=False)[0])
+            drawn, kept = drawn + len(more), kept + signal(rounds[-1])
         everything = concat_draws(rounds)
         rows = (~empty_groups(everything.advantages)).nonzero().flatten().tolist()[:want]
         filtered = {
             "rounds": len(rounds),
-            "filtered": 1.0 - kept() / len(everything),  # share of the drawn prompts that had no signal
+            "filtered": 1.0 - kept / len(everything),  # share of the drawn prompts that had no signal
             "prompts": len(rows),
             "full": len(rows) == want,
         }
