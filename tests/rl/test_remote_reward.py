@@ -135,7 +135,10 @@ def bpo_overrides(data: Path, out: Path, url: str, *extra: str) -> list[str]:
 
 
 def test_bpo_trains_on_the_servers_rewards(data, tmp_path, server):
-    run = train_bpo(load_config(BPOConfig, DEMO_BPO, bpo_overrides(data, tmp_path / "run", server.url)))
+    # one request in flight, so the server sees them in the rollouts' order and requests[0] holds the first rollout
+    # (out-of-order answers have their own test above)
+    overrides = bpo_overrides(data, tmp_path / "run", server.url, "reward.concurrency=1")
+    run = train_bpo(load_config(BPOConfig, DEMO_BPO, overrides))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["reward_failures"] == 0 for r in rows)
     assert len(server.requests) == 2 * 4  # 16 rollouts a step in requests of 5
