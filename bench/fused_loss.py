@@ -23,6 +23,11 @@ against the materialized loss in true fp32 on the same inputs (``reference_fp32`
 compares each r4b row (``base``) with every competitor; ``method_ratios`` r4b's other methods with ``r4b``. Rows
 stream into ``rows-<device>-<date>.jsonl`` and the JSON as they are measured (bench/common.py: Results).
 
+Then ``loss_type_rows`` (``--loss-types``, ``--loss-type-tokens``; 0 skips them): fwd+bwd of every loss type of
+liger's and TRL's (grpo, bnpo, dapo, dr_grpo, luspo, cispo, sapo, vespo) per token and the clipped ones per sequence
+(GSPO), r4b's default and cuBLAS methods against liger's module of that type and TRL's chunked log-prob kernel under
+the same loss, each checked against the fp32 materialized loss of that type; ``loss_type_ratios`` per type.
+
 The log-prob kernels trainers ship are timed in both modes, their per-token log-probs feeding the same BPO loss
 (``bpo_loss_from_logprobs``): ``trl`` (``trl.kernels.ChunkedLogProbFunction``, as TRL's GRPOTrainer calls it),
 ``cce`` (Apple's ``cut_cross_entropy.linear_cross_entropy``, reduction "none", its default gradient filter) and
@@ -61,7 +66,7 @@ from common import (
     within_tolerance,
 )
 
-from r4b.kernels import bpo_loss_from_logprobs, fused_grad, fused_linear_bpo_loss, linear_logprobs
+from r4b.kernels import LOSS_TYPES, bpo_loss_from_logprobs, fused_grad, fused_linear_bpo_loss, linear_logprobs
 from r4b.kernels._backend import use_triton
 
 BETA, EPS_LOW, EPS_HIGH, TEMPERATURE = 0.04, 0.2, 0.28, 1.0
@@ -80,36 +85,50 @@ def materialized_logprob_values(hidden, weight, targets):
     return materialized_logprobs(hidden, weight, targets)[0]
 
 
-def bpo_loss_on(logprobs_fn, hidden, weight, targets, batch):
-    """The benchmark's BPO loss on the log-probs (and entropy, for its metric) of ``logprobs_fn``."""
+# The main rows' loss: token-mean clipped surrogate (liger's and TRL's bnpo / dapo in one process).
+MAIN_LOSS = {"loss_type": "dapo", "importance_level": "token"}
+
+
+def loss_case_options(loss_type: str, level: str, seq_len: int) -> dict:
+    """fused_linear_bpo_loss's options of a (loss type, importance level) row: CISPO's eps_high caps the ratio
+    itself (TRL's recommended 5), Dr. GRPO normalizes by the sequence length."""
+    return {"loss_type": loss_type, "importance_level": level, "norm_len": seq_len,
+            "clip_eps_high": 5.0 if loss_type == "cispo" else EPS_HIGH}  # fmt: skip
+
+
+def bpo_loss_on(logprobs_fn, hidden, weight, targets, batch, **loss):
+    """The benchmark's BPO loss (``loss``: the loss type's options) on the log-probs (and entropy, for its
+    metric) of ``logprobs_fn``."""
     logp, entropy = logprobs_fn(hidden, weight, targets, with_entropy=True)
     return bpo_loss_from_logprobs(
         logp, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
         old_logprobs=batch["old"], ref_logprobs=batch["ref"], entropy=None if entropy is None else entropy.detach(),
-        clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH, beta=BETA,
+        **{"clip_eps_low": EPS_LOW, "clip_eps_high": EPS_HIGH, "beta": BETA, **loss},
     )[0]  # fmt: skip
 
 
-def materialized_bpo_loss(hidden, weight, targets, batch):
-    return bpo_loss_on(materialized_logprobs, hidden, weight, targets, batch)
+def materialized_bpo_loss(hidden, weight, targets, batch, **loss):
+    return bpo_loss_on(materialized_logprobs, hidden, weight, targets, batch, **loss)
 
 
-def r4b_bpo_loss(hidden, weight, targets, batch, method="recompute", chunk_bytes=None):
+def r4b_bpo_loss(hidden, weight, targets, batch, method="recompute", chunk_bytes=None, **loss):
     return fused_linear_bpo_loss(
         hidden, weight, targets, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"],
-        old_logprobs=batch["old"], ref_logprobs=batch["ref"], clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH,
-        beta=BETA, temperature=TEMPERATURE, method=method, chunk_bytes=chunk_bytes,
+        old_logprobs=batch["old"], ref_logprobs=batch["ref"], temperature=TEMPERATURE, method=method,
+        chunk_bytes=chunk_bytes, **{"clip_eps_low": EPS_LOW, "clip_eps_high": EPS_HIGH, "beta": BETA, **loss},
     )[0]  # fmt: skip
 
 
-def liger_bpo_loss_factory(compiled: bool, seq_len: int):
+def liger_bpo_loss_factory(compiled: bool, seq_len: int, loss_type: str = "bnpo", importance_level: str = "token",
+                           **loss):  # fmt: skip
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError:
         return None
     module = LigerFusedLinearGRPOLoss(
-        beta=BETA, compiled=compiled, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-        loss_type="bnpo", temperature=TEMPERATURE,
+        beta=BETA, compiled=compiled, use_ref_model=True, epsilon_low=EPS_LOW,
+        epsilon_high=loss.get("clip_eps_high", EPS_HIGH), loss_type=loss_type, temperature=TEMPERATURE,
+        importance_sampling_level=importance_level, max_completion_length=loss.get("norm_len"),
     )  # fmt: skip
 
     def loss(hidden, weight, targets, batch):
@@ -264,8 +283,78 @@ def competitors(args: argparse.Namespace) -> tuple[dict, dict]:
     return fwd_bwd, fwd_only
 
 
+def loss_cases(names: list[str] | None) -> list[tuple[str, str]]:
+    """(loss type, importance level) of the loss-type rows: every type per token, the clipped ones per sequence
+    (GSPO) too; ``names`` (``grpo``, ``grpo/sequence``, ...) picks some."""
+    cases = [(t, "token") for t in LOSS_TYPES] + [(t, "sequence") for t, (kind, _) in LOSS_TYPES.items()
+                                                   if kind == "clip"]  # fmt: skip
+    if names is None:
+        return cases
+    known = {f"{t}/{level}" if level == "sequence" else t: (t, level) for t, level in cases}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"fused_loss: unknown --loss-types {unknown}; known: {list(known)}")
+    return [known[name] for name in names]
+
+
+def loss_type_impls(args: argparse.Namespace, loss: dict) -> dict:
+    """The fwd+bwd rows of one loss type: r4b's default and cuBLAS methods, liger's module of that type, TRL's
+    chunked log-prob kernel (what its GRPOTrainer's fused head runs) under the same O(N) loss."""
+    impls = {"r4b": functools.partial(r4b_bpo_loss, method=None, chunk_bytes=args.chunk_bytes, **loss)}
+    if cublas_runs() and fused_grad.resolve_method(None) != "cublas":
+        impls["r4b-cublas"] = functools.partial(r4b_bpo_loss, method="cublas", chunk_bytes=args.chunk_bytes, **loss)
+    compiled = torch.cuda.is_available()
+    impls["liger"] = build_competitor(liger_bpo_loss_factory, compiled=compiled, seq_len=args.seq_len, **loss)
+    impls["trl"] = functools.partial(bpo_loss_on, build_competitor(trl_logprobs_factory), **loss)
+    return impls
+
+
+def bench_loss_types(args: argparse.Namespace, results: Results) -> None:
+    """The ``loss_type_rows``: fwd+bwd of each loss type and importance level at ``--loss-type-tokens`` tokens,
+    each row checked against the fp32 materialized loss of the same type (liger's luspo at token level sums the
+    padding's positions too: its row is then outside tolerance by definition, see r4b.kernels.liger_compat)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = args.loss_type_tokens
+    hidden, weight, targets, batch = make_batch(n, args.hidden, args.vocab, args.seq_len, getattr(torch, args.dtype),
+                                                device)  # fmt: skip
+    for loss_type, level in loss_cases(args.loss_types):
+        torch._dynamo.reset()
+        loss = loss_case_options(loss_type, level, args.seq_len)
+        reference = reference_fp32(hidden, weight, targets, batch, **loss) if args.accuracy else None
+        for name, fn in loss_type_impls(args, loss).items():
+            row = {"impl": name, "loss_type": loss_type, "level": level, "N": n, "dtype": args.dtype}
+
+            def step(fn=fn):
+                hidden.grad = weight.grad = None
+                value = fn(hidden, weight, targets, batch)
+                value.backward()
+                return value
+
+            with error_row(row):
+                row["ms"] = median_ms(step, warmup=args.warmup, repeats=args.repeats)
+                row["peak_gib"] = peak_gib(step)
+            if reference is not None and "error" not in row:
+                check_row(row, lambda step=step: loss_errors(step(), hidden, weight, reference), args.dtype)
+            hidden.grad = weight.grad = None
+            results.add("loss_type_rows", row)
+        free_device_memory()
+
+
+def loss_type_ratios(rows: list[dict]) -> list[dict]:
+    """Per loss type and level: each competitor's time / r4b's (same run), and r4b's memory / theirs."""
+    timed = {(r["loss_type"], r["level"], r["impl"]): r for r in rows if _timed(r)}
+    out = []
+    for (loss_type, level, impl), r in timed.items():
+        base = timed.get((loss_type, level, "r4b"))
+        if impl != "r4b" and base is not None:
+            mem = r.get("peak_gib") and base.get("peak_gib") and base["peak_gib"] / r["peak_gib"]
+            out.append({"loss_type": loss_type, "level": level, "vs": impl, "r4b_speedup": r["ms"] / base["ms"],
+                        "r4b_mem_ratio": mem})  # fmt: skip
+    return out
+
+
 def run(args: argparse.Namespace, results: Results) -> None:
-    """Every size's rows into ``results`` as they are measured."""
+    """Every size's rows into ``results`` as they are measured, then the loss-type rows."""
     dtype = getattr(torch, args.dtype)
     ceiling = matmul_tflops(args.sizes[-1], args.hidden, min(args.vocab, 16384), dtype, repeats=args.repeats)
     results.update(matmul_tflops=ceiling)
@@ -275,6 +364,12 @@ def run(args: argparse.Namespace, results: Results) -> None:
             free_device_memory()  # this size's inputs and reference
         except Exception as err:  # the inputs of this size could not be made: one error row, the next size
             results.add("rows", {"impl": "all", "mode": "-", "N": n, "error": error_text(err)})
+            free_device_memory()
+    if args.loss_type_tokens:
+        try:
+            bench_loss_types(args, results)
+        except Exception as err:
+            results.add("loss_type_rows", {"impl": "all", "loss_type": "-", "level": "-", "error": error_text(err)})
             free_device_memory()
 
 
@@ -298,7 +393,7 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 REFERENCE_ROWS = 2048
 
 
-def reference_fp32(hidden, weight, targets, batch, rows: int = REFERENCE_ROWS) -> dict:
+def reference_fp32(hidden, weight, targets, batch, rows: int = REFERENCE_ROWS, **loss) -> dict:
     """The materialized loss in fp32 (true fp32 products) on the benchmark's inputs, computed ``rows`` tokens at a
     time: its log-probs, loss, d_hidden and d_weight. The same function as :func:`materialized_bpo_loss` in fp32;
     the gradients go through dL/dlogp (O(N) autograd on the loss), then d_logits = g (onehot - p) / T per chunk."""
@@ -308,10 +403,7 @@ def reference_fp32(hidden, weight, targets, batch, rows: int = REFERENCE_ROWS) -
         logp = torch.cat([materialized_logprob_values(h[lo : lo + rows], w, targets[lo : lo + rows])
                           for lo in range(0, n, rows)])  # fmt: skip
     leaf = logp.clone().requires_grad_()
-    loss = bpo_loss_from_logprobs(
-        leaf, batch["advantages"], seq_ids=batch["seq_ids"], loss_mask=batch["loss_mask"], old_logprobs=batch["old"],
-        ref_logprobs=batch["ref"], clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH, beta=BETA,
-    )[0]  # fmt: skip
+    loss = bpo_loss_on(lambda *_, **__: (leaf, None), h, w, targets, batch, **loss)
     (grad,) = torch.autograd.grad(loss, leaf)
     d_hidden, d_weight = torch.empty_like(h), torch.zeros_like(w)
     with _no_tf32(), torch.no_grad():
@@ -499,11 +591,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-bytes", type=int, default=None, help="chunk budget of the r4b-cublas rows (default: fused_grad's)"
     )
+    parser.add_argument("--loss-types", nargs="+", default=None,
+                        help="loss-type rows (grpo, grpo/sequence, ...; default: every type and level)")  # fmt: skip
+    parser.add_argument("--loss-type-tokens", type=int, default=16384,
+                        help="tokens of the loss-type rows (0: none)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.hidden, args.vocab, args.seq_len = [48, 96], 40, 200, 16
         args.dtype, args.warmup, args.repeats = "float32", 1, 2
+        args.loss_type_tokens = min(args.loss_type_tokens, 32)
     return args
 
 
@@ -516,7 +613,8 @@ def main(argv=None) -> int:
     results = Results("fused_loss", args.out, PACKAGES, config)
     status = results.run(lambda: run(args, results))
     rows = results.section("rows")
-    results.update(ratios=ratios_to_r4b(rows), method_ratios=method_ratios(rows), accuracy=accuracy(rows))
+    results.update(ratios=ratios_to_r4b(rows), method_ratios=method_ratios(rows), accuracy=accuracy(rows),
+                   loss_type_ratios=loss_type_ratios(results.section("loss_type_rows")))  # fmt: skip
     path = results.finish(status)
     payload = results.payload
     columns = ["impl", "mode", "N", "method", "ms", "peak_gib", "tflops", "frac_of_matmul", "chunks",
@@ -529,6 +627,11 @@ def main(argv=None) -> int:
                 ["impl", "mode", "N", *ERROR_COLUMNS, "check_error"])  # fmt: skip
     print_table("r4b's other methods vs r4b (same run)", payload["method_ratios"],
                 ["mode", "N", "method", "speedup_vs_r4b", "mem_vs_r4b"])  # fmt: skip
+    print_table("each loss type, fwd+bwd (same run)", results.section("loss_type_rows"),
+                ["impl", "loss_type", "level", "N", "ms", "peak_gib", "loss_rel_err", "d_hidden_rel_err",
+                 "within_tolerance", "error"])  # fmt: skip
+    print_table("r4b vs competitors per loss type", payload["loss_type_ratios"],
+                ["loss_type", "level", "vs", "r4b_speedup", "r4b_mem_ratio"])  # fmt: skip
     print(f"wrote {path} ({status}; rows also in {results.rows_path})")
     return exit_code(status)
 

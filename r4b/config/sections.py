@@ -49,6 +49,7 @@ AttentionBackend = Literal["auto", "r4b", "flex", "fa2", "r4b-schedule"]  # r4b.
 FusedLossMethod = Literal["recompute", "cublas", "cublas-fast"]  # r4b.kernels.fused_grad.METHODS (tested equal)
 SinkName = Literal["tensorboard", "wandb", "mlflow"]  # r4b.train.sinks.SINKS
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "luspo", "cispo", "sapo", "vespo"]  # r4b.kernels.LOSS_TYPES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,8 +501,38 @@ class PolicyUpdate:
     """Weight of the KL to the reference (policy.kl_estimator), the frozen initial policy (the paper's beta KL);
     > 0 costs the reference's forward pass each step."""
 
-    loss_agg_mode: LossAggMode = "token-mean"
-    """verl's loss aggregation: token-mean over all loss tokens, or a mean over responses (seq-mean-*)."""
+    loss_type: LossType = "dapo"
+    """The per-token policy loss, by liger-kernel's and TRL's names (r4b.kernels.LOSS_TYPES): grpo, bnpo, dapo,
+    dr_grpo, luspo: PPO's clipped surrogate (each with its aggregation); cispo: the clipped ratio (capped at
+    clip_eps_high, detached) times the log-prob; sapo: a sigmoid gate (sapo_temperature_*) instead of the clip;
+    vespo: a detached gamma weight of the response's ratio (vespo_*) times the log-prob."""
+
+    loss_agg_mode: LossAggMode | None = None
+    """verl's loss aggregation: token-mean over all loss tokens, or a mean over responses (seq-mean-*); null: the
+    loss type's own (token-mean for dapo, bnpo, cispo, vespo; seq-mean-token-mean for grpo, sapo;
+    seq-mean-token-sum-norm for dr_grpo; seq-mean-token-sum for luspo)."""
+
+    importance_level: Literal["token", "sequence"] = "token"
+    """The ratio per token, or per response (GSPO: exp of the mean log-ratio over its tokens, shared by them; the
+    clipped loss types only, and luspo's intended setting)."""
+
+    sapo_temperature_pos: Annotated[float, POSITIVE] = 1.0
+    """SAPO's gate temperature where the advantage is positive."""
+
+    sapo_temperature_neg: Annotated[float, POSITIVE] = 1.05
+    """SAPO's gate temperature where the advantage is not positive."""
+
+    vespo_k_pos: float = 2.0
+    """VESPO's gamma shape k where the advantage is not negative."""
+
+    vespo_lambda_pos: float = 3.0
+    """VESPO's gamma rate lambda where the advantage is not negative."""
+
+    vespo_k_neg: float = 3.0
+    """VESPO's gamma shape k where the advantage is negative."""
+
+    vespo_lambda_neg: float = 2.0
+    """VESPO's gamma rate lambda where the advantage is negative."""
 
     ppo_epochs: Annotated[int, POSITIVE] = 1
     """Passes over each step's rollouts."""

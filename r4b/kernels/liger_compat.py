@@ -6,12 +6,20 @@ Code written against liger-kernel switches by its import alone::
     from r4b.kernels import FusedLinearGRPOLoss as LigerFusedLinearGRPOLoss
 
 Same constructor, same call, same return: ``(loss, metrics)`` with ``metrics`` liger's tuple, ``(kl, clip_ratio)``
-where ``beta != 0``, else ``(clip_ratio,)``. Liger's loss types map onto ``fused_linear_bpo_loss``'s aggregation
-modes (``bnpo`` and ``dapo``: token-mean; ``grpo``: seq-mean-token-mean; ``dr_grpo``: seq-mean-token-sum-norm), with
-liger's normalizers kept where they differ: ``grpo`` and ``dr_grpo`` divide by every row of the batch (fully masked
-rows too), ``dapo`` by ``num_items_in_batch`` or the mask's token count summed over the process group, per process.
+where ``beta != 0``, else ``(clip_ratio,)``. Every loss type (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``,
+``sapo``, ``luspo``, ``vespo``), ``importance_sampling_level="sequence"`` (GSPO), ``delta``,
+``use_bias_correction_kl``, ``vllm_is_ratio`` ([B, T] or [B, 1]) and the reference inputs run on
+``fused_linear_bpo_loss``, with liger's normalizers where r4b's exact aggregation differs: ``grpo``, ``sapo``,
+``dr_grpo`` and ``luspo`` divide by every row of the batch (fully masked rows too), ``dapo``, ``cispo`` and ``vespo``
+by ``num_items_in_batch`` or the mask's token count summed over the process group, per process.
+
+Two places follow TRL 1.16 where liger 0.8.5 departs from it: ``luspo`` sums each completion's tokens (liger, when
+its per-token loss is not one value per sequence, i.e. token-level ratios, ``beta != 0`` or a [B, T]
+``vllm_is_ratio``, sums every position of the padded [B, T], padding included, and divides by T too; the two agree
+in the sequence-level setting TRL requires of ``luspo``); ``vespo`` sums the logs of a [B, T] ``vllm_is_ratio`` over
+the completion's tokens (liger over every position: the same where the padding's ratios are 1, as TRL's are).
 No ``[tokens, vocab]`` tensor is made (on CPU tensors without ``TRITON_INTERPRET`` the torch reference runs, as
-everywhere in r4b.kernels). Liger's other loss types and options raise ``NotImplementedError`` naming them.
+everywhere in r4b.kernels). An argument liger adds later is a one-line ``TypeError`` naming it.
 """
 
 from __future__ import annotations
@@ -19,24 +27,16 @@ from __future__ import annotations
 import torch
 
 from .linear_logprobs import linear_logprobs
-from .losses import fused_linear_bpo_loss
+from .losses import PolicyTerms, fused_linear_bpo_loss
 
-# liger's loss type -> r4b's loss_agg_mode (liger's normalizer where it differs: _liger_normalizer_scale)
-LOSS_TYPES = {
-    "bnpo": "token-mean",
-    "dapo": "token-mean",
-    "grpo": "seq-mean-token-mean",
-    "dr_grpo": "seq-mean-token-sum-norm",
-}
-LIGER_ONLY_LOSS_TYPES = ("cispo", "sapo", "luspo", "vespo")
-
-
-def _unsupported(argument: str, value: object, supported: str) -> NotImplementedError:
-    return NotImplementedError(f"r4b.kernels.FusedLinearGRPOLoss: {argument}={value!r} is not supported ({supported})")
+# liger's loss types whose normalizer is the batch's row count (fully masked rows included) rather than r4b's count of
+# sequences with a token, and those with the DAPO normalizer (num_items_in_batch or the process group's tokens)
+PER_ROW_TYPES = ("grpo", "sapo", "dr_grpo", "luspo")
+DAPO_NORMALIZED_TYPES = ("dapo", "cispo", "vespo")
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
-    """The GRPO / DAPO / Dr. GRPO / BNPO policy loss from ``[B, T, H]`` hidden states and the ``lm_head`` weight.
+    """liger's GRPO loss family from ``[B, T, H]`` hidden states and the ``lm_head`` weight.
 
     Arguments as liger-kernel 0.8.5's ``LigerFusedLinearGRPOLoss``. ``compiled`` and ``chunk_size`` are accepted and
     unused (r4b needs no torch.compile and sizes its own token chunks). ``bias`` and ``ref_bias`` are supported by
@@ -69,16 +69,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         chunk_bytes: int | None = None,
     ):
         super().__init__()
-        if loss_type in LIGER_ONLY_LOSS_TYPES:
-            raise _unsupported("loss_type", loss_type, f"r4b has {', '.join(LOSS_TYPES)}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(
-                f"unknown loss_type {loss_type!r}; expected one of {(*LOSS_TYPES, *LIGER_ONLY_LOSS_TYPES)}"
-            )
-        if importance_sampling_level != "token":
-            raise _unsupported("importance_sampling_level", importance_sampling_level, "r4b weighs tokens: 'token'")
-        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:  # liger's checks, kept for the same errors
-            raise ValueError(f"sapo temperatures must be positive, got {sapo_temperature_pos}, {sapo_temperature_neg}")
+        # the options' own checks, at construction (liger's run at the first call)
+        sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+        PolicyTerms(loss_type, importance_sampling_level, sapo_temperatures=sapo_temperatures)
         if loss_type == "dr_grpo" and max_completion_length is None:
             raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
         self.beta = beta
@@ -131,15 +124,17 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         # Flat [B * T] tokens: fused_linear_bpo_loss's sequence means group tokens by seq_ids (one id per row).
         flat = lambda t: None if t is None else t.reshape(batch * seq_len)
         seq_ids = torch.arange(batch, device=_input.device).repeat_interleave(seq_len)
+        is_weights = None if vllm_is_ratio is None else _token_is_weights(vllm_is_ratio, mask, self.loss_type)
         loss, metrics = fused_linear_bpo_loss(
             hidden.reshape(batch * seq_len, -1), weight, flat(selected_token_ids),
             advantages.repeat_interleave(seq_len), seq_ids=seq_ids, loss_mask=flat(mask),
             old_logprobs=flat(old_per_token_logps), ref_logprobs=flat(ref), clip_eps_low=self.epsilon_low,
-            is_weights=None if vllm_is_ratio is None else flat(vllm_is_ratio.expand(batch, seq_len)),
-            clip_eps_high=self.epsilon_high, beta=self.beta if ref is not None else 0.0,
-            temperature=self.temperature, loss_agg_mode=LOSS_TYPES[self.loss_type],
+            is_weights=flat(is_weights), clip_eps_high=self.epsilon_high, beta=self.beta if ref is not None else 0.0,
+            temperature=self.temperature, loss_type=self.loss_type, importance_level=self.importance_sampling_level,
             norm_len=self.max_completion_length, method=self.method, chunk_bytes=self.chunk_bytes,
             delta=self.delta, bias_correction_kl=self.use_bias_correction_kl,
+            sapo_temperatures=(self.sapo_temperature_pos, self.sapo_temperature_neg),
+            vespo_gamma=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
         )  # fmt: skip
         scale = self._liger_normalizer_scale(mask, num_items_in_batch)
         if scale is not None:
@@ -165,9 +160,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def _liger_normalizer_scale(self, mask: torch.Tensor, num_items_in_batch) -> torch.Tensor | None:
         """The factor from r4b's normalizer to liger's, or None where they agree."""
-        if self.loss_type in ("grpo", "dr_grpo"):  # r4b: sequences with a token; liger: all B rows
+        if self.loss_type in PER_ROW_TYPES:  # r4b: sequences with a token; liger: all B rows
             return (mask.any(dim=1).sum().clamp(min=1) / mask.shape[0]).to(torch.float32)
-        if self.loss_type == "bnpo":
+        if self.loss_type not in DAPO_NORMALIZED_TYPES:
             return None
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if num_items_in_batch is None and not distributed:
@@ -180,6 +175,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             total = local.clone()
             torch.distributed.all_reduce(total)
         return local.clamp(min=1) / (total / world).clamp(min=1)
+
+
+def _token_is_weights(ratio: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """liger's ``vllm_is_ratio`` as per-token weights: [B, 1] scales every token, except under VESPO, which adds the
+    log of one value per sequence to its weight, so that value goes on the first completion token and 1 elsewhere."""
+    batch, seq_len = mask.shape
+    if ratio.shape[1] == seq_len or loss_type != "vespo":
+        return ratio.expand(batch, seq_len)
+    first = mask & (mask.cumsum(dim=1) == 1)
+    return torch.where(first, ratio, torch.ones_like(ratio))
 
 
 def _with_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

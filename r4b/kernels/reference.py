@@ -7,9 +7,26 @@ oracle for the fp32/fp16/bf16 kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# liger-kernel's and TRL's GRPO loss types: (the per-token policy term, the aggregation each comes with). bnpo and
+# dapo differ in liger only by their normalizer across processes and accumulation steps; r4b aggregates the whole
+# batch exactly, so both are its token-mean. luspo is TRL's: the sum over each sequence's tokens, averaged over
+# sequences (with importance_level="sequence", as TRL requires: each token weighs its sequence's length).
+LOSS_TYPES = {
+    "grpo": ("clip", "seq-mean-token-mean"),
+    "bnpo": ("clip", "token-mean"),
+    "dapo": ("clip", "token-mean"),
+    "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
+    "luspo": ("clip", "seq-mean-token-sum"),
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+    "vespo": ("vespo", "token-mean"),
+}
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def linear_logprobs_reference(
@@ -44,44 +61,72 @@ def bpo_loss_reference(
     clip_eps_high: float = 0.2,
     beta: float = 0.0,
     temperature: float = 1.0,
-    loss_agg_mode: str = "token-mean",
+    loss_type: str = "dapo",
+    loss_agg_mode: str | None = None,
+    importance_level: str = "token",
     norm_len: int | None = None,
     entropy_coeff: float = 0.0,
     delta: float | None = None,
     bias_correction_kl: bool = False,
     kl_estimator: str = "k3",
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The BPO/GRPO token-level clipped surrogate (the unclipped ratio capped at ``delta``; times ``is_weights``,
-    the rollout correction's importance weights) + beta * k3 KL (times the ratio with ``bias_correction_kl``) -
-    entropy_coeff * entropy, aggregated as verl does; ``kl_estimator`` k1, k2, k3 or low_var_kl (k3 clamped to
-    [-10, 10])."""
+    """The BPO/GRPO policy loss of ``loss_type`` (+ beta x KL - entropy_coeff x entropy) per token, aggregated as
+    verl does (``loss_agg_mode``, default the loss type's own, ``LOSS_TYPES``).
+
+    Per-token policy terms with ``r`` the ratio pi / pi_old, per token or (``importance_level="sequence"``, GSPO)
+    ``exp`` of the mean log-ratio over the sequence's loss tokens, and ``A`` the advantage: ``clip`` (grpo, bnpo,
+    dapo, dr_grpo, luspo) ``max(-A r', -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r'`` r capped at ``delta``;
+    ``cispo`` ``-min(r, eps_high) A logp`` (the weight detached); ``sapo`` ``-A sigmoid(t (r - 1)) 4 / t`` (``t``
+    the positive or negative temperature by the sign of A); ``vespo`` ``-phi A logp`` with phi the detached gamma
+    weight of the sequence's summed log-ratio (plus its summed log ``is_weights``). ``is_weights`` scale the other
+    policy terms (not the KL); the KL is ``kl_estimator``'s of ``ref - logp``, times ``r`` with
+    ``bias_correction_kl``."""
     mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    kind, default_agg = LOSS_TYPES[loss_type]
+    loss_agg_mode = default_agg if loss_agg_mode is None else loss_agg_mode
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
     logp, entropy = linear_logprobs_reference(hidden, weight, safe_targets, temperature=temperature, with_entropy=True)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
-    ratio = torch.exp(logp - old)
     adv = advantages.to(logp.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    capped = ratio if delta is None else torch.clamp(ratio, max=delta)  # INTELLECT-2's two-sided clip
-    token_loss = torch.maximum(-adv * capped, clipped)
-    if is_weights is not None:
+    log_ratio = logp - old
+    sequences = [((seq_ids == s) & mask).nonzero().flatten() for s in torch.unique(seq_ids)]
+    log_w = log_ratio.clone()
+    if importance_level == "sequence":  # GSPO: every token of a sequence takes its mean log-ratio
+        for idx in sequences:
+            if idx.numel():
+                log_w = log_w.index_put((idx,), log_ratio[idx].mean().expand(idx.numel()))
+    ratio = torch.exp(log_w)
+    upper = lower = torch.zeros_like(mask)
+    if kind == "clip":
+        lower, upper = ratio < 1.0 - clip_eps_low, ratio > 1.0 + clip_eps_high
+        capped = ratio if delta is None else torch.clamp(ratio, max=delta)  # INTELLECT-2's two-sided clip
+        token_loss = torch.maximum(-adv * capped, -adv * torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
+    elif kind == "cispo":
+        upper = ratio > clip_eps_high
+        token_loss = -torch.clamp(ratio, max=clip_eps_high).detach() * adv * logp
+    elif kind == "sapo":
+        t = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1]).to(logp.dtype)
+        token_loss = -adv * torch.sigmoid(t * (ratio - 1.0)) * 4.0 / t
+    else:  # vespo
+        token_loss = -_vespo_phi(log_ratio.detach(), adv, is_weights, sequences, vespo_gamma) * adv * logp
+    if is_weights is not None and kind != "vespo":  # VESPO folds them into phi
         token_loss = token_loss * is_weights.to(logp.dtype)
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
-        log_ratio = logp - ref_logprobs.to(logp.dtype)  # log(pi / pi_ref)
+        log_pi_ref = logp - ref_logprobs.to(logp.dtype)  # log(pi / pi_ref)
         kl = {
-            "k1": log_ratio,
-            "k2": log_ratio**2 / 2,
-            "k3": torch.exp(-log_ratio) + log_ratio - 1.0,
-            "low_var_kl": (torch.exp(-log_ratio) + log_ratio - 1.0).clamp(-10.0, 10.0),
+            "k1": log_pi_ref,
+            "k2": log_pi_ref**2 / 2,
+            "k3": torch.exp(-log_pi_ref) + log_pi_ref - 1.0,
+            "low_var_kl": (torch.exp(-log_pi_ref) + log_pi_ref - 1.0).clamp(-10.0, 10.0),
         }[kl_estimator]
         if bias_correction_kl:
             kl = kl * ratio
     token_loss = token_loss + beta * kl - entropy_coeff * entropy
 
-    masked = [token_loss[(seq_ids == s) & mask] for s in torch.unique(seq_ids)]
-    masked = [x for x in masked if x.numel() > 0]
+    masked = [token_loss[idx] for idx in sequences if idx.numel() > 0]
     if loss_agg_mode == "token-mean":
         picked = token_loss[mask]
         loss = picked.sum() / max(picked.numel(), 1)
@@ -95,12 +140,35 @@ def bpo_loss_reference(
         raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
 
     n_tokens = max(int(mask.sum()), 1)
+    clipped = ((lower & (adv < 0)) | (upper & (adv > 0))) & mask
     metrics = {
-        "clip_frac": ((clipped > unclipped) & mask).sum().float() / n_tokens,
+        "clip_frac": clipped.sum().float() / n_tokens,
         "kl": (kl * mask).sum().detach() / n_tokens,
         "entropy": (entropy * mask).sum().detach() / n_tokens,
     }
     return loss, metrics
+
+
+def _vespo_phi(log_ratio, adv, is_weights, sequences, gamma):
+    """VESPO's gamma weight per token, that of its sequence: phi(w) = e^lambda w^k e^(-lambda w) (phi(1) = 1) with
+    w the sequence's product of ratios (each log-ratio clamped to +-20; the sum with the summed log is_weights, each
+    clamped to [log 1e-8, 20], clamped likewise), k and lambda by the advantage's sign."""
+    k_pos, lambda_pos, k_neg, lambda_neg = gamma
+    floor = math.log(1e-8)
+    phi = torch.zeros_like(log_ratio)
+    for idx in sequences:
+        if not idx.numel():
+            continue
+        log_w = log_ratio[idx].clamp(-20.0, 20.0).sum()
+        if is_weights is not None:
+            log_w = log_w + torch.log(is_weights[idx].to(log_ratio.dtype)).clamp(floor, 20.0).sum()
+        log_w = log_w.clamp(floor, 20.0)
+        nonneg = bool(adv[idx[0]] >= 0)
+        k, lam = (k_pos, lambda_pos) if nonneg else (k_neg, lambda_neg)
+        lam = max(lam, 1e-4)
+        value = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        phi[idx] = value
+    return phi
 
 
 def _mean(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from r4b import packing
 from r4b.config.sections import PolicyUpdate
-from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, linear_logprobs
+from r4b.kernels import LOSS_AGG_MODES, LOSS_TYPES, fused_linear_bpo_loss, linear_logprobs
 from r4b.models.forward import lm_head_operands, packed_final_hidden
 from r4b.packed_row import PackedRow
 from r4b.shared_prefix import unpack_responses
@@ -52,9 +52,39 @@ class UpdateConfig(PolicyUpdate):
         """The update a run's ``policy`` section describes, plus ``temperature`` / ``norm_len`` from ``extra``."""
         return cls(**{f.name: getattr(policy, f.name) for f in fields(PolicyUpdate)}, **extra)
 
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation: ``loss_agg_mode``, or where None the loss type's own."""
+        return LOSS_TYPES[self.loss_type][1] if self.loss_agg_mode is None else self.loss_agg_mode
+
+    def loss_options(self) -> dict[str, Any]:
+        """``fused_linear_bpo_loss``'s keyword arguments for this update (all but the per-token tensors)."""
+        return {
+            "clip_eps_low": self.clip_eps_low,
+            "clip_eps_high": self.clip_eps_high,
+            "beta": self.beta,
+            "temperature": self.temperature,
+            "loss_type": self.loss_type,
+            "loss_agg_mode": self.aggregation,
+            "importance_level": self.importance_level,
+            "entropy_coeff": self.entropy_coeff,
+            "delta": self.delta,
+            "kl_estimator": self.kl_estimator,
+            "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
+            "vespo_gamma": (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
+        }
+
     def __post_init__(self) -> None:
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {tuple(LOSS_TYPES)}")
+        if self.aggregation not in LOSS_AGG_MODES:
             raise ValueError(f"unknown loss_agg_mode {self.loss_agg_mode!r}; expected one of {LOSS_AGG_MODES}")
+        if self.importance_level == "sequence" and LOSS_TYPES[self.loss_type][0] != "clip":
+            raise ValueError(f"policy.importance_level=sequence does not apply to policy.loss_type={self.loss_type}")
+        if self.loss_type == "vespo" and self.rollout_correction != "none" and self.rollout_correction_level != "token":
+            # VESPO multiplies the token weights into its response's weight: a per-response weight would count once
+            # per token
+            raise ValueError("policy.loss_type=vespo takes policy.rollout_correction_level=token")
         if self.ppo_epochs < 1 or self.mini_batches < 1 or self.max_tokens < 1:
             raise ValueError("ppo_epochs, mini_batches and max_tokens must be positive")
         if self.temperature <= 0:
@@ -98,18 +128,12 @@ class BPOObjective(nn.Module):
         image_sizes: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
         cu_seqlens_host: tuple[int, ...] | None = None,
-        clip_eps_low: float = 0.2,
-        clip_eps_high: float = 0.2,
-        beta: float = 0.0,
         temperature: float = 1.0,
-        loss_agg_mode: str = "token-mean",
-        norm_len: int | None = None,
-        entropy_coeff: float = 0.0,
-        delta: float | None = None,
-        kl_estimator: str = "k3",
         logprobs_only: bool = False,
         with_entropy: bool = False,
+        **loss_options: Any,
     ) -> tuple[Tensor, Any]:
+        """``loss_options``: ``fused_linear_bpo_loss``'s (:meth:`UpdateConfig.loss_options`, ``norm_len``)."""
         hidden = packed_final_hidden(
             self.model,
             input_ids=input_ids,
@@ -132,10 +156,7 @@ class BPOObjective(nn.Module):
             raise ValueError("the BPO loss needs advantages and seq_ids (or pass logprobs_only=True)")
         return fused_linear_bpo_loss(
             hidden, weight, targets, advantages, seq_ids=seq_ids, loss_mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, is_weights=is_weights, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
-            beta=beta,
-            temperature=temperature, loss_agg_mode=loss_agg_mode, norm_len=norm_len, entropy_coeff=entropy_coeff,
-            delta=delta, kl_estimator=kl_estimator,
+            ref_logprobs=ref_logprobs, is_weights=is_weights, temperature=temperature, **loss_options,
         )  # fmt: skip
 
 
@@ -292,17 +313,9 @@ def policy_update(
             level=config.rollout_correction_level, cap=config.rollout_correction_cap,
         )  # fmt: skip
     _, device, dtype = _callable_objective(engine)
-    loss_kwargs = {
-        "clip_eps_low": config.clip_eps_low,
-        "clip_eps_high": config.clip_eps_high,
-        "beta": config.beta,
-        "temperature": config.temperature,
-        "loss_agg_mode": config.loss_agg_mode,
-        "norm_len": config.norm_len if config.norm_len is not None else batch.response_ids.shape[1],
-        "entropy_coeff": config.entropy_coeff,
-        "delta": config.delta,
-        "kl_estimator": config.kl_estimator,
-    }
+    norm_len = config.norm_len if config.norm_len is not None else batch.response_ids.shape[1]
+    loss_kwargs = {**config.loss_options(), "norm_len": norm_len}
+    token_mean = config.aggregation == "token-mean"
     lengths = batch.response_lengths.tolist()
     minis = split_mini_batches(batch, config.mini_batches)
     plans = [plan_ranks(batch, m, max_tokens=config.max_tokens, shared=shared, world_size=world_size) for m in minis]
@@ -315,7 +328,7 @@ def policy_update(
         for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
             step = epoch * config.mini_batches + k
             mini_tokens = sum(lengths[i] for i in mini)
-            denominator = mini_tokens if config.loss_agg_mode == "token-mean" else len(mini)
+            denominator = mini_tokens if token_mean else len(mini)
 
             def micro_steps(plan=plan, denominator=denominator) -> Iterator[MicroStep[tuple[float, int]]]:
                 padding_chunks = lambda: _padding_chunks(plan, batch, shared)
@@ -324,9 +337,7 @@ def policy_update(
                         batch, chunks, shared=shared, device=device, pixel_dtype=dtype,
                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
                     )  # fmt: skip
-                    share = 0.0 if padding else (
-                        micro.loss_tokens if config.loss_agg_mode == "token-mean" else micro.num_responses
-                    ) / denominator  # fmt: skip
+                    share = 0.0 if padding else (micro.loss_tokens if token_mean else micro.num_responses) / denominator
                     yield MicroStep({**micro.inputs(), **loss_kwargs}, share * world_size, padding,
                                     (share, micro.loss_tokens))  # fmt: skip
 

@@ -124,6 +124,10 @@ class BPOTrainer:
 
         self.config = config
         _check_rollout_and_reward(config.rollout, config.reward, config.advantages)  # before the run directory
+        try:  # policy settings that cannot combine (loss type x importance level, delta under the clip)
+            UpdateConfig.from_policy(config.policy)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.rank, self.world_size, self.run_dir = start_run(config, config.output_dir, config.train.seed)
         self.main = self.rank == 0
         images = self.run_dir / "prompt_images"  # image bytes of Parquet / datasets prompts, stored once

@@ -34,7 +34,9 @@ def test_console_script_is_installed():
 
 def test_fused_loss_benchmark_smoke(tmp_path):
     fused_loss = bench_module("fused_loss")
-    assert fused_loss.main(["--smoke", "--no-compile", "--out", str(tmp_path)]) == 0
+    # the loss-type rows of two types whose tokens share a sequence's ratio or weight (the smoke runs all 13)
+    loss_types = ["--loss-types", "grpo/sequence", "vespo"]
+    assert fused_loss.main(["--smoke", "--no-compile", *loss_types, "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("fused_loss-*.json")
     record = json.loads(result.read_text())
     assert {"suite", "device", "torch", "triton", "cuda", "date", "command", "rows"} <= record.keys()
@@ -50,8 +52,15 @@ def test_fused_loss_benchmark_smoke(tmp_path):
     for row in (r for r in record["rows"] if "ms" in r):  # each timed row checked, and what ran recorded
         assert row["within_tolerance"] is True, row
         assert {"method", "versions", "device"} <= row.keys()
+    typed = record["loss_type_rows"]
+    assert {(r["loss_type"], r["level"]) for r in typed} == {("grpo", "sequence"), ("vespo", "token")}
+    assert {r["impl"] for r in typed} == {"r4b", "r4b-cublas", "liger"} | trl
+    assert all(r["within_tolerance"] is True for r in typed), typed
+    assert {(r["loss_type"], r["vs"]) for r in record["loss_type_ratios"]} == {
+        (t, vs) for t in ("grpo", "vespo") for vs in {"r4b-cublas", "liger"} | trl
+    }
     (rows_file,) = tmp_path.glob("rows-*.jsonl")
-    assert len(rows_file.read_text().splitlines()) == len(record["rows"])
+    assert len(rows_file.read_text().splitlines()) == len(record["rows"]) + len(typed)
 
 
 def test_attention_benchmark_smoke(tmp_path):

@@ -14,7 +14,8 @@ from r4b.kernels._backend import use_triton
 
 liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+CLIP_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]  # those that take importance_sampling_level="sequence"
 TEMPERATURE = 0.7
 
 
@@ -67,16 +68,64 @@ def both(inputs=None, differentiable=("_input", "lin_weight"), r4b_options=None,
     return ours, theirs
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("beta", [0.0, 0.04])
+def liger_cases():
+    """(loss_type, importance level, beta): every type at token level with and without the KL, the clip types at
+    sequence level (GSPO), luspo where liger's per-token loss is one value per sequence (see liger_compat)."""
+    for loss_type in LOSS_TYPES:
+        for level in ("token", "sequence") if loss_type in CLIP_TYPES else ("token",):
+            for beta in (0.0, 0.04):
+                if loss_type != "luspo" or (level == "sequence" and beta == 0.0):
+                    yield pytest.param(loss_type, level, beta, id=f"{loss_type}-{level}-beta{beta}")
+
+
+@pytest.mark.parametrize(("loss_type", "level", "beta"), list(liger_cases()))
 @pytest.mark.parametrize("on_policy", [True, False], ids=["on-policy", "off-policy"])
-def test_matches_liger(loss_type, beta, on_policy):
+def test_matches_liger(loss_type, level, beta, on_policy):
     inputs = make_problem(seed=LOSS_TYPES.index(loss_type))
     if on_policy:
         del inputs["old_per_token_logps"]
-    ours, theirs = both(inputs, loss_type=loss_type, beta=beta)
+    options = {"epsilon_high": 1.1} if loss_type == "cispo" else {}  # CISPO's eps_high caps the ratio itself
+    ours, theirs = both(inputs, loss_type=loss_type, beta=beta, importance_sampling_level=level, **options)
     assert_same(ours, theirs)
     assert ours[0].item() != 0.0
+    if not on_policy and loss_type in ("dapo", "cispo") and level == "token":
+        assert ours[1][-1].item() > 0  # the clipped branch is exercised
+
+
+@pytest.mark.parametrize(("level", "beta"), [("token", 0.0), ("token", 0.04), ("sequence", 0.04)])
+def test_luspo_is_trls_where_liger_counts_padding(level, beta):
+    """luspo as TRL 1.16 writes it, (per_token_loss * mask).sum(-1).mean(): float64 by hand (liger, here, sums the
+    padded positions too and divides by T)."""
+    inputs = make_problem(seed=11)
+    module = FusedLinearGRPOLoss(loss_type="luspo", beta=beta, importance_sampling_level=level, temperature=TEMPERATURE)
+    loss, _, grads = run(module, inputs)
+    hidden = inputs["_input"].detach().clone().requires_grad_()
+    logp = torch.log_softmax(hidden @ inputs["lin_weight"].t() / TEMPERATURE, -1)
+    logp = logp.gather(-1, inputs["selected_token_ids"][..., None])[..., 0]
+    mask = inputs["attention_mask"].double()
+    log_ratio = logp - inputs["old_per_token_logps"].double()
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1))[:, None]
+    ratio, adv = torch.exp(log_ratio), inputs["advantages"][:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    ref = inputs["ref_per_token_logps"].double()
+    per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    expected = (per_token * mask).sum(-1).mean()
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-12
+    assert rel_err(grads["_input"], hidden.grad) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "options"),
+    [
+        ("sapo", {"sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0}),
+        ("vespo", {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.0, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.0}),
+        ("cispo", {"epsilon_high": 0.9}),
+    ],
+)
+def test_loss_type_parameters_match_liger(loss_type, options):
+    assert_same(*both(make_problem(seed=12), loss_type=loss_type, beta=0.04, **options))
 
 
 @pytest.mark.parametrize(
@@ -88,12 +137,18 @@ def test_two_sided_clipping_and_corrected_kl_match_liger(options):
 
 
 @pytest.mark.parametrize("per", ["token", "sequence"])
-def test_vllm_is_ratio_matches_liger(per):
-    """liger's rollout correction: the ratio scales each token's surrogate, not the KL ([B, T] or [B, 1])."""
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo-gspo", "sapo", "vespo"])
+def test_vllm_is_ratio_matches_liger(per, loss_type):
+    """liger's rollout correction: the ratio scales each token's policy term, not the KL ([B, T] or [B, 1]);
+    VESPO adds its logs to the sequence's gamma weight instead (the padding's ratios 1, as TRL's)."""
     inputs = make_problem(seed=3)
     batch, seq_len = inputs["attention_mask"].shape
     ratio = torch.rand(batch, seq_len if per == "token" else 1, generator=torch.Generator().manual_seed(4)) * 2
-    assert_same(*both({**inputs, "vllm_is_ratio": ratio}, beta=0.04, loss_type="dapo"))
+    if per == "token":
+        ratio = torch.where(inputs["attention_mask"].bool(), ratio, 1.0)
+    level = "sequence" if loss_type == "grpo-gspo" else "token"
+    options = dict(loss_type=loss_type.removesuffix("-gspo"), importance_sampling_level=level)
+    assert_same(*both({**inputs, "vllm_is_ratio": ratio}, beta=0.04, **options))
 
 
 def test_matches_liger_without_reference_model():
@@ -128,13 +183,16 @@ def test_dapo_num_items_in_batch():
 
 
 @pytest.mark.parametrize("method", ["recompute", "cublas"])
-def test_triton_path_matches_liger(method):
-    """float32 through r4b's Triton kernels (interpreted on a CPU) against liger."""
+@pytest.mark.parametrize(("loss_type", "level"), [("dr_grpo", "token"), ("grpo", "sequence"), ("vespo", "token")])
+def test_triton_path_matches_liger(method, loss_type, level):
+    """float32 through r4b's Triton kernels (interpreted on a CPU) against liger; chunks of 3 tokens, so that a
+    sequence's shared ratio (GSPO) or weight (VESPO) spans the cuBLAS method's chunks."""
     inputs = make_problem(batch=2, seq_len=5, hidden_size=16, vocab=40, dtype=torch.float32, seed=9)
     assert use_triton(inputs["_input"]), "run under TRITON_INTERPRET=1 (tests/conftest.py sets it on a CPU)"
     ours, theirs = both(
-        inputs, loss_type="dr_grpo", beta=0.04, r4b_options={"method": method, "chunk_bytes": 3 * 40 * 4}
-    )
+        inputs, loss_type=loss_type, beta=0.04, importance_sampling_level=level,
+        r4b_options={"method": method, "chunk_bytes": 3 * 40 * 4},
+    )  # fmt: skip
     assert_same(ours, theirs, rtol=2e-5)
 
 
@@ -155,10 +213,10 @@ def test_no_tokens_by_vocab_tensor():
 @pytest.mark.parametrize(
     ("options", "call", "error", "argument"),
     [
-        ({"loss_type": "cispo"}, {}, NotImplementedError, "loss_type='cispo'"),
-        ({"loss_type": "luspo"}, {}, NotImplementedError, "loss_type='luspo'"),
         ({"loss_type": "ppo"}, {}, ValueError, "loss_type 'ppo'"),
-        ({"importance_sampling_level": "sequence"}, {}, NotImplementedError, "importance_sampling_level"),
+        ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, {}, ValueError, "importance_level"),
+        ({"importance_sampling_level": "segment"}, {}, ValueError, "importance_level 'segment'"),
+        ({"sapo_temperature_neg": 0.0}, {}, ValueError, "sapo_temperatures"),
         ({"loss_type": "dr_grpo"}, {}, ValueError, "max_completion_length"),
         ({}, {"vllm_is_ratio": torch.ones(4, 2)}, ValueError, "vllm_is_ratio"),
         ({}, {"ref_per_token_logps": None}, ValueError, "ref_per_token_logps"),

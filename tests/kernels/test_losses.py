@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from helpers import DEVICE, GRAD_RTOL, leaf, max_abs, random_problem, rel_err
 from kernel_cases import bpo_batch, policy_logprobs, rollout_weights
 
-from r4b.kernels import LOSS_AGG_MODES, fused_linear_bpo_loss, fused_linear_cross_entropy
-from r4b.kernels.reference import bpo_loss_reference, cross_entropy_reference
+from r4b.kernels import LOSS_AGG_MODES, bpo_loss_from_logprobs, fused_linear_bpo_loss, fused_linear_cross_entropy
+from r4b.kernels.reference import LOSS_TYPES, bpo_loss_reference, cross_entropy_reference
 
 
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
@@ -50,6 +50,23 @@ def test_bpo_matches_reference(loss_agg_mode, on_policy, beta):
     assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
 
 
+def assert_fp32_matches_reference(hidden64, weight64, targets, advantages, kwargs) -> torch.Tensor:
+    """The fused loss in fp32 (the Triton kernels) against the float64 oracle: loss, metrics and both gradients.
+    Returns the oracle's loss."""
+    hidden, weight = leaf(hidden64, torch.float32), leaf(weight64, torch.float32)
+    hidden_ref, weight_ref = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    loss, metrics = fused_linear_bpo_loss(hidden, weight, targets, advantages.float(), **kwargs)
+    loss_ref, metrics_ref = bpo_loss_reference(hidden_ref, weight_ref, targets, advantages, **kwargs)
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * max(1.0, abs(loss_ref.item()))
+    for name in ("clip_frac", "kl", "entropy"):
+        assert abs(metrics[name].item() - metrics_ref[name].item()) < 1e-5, name
+    loss.backward()
+    loss_ref.backward()
+    assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]
+    assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
+    return loss_ref.detach()
+
+
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
 @pytest.mark.parametrize("entropy_coeff", [0.0, 0.05], ids=["no-bonus", "entropy-bonus"])
 def test_bpo_with_importance_weights_matches_reference(loss_agg_mode, entropy_coeff):
@@ -60,19 +77,9 @@ def test_bpo_with_importance_weights_matches_reference(loss_agg_mode, entropy_co
     kwargs = dict(seq_ids=b["seq_ids"], loss_mask=b["loss_mask"], old_logprobs=policy + b["old_delta"],
                   ref_logprobs=policy + b["ref_delta"], beta=0.05, loss_agg_mode=loss_agg_mode, norm_len=64,
                   is_weights=rollout_weights(targets.numel(), seed=3), entropy_coeff=entropy_coeff)  # fmt: skip
-    hidden, weight = leaf(hidden64, torch.float32), leaf(weight64, torch.float32)
-    hidden_ref, weight_ref = leaf(hidden, torch.float64), leaf(weight, torch.float64)
-    loss, metrics = fused_linear_bpo_loss(hidden, weight, targets, b["advantages"].float(), **kwargs)
-    loss_ref, metrics_ref = bpo_loss_reference(hidden_ref, weight_ref, targets, b["advantages"], **kwargs)
-    plain, _ = bpo_loss_reference(hidden_ref, weight_ref, targets, b["advantages"], **{**kwargs, "is_weights": None})
-    assert abs(loss.item() - loss_ref.item()) < 1e-5 * max(1.0, abs(loss_ref.item()))
+    loss_ref = assert_fp32_matches_reference(hidden64, weight64, targets, b["advantages"], kwargs)
+    plain, _ = bpo_loss_reference(hidden64, weight64, targets, b["advantages"], **{**kwargs, "is_weights": None})
     assert abs(loss_ref.item() - plain.item()) > 1e-3  # the weights change the loss
-    for name in ("clip_frac", "kl", "entropy"):
-        assert abs(metrics[name].item() - metrics_ref[name].item()) < 1e-5, name
-    loss.backward()
-    loss_ref.backward()
-    assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]
-    assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3", "low_var_kl"])
@@ -93,6 +100,39 @@ def test_bpo_kl_estimators_and_liger_options_match_reference(kl_estimator, optio
     loss_ref.backward()
     assert rel_err(hidden.grad, hidden_ref.grad) < GRAD_RTOL[torch.float32]
     assert rel_err(weight.grad, weight_ref.grad) < GRAD_RTOL[torch.float32]
+
+
+LOSS_TYPE_CASES = [(t, "token") for t in LOSS_TYPES] + [(t, "sequence") for t in ("grpo", "dapo", "luspo", "dr_grpo")]
+
+
+@pytest.mark.parametrize(("loss_type", "level"), LOSS_TYPE_CASES)
+def test_bpo_loss_types_match_reference(loss_type, level):
+    """liger's and TRL's loss types (each with its own aggregation) and GSPO's sequence-level ratio, with the
+    rollout correction's weights and the KL, through the Triton kernels."""
+    hidden64, weight64, targets, b = bpo_batch(seed=8)
+    policy = policy_logprobs(hidden64, weight64, targets, 0.9)
+    kwargs = dict(seq_ids=b["seq_ids"], loss_mask=b["loss_mask"], old_logprobs=policy + b["old_delta"],
+                  ref_logprobs=policy + b["ref_delta"], beta=0.05, temperature=0.9, loss_type=loss_type,
+                  importance_level=level, norm_len=64, is_weights=rollout_weights(targets.numel(), seed=8),
+                  clip_eps_high=1.2 if loss_type == "cispo" else 0.28, sapo_temperatures=(0.8, 1.3),
+                  vespo_gamma=(1.5, 2.5, 2.0, 1.5))  # fmt: skip
+    assert_fp32_matches_reference(hidden64, weight64, targets, b["advantages"], kwargs)
+
+
+def test_sequence_level_ratio_is_one_per_sequence():
+    """GSPO: the ratio is the geometric mean of the sequence's token ratios, so doubling every token's ratio of one
+    sequence moves its loss like a token-level ratio of 2 would, and masked tokens do not count in the mean."""
+    logp = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    seq_ids = torch.tensor([0, 0, 0, 1, 1])
+    mask = torch.tensor([True, True, False, True, True])
+    old = torch.tensor([-math.log(2), 0.0, 5.0, 0.0, 0.0], dtype=torch.float64)  # seq 0: ratios 2, 1 -> sqrt(2)
+    loss, _ = bpo_loss_from_logprobs(logp, torch.ones(5, dtype=torch.float64), seq_ids=seq_ids, loss_mask=mask,
+                                     old_logprobs=old, importance_level="sequence", clip_eps_high=1.0,
+                                     loss_agg_mode="seq-mean-token-mean")  # fmt: skip
+    assert loss.item() == pytest.approx(-(math.sqrt(2) + 1.0) / 2, rel=1e-12)
+    loss.backward()
+    # d/dlogp_t of -A exp(mean log-ratio) / 2 sequences: seq 0's two loss tokens share sqrt(2) / 2 / 2
+    assert logp.grad.tolist() == pytest.approx([-math.sqrt(2) / 4, -math.sqrt(2) / 4, 0.0, -0.25, -0.25])
 
 
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from r4b.config import EngineConfig
 from r4b.kernels import LOSS_AGG_MODES
+from r4b.kernels.reference import bpo_loss_reference
 from r4b.models.image_processing import RImageProcessor
 from r4b.models.packed import packed_hidden_states
 from r4b.models.tiny import build_tiny_r4b
@@ -118,7 +119,7 @@ def reference_loss(
             token = token + config.beta * kl
         per_seq.append(token)
         all_tokens.append(token)
-    mode = config.loss_agg_mode
+    mode = config.aggregation
     if mode == "token-mean":
         loss = torch.cat(all_tokens).mean()
     elif mode == "seq-mean-token-mean":
@@ -342,3 +343,65 @@ def test_padding_forward_is_the_shortest_first_response(tokenizer, model):
     firsts = [(c.entry, c.responses[:1]) for r in plan for m in r for c in m]
     costs = [chunk_tokens(batch, e, rs, shared=True) for e, rs in firsts]
     assert len(chunk.responses) == 1 and (chunk.entry, chunk.responses) == firsts[costs.index(min(costs))]
+
+
+def oracle_grads(model, batch: RolloutBatch, config: UpdateConfig, old, ref):
+    """(loss, gradients) of the unshared packing's hidden states through the fused loss's float64 oracle
+    (``r4b.kernels.reference.bpo_loss_reference``: every loss type written out per sequence)."""
+    packed = pack_unshared(
+        batch.prompt_ids, batch.response_ids, batch.response_lengths, batch.groups, batch.advantages,
+        old_logprobs=old, ref_logprobs=ref,
+    )  # fmt: skip
+    images = [im for e in batch.groups.tolist() for im in batch.images[e]]
+    vision = RImageProcessor.from_config(model.config).preprocess(images)
+    model.zero_grad(set_to_none=True)
+    hidden = packed_hidden_states(
+        model, input_ids=packed.input_ids, position_ids=packed.position_ids, cu_seqlens=packed.cu_seqlens,
+        max_seqlen=packed.max_seqlen, pixel_values=vision["pixel_values"], image_sizes=vision["image_sizes"],
+    )  # fmt: skip
+    loss, _ = bpo_loss_reference(
+        hidden.double(), model.lm_head.weight.double(), packed.targets, packed.advantages.double(),
+        seq_ids=packed.seq_ids, loss_mask=packed.targets >= 0, old_logprobs=packed.old_logprobs,
+        ref_logprobs=packed.ref_logprobs, norm_len=batch.response_ids.shape[1], **config.loss_options(),
+    )  # fmt: skip
+    loss.backward()
+    grads = {n: grad_or_zeros(p) for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "level"),
+    [("grpo", "sequence"), ("luspo", "sequence"), ("cispo", "token"), ("sapo", "token"), ("vespo", "token")],
+)
+def test_loss_types_equal_the_oracle_whole_split_and_over_ranks(tokenizer, model, loss_type, level):
+    """policy.loss_type / importance_level: shared-prefix packing, micro-batches that cut entries into runs of
+    responses, and two ranks all give the oracle's loss and gradients (a response's shared ratio or weight never
+    spans micro-batches)."""
+    batch = make_batch(tokenizer, model, seed=12)
+    old = noisy_logprobs(model, batch, seed=13, scale=0.3)
+    ref = noisy_logprobs(model, batch, seed=14, scale=0.3)
+    options = dict(loss_type=loss_type, importance_level=level, beta=0.05,
+                   clip_eps_high=1.2 if loss_type == "cispo" else 0.28)  # fmt: skip
+    expected_loss, expected = oracle_grads(model, batch, UpdateConfig(**options), old, ref)
+    longest = max(p.numel() for p in batch.prompt_ids) + int(batch.response_lengths.max())
+    for max_tokens in (BIG, longest + 2):
+        engine = RecordingEngine(model)
+        metrics = policy_update(engine, batch, UpdateConfig(**options, max_tokens=max_tokens), old_logprobs=old,
+                                ref_logprobs=ref)  # fmt: skip
+        assert metrics["loss"] == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
+        assert_grads_close(engine.grads[0], expected)
+    config = UpdateConfig(**options, max_tokens=80)
+    ranks = [RecordingEngine(model) for _ in range(2)]
+    for rank, engine in enumerate(ranks):
+        policy_update(engine, batch, config, old_logprobs=old, ref_logprobs=ref, rank=rank, world_size=2)
+    assert_grads_close({n: (ranks[0].grads[0][n] + ranks[1].grads[0][n]) / 2 for n in expected}, expected)
+
+
+def test_loss_type_settings_that_cannot_combine_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"importance_level=sequence does not apply to policy\.loss_type=sapo"):
+        UpdateConfig(loss_type="sapo", importance_level="sequence")
+    with pytest.raises(ValueError, match=r"vespo takes policy\.rollout_correction_level=token"):
+        UpdateConfig(loss_type="vespo", rollout_correction="tis", rollout_correction_level="sequence")
+    assert UpdateConfig(loss_type="grpo").aggregation == "seq-mean-token-mean"
+    assert UpdateConfig(loss_type="grpo", loss_agg_mode="token-mean").aggregation == "token-mean"

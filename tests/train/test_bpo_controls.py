@@ -114,6 +114,20 @@ def test_overlong_buffer_over_max_new_tokens_is_a_config_error(data, tmp_path):
         BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", *extra)))
 
 
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("policy.loss_type=cispo", "policy.importance_level=sequence"), r"does not apply to policy\.loss_type=cispo"),
+        (("policy.delta=1.1",), r"delta=1\.1 must be above 1 \+ clip_eps_high"),
+    ],
+)
+def test_policy_settings_that_cannot_combine_are_config_errors(data, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", *extra)))
+    assert not (tmp_path / "bad").exists()  # refused before the run directory
+
+
 # The controls run for real on the untrained tiny model: the length penalties with the rollout correction (its
 # weights near 1: the engine is the trainer's own model), and dynamic sampling where, without the off-mode reward,
 # most groups are flat (every rollout cut: the same full overlong penalty) and a few are not.

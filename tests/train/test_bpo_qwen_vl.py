@@ -179,7 +179,7 @@ def reference_grads(model, processor, batch, config: UpdateConfig, old, ref):
         torch.cat(logp), batch.advantages.double().repeat_interleave(batch.response_lengths),
         seq_ids=torch.arange(len(lengths)).repeat_interleave(batch.response_lengths), old_logprobs=per_token(old),
         ref_logprobs=per_token(ref), clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
-        beta=config.beta, loss_agg_mode=config.loss_agg_mode,
+        beta=config.beta, loss_agg_mode=config.aggregation,
         norm_len=config.norm_len or batch.response_ids.shape[1],
     )  # fmt: skip
     loss.backward()
