@@ -114,7 +114,6 @@ def test_overlong_buffer_over_max_new_tokens_is_a_config_error(data, tmp_path):
         BPOTrainer(load_config(BPOConfig, DEMO_BPO, overrides(data, tmp_path / "bad", *extra)))
 
 
-
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
