@@ -11,8 +11,8 @@ shapes, each with an image), sampled at temperature 1 with one seed for both eng
 (building the engine on a loaded model / from the model directory), the first batch's time (the first ``generate``
 call, warm-up included), then tokens/s (sampled tokens over the median time of ``--repeats`` further calls) and the
 weight-sync time (``load_weights`` of the full state dict, the median of ``--repeats``; vLLM's includes its repacking).
-The model is the embedded tiny R-4B with a text head dimension of 32 (vLLM's CPU attention takes 32 and up),
-logits sharpened as the vLLM tests do, unless ``--model`` names a directory.
+The model is the embedded tiny R-4B (text head dimension 32: vLLM's CPU attention takes 32 and up), logits sharpened
+as the vLLM tests do, unless ``--model`` names a directory.
 
 JSON into bench/results/ (CPU runs are ``*-cpu-*.json``, git-ignored as checks), and a table.
 """
@@ -64,7 +64,7 @@ def _model_dir(args: argparse.Namespace, scratch: Path) -> Path:
     from r4b.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
-    model = build_tiny_r4b(seed=1, tokenizer=tokenizer, head_dim=32)
+    model = build_tiny_r4b(seed=1, tokenizer=tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # sharp logits: responses of real length, not early stops at random
     return save_model(model, scratch / "tiny", tokenizer)

@@ -12,9 +12,9 @@ TINY_IMAGE_SIZE = 28  # one tile: 2 x 2 patches of 14 pixels -> 4 tokens
 TINY_GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 
 
-def tiny_r4b_config(tokenizer=None, head_dim: int = 16) -> RConfig:
+def tiny_r4b_config(tokenizer=None, head_dim: int = 32) -> RConfig:
     """R-4B's architecture at toy size over the shipped tiny tokenizer (or ``tokenizer``); ``head_dim``: the text
-    attention's (vLLM's CPU attention takes 32 and up)."""
+    attention's, 32 by default so that vLLM's CPU attention (32 and up) runs it too."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     vocab_size = -(-len(tokenizer) // 8) * 8
     text = Qwen3Config(
@@ -38,7 +38,7 @@ def tiny_r4b_config(tokenizer=None, head_dim: int = 16) -> RConfig:
     )
 
 
-def build_tiny_r4b(seed: int = 0, tokenizer=None, head_dim: int = 16) -> RForConditionalGeneration:
+def build_tiny_r4b(seed: int = 0, tokenizer=None, head_dim: int = 32) -> RForConditionalGeneration:
     """A freshly initialised tiny R-4B in fp32; the weights depend only on ``seed`` (global RNG state untouched)."""
     config = tiny_r4b_config(tokenizer, head_dim)
     with torch.random.fork_rng(devices=[]):

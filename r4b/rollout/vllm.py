@@ -127,7 +127,7 @@ def check_cpu_head_dim(path: str | Path) -> None:
     if head_dim not in CPU_HEAD_DIMS:
         raise ValueError(
             f"{path}: vLLM's CPU build runs text head dims {', '.join(map(str, CPU_HEAD_DIMS))}, this model's is "
-            f"{head_dim} (the embedded tiny model: build_tiny_r4b(head_dim=32)); use rollout.engine=hf"
+            f"{head_dim} (the embedded tiny model's is 32); use rollout.engine=hf"
         )
 
 

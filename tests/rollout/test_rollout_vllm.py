@@ -128,7 +128,7 @@ def fake_vllm(monkeypatch):
     from r4b.rollout import vllm as engine_module
 
     monkeypatch.setattr(engine_module.VLLMRolloutEngine, "verify_sync", False)
-    monkeypatch.setattr(engine_module, "_cpu_backend", lambda: False)  # the stand-in runs the demo's head dim too
+    monkeypatch.setattr(engine_module, "_cpu_backend", lambda: False)  # the stand-in is no CPU build
     state = types.ModuleType("vllm.distributed.parallel_state")
     state.cleanup_dist_env_and_memory = lambda: module.cleanups.append(True)
     monkeypatch.setitem(sys.modules, "vllm", module)

@@ -250,10 +250,13 @@ def close_at_once_logprob(trainer: BPOTrainer, samples: list) -> float:
 
 def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monkeypatch):
     """Issue 16: with the paper's plain answer reward (reward.off_mode=null) a forced thought closed at once and
-    answered right gets a positive joint advantage, above the real thought's, and three BPO steps make closing at
-    once likelier; scored as a format failure below a wrong answer (the default, reward.off_mode=-1) it gets a
-    negative advantage below the wrong thought's, and the same steps make it less likely: the thinking group keeps
-    thinking. (reward.off_mode=0, a wrong answer's reward, ties it with the wrong thought: too weak in the demo.)"""
+    answered right gets a positive joint advantage, above the real thought's; scored as a format failure below a
+    wrong answer (the default, reward.off_mode=-1) it gets a negative advantage below the wrong thought's, and three
+    BPO steps make closing at once far less likely than the same steps under the plain reward: the thinking group
+    keeps thinking. (reward.off_mode=0, a wrong answer's reward, ties it with the wrong thought: too weak in the
+    demo.) Under the plain reward alone the three steps' change is small and its sign depends on the initialisation
+    (-0.11 to +0.45 nats over the tiny model's seeds 0 to 3 at text head dims 16 and 32), so only the default's
+    fall and the gap between the settings are checked."""
     import r4b.train.bpo as bpo
 
     seen = []
@@ -283,7 +286,7 @@ def test_off_mode_reward_keeps_the_thinking_group_thinking(data, tmp_path, monke
     trainer.rollout_engine = ScriptedEngine(trainer)
     row = trainer.step(0)
     assert row["thinking"]["off_mode"] == 1.0 and row["thinking"]["reward"] == -1.0
-    assert change["null"] > 0.05 and change["-1.0"] < -0.05, change
+    assert change["-1.0"] < -0.5 and change["null"] > change["-1.0"] + 0.5, change
 
 
 class StoppingEngine(ScriptedEngine):
