@@ -5,7 +5,9 @@ the measured peak CPU memory of a tiny-model SFT step with and without LoRA.
 
 R-4B's shapes, built on the meta device (no weights): the SigLIP-so400m tower (27 layers, hidden 1152, MLP 4304),
 the projector and Qwen3-4B's language model (36 layers, hidden 2560, 32 query / 8 key-value heads of 128, SwiGLU
-9728, vocabulary 151,936, tied embeddings). The LoRA counts are those of peft's layers injected into that model with
+9728, vocabulary 151,936). Built in memory from these sizes, the model keeps ``lm_head`` as a matrix of its own (the
+config's top-level ``tie_word_embeddings`` is false): 389 M of the 4,833.9 M parameters; r4b plan's test builds the
+same shapes (tests/e2e/test_plan.py). The LoRA counts are those of peft's layers injected into that model with
 r4b's default targets (the language model's q/k/v/o/gate/up/down projections), and they equal rank x (in + out)
 summed over the targeted layers (checked here and, on the tiny model, by tests/train/test_lora.py).
 

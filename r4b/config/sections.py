@@ -77,7 +77,8 @@ class LoraSection:
     """The linear layers that get adapters. A name without a dot (a regular expression over a layer's own name)
     names the language model's layers only; a pattern with a dot, a regular expression over the whole dotted name
     (.*vision_tower.*fc1), may reach the vision tower and the projector. lm_head is refused: the fused loss reads
-    the base lm_head."""
+    the base lm_head; so is a layer in a module that does not train (model.train, optim.lr_*), whose adapters would
+    never move."""
 
 
 @dataclass

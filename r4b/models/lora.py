@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ __all__ = [
     "adapter_state_dict",
     "adapters_disabled",
     "apply_lora",
+    "check_adapters_train",
+    "frozen_targets_error",
     "has_lora",
     "is_adapter_parameter",
     "lora_config",
@@ -73,6 +75,31 @@ def lora_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
         )
     order = {name: i for i, (name, _) in enumerate(linear)}
     return sorted(found, key=order.__getitem__)
+
+
+def check_adapters_train(model: nn.Module, module_of: Callable[[str], str], trains: Callable[[str], bool]) -> None:
+    """Refuse LoRA targets in a module that does not train: adapters there would stay at B = 0 for the whole run (a
+    dotted target reaching the vision tower while ``model.train`` leaves ``vision`` out, or ``optim.lr_vision`` is
+    0). ``module_of``: a parameter name's module (``vision`` / ``projector`` / ``llm``); ``trains``: whether a module
+    trains. A one-line error naming the module, how many targeted layers it holds and the first of them."""
+    frozen: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        adapter = _ADAPTER_KEY.match(name)
+        if adapter is not None and adapter.group(2) == "A" and not trains(module := module_of(name)):
+            frozen.setdefault(module, []).append(adapter.group(1))
+    for module, layers in frozen.items():
+        raise frozen_targets_error(module, layers)
+
+
+def frozen_targets_error(module: str, layers: list[str]) -> InputError:
+    """The one-line error of :func:`check_adapters_train` (``r4b plan`` says it too): ``layers``, the targeted layers
+    of ``module``, which does not train."""
+    first = f"{layers[0]}, ..." if len(layers) > 1 else layers[0]
+    return InputError(
+        f"model.lora.targets: {len(layers)} targeted layer(s) are in the {module} module ({first}), which does not "
+        f"train (model.train, optim.lr_{module}): their adapters would never change; train {module} or leave its "
+        "layers out of model.lora.targets"
+    )
 
 
 def _in_language_model(name: str) -> bool:

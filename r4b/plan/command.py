@@ -66,7 +66,7 @@ def assumptions(args: argparse.Namespace, engine_kind: str) -> Assumptions:
 def make_plan(path: str, overrides: list[str], gpu: str, assume: Assumptions) -> Plan:
     config = load_config(stage_of(path), path, overrides)
     _check_engine(config, assume.gpus, path)
-    return plan(config, model_shapes(config.model.path), GPUS[gpu], assume)
+    return plan(config, model_shapes(config.model.path, config.model.lora), GPUS[gpu], assume)
 
 
 def _check_engine(config: Any, gpus: int, path: str) -> None:
@@ -92,6 +92,8 @@ def fixes(path: str, overrides: list[str], gpu: str, assume: Assumptions, config
         key, tokens = "data.max_tokens", config.data.max_tokens
     if tokens > 4096:
         candidates.append(([f"{key}={tokens // 2}"], assume.gpus))
+    if not config.model.lora.rank:  # adapters instead of the full weights: no full gradients or AdamW state
+        candidates.append((["model.lora.rank=16"], assume.gpus))
     if engine.kind != "single":
         candidates += [([], n) for n in (2 * assume.gpus, 4 * assume.gpus, 8 * assume.gpus)]
     found = []
@@ -111,6 +113,7 @@ def to_dict(p: Plan) -> dict[str, Any]:
         "assumptions": vars(p.assumptions),
         "parameters": {**p.shapes.params, "total": p.shapes.total},
         "trained": p.trained,
+        "lora": _lora(p),
         "memory_gib": {item.name: item.bytes / GIB for item in p.memory},
         "peak_gib": p.peak_bytes / GIB,
         "budget_gib": p.budget_bytes / GIB,
@@ -126,6 +129,19 @@ def to_dict(p: Plan) -> dict[str, Any]:
     }
 
 
+def _lora(p: Plan) -> dict[str, Any] | None:
+    """model.lora's part of the JSON: the rank, the adapters' parameters per module, those that train."""
+    if not p.shapes.lora:
+        return None
+    adapters = p.shapes.adapters
+    trainable = sum(adapters[m] for m in p.trained)
+    return {
+        "rank": p.shapes.lora_rank,
+        "adapters": {**adapters, "total": sum(adapters.values())},
+        "trainable": trainable,
+    }
+
+
 def render(p: Plan, fixes_found: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -135,9 +151,14 @@ def render(p: Plan, fixes_found: list[str]) -> None:
     where = f"{p.shapes.source} ({p.shapes.family}) on {a.gpus} x {p.gpu.name}"
     console.print(f"[bold]r4b plan[/bold]: {p.stage} of {where}")
     params = Table("module", "parameters", "trained", title="parameters")
+    lora = p.shapes.adapters
     for module, count in p.shapes.params.items():
-        params.add_row(module, f"{count:,}", "yes" if module in p.trained else "frozen")
-    params.add_row("total", f"{p.shapes.total:,}", "")
+        if module not in p.trained:
+            trains = "frozen"
+        else:  # with model.lora the module's adapters train, its base stays frozen
+            trains = f"LoRA rank {p.shapes.lora_rank}: {lora[module]:,} adapter parameters" if lora else "yes"
+        params.add_row(module, f"{count:,}", trains)
+    params.add_row("total", f"{p.shapes.total:,}", f"{sum(lora[m] for m in p.trained):,} trainable" if lora else "")
     console.print(params)
     memory = Table("per GPU", "GiB", "what", title=f"memory per GPU (the {p.phase} phase peaks)")
     for item in p.memory:
@@ -177,8 +198,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(stage_of(args.config), args.config, overrides)
     assume = assumptions(args, config.engine.kind)
     p = make_plan(args.config, overrides, args.gpu, assume)
-    if getattr(getattr(config.model, "lora", None), "rank", 0):  # model.lora (issue 29) is not modelled yet
-        p.notes.append("model.lora is not planned: these are the full weights' gradients and optimizer state")
     found = [] if p.fits else fixes(args.config, overrides, args.gpu, assume, config)
     if args.json:
         print(json.dumps({**to_dict(p), "fixes": found}, indent=2))

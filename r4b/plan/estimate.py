@@ -8,6 +8,11 @@ AdamW's moments over the ranks and gathers bf16 layers one at a time (the next o
 are its own estimator's (``estimate_zero{2,3}_model_states_mem_needs``: 16-bit weights, whole under ZeRO-2; 16-bit
 gradients and 16 bytes of fp32 master, moments and gradient per trained parameter, partitioned), plus the reduce
 bucket.
+
+With ``model.lora`` (:attr:`Shapes.adapters`) the adapters alone train: gradients and AdamW's state are the
+adapters', the frozen base is kept in the training dtype (bf16 under ``engine.mixed_precision: bf16``, beside fp32
+adapters; r4b.train.runtime.lora_base_dtype), BPO's reference is the policy with its adapters off (no copy), and the
+backward computes no weight gradients of the base.
 """
 
 from __future__ import annotations
@@ -87,23 +92,32 @@ class Plan:
 
 def model_state(shapes: Shapes, trained: list[str], engine: Any, world: int) -> list[Item]:
     """Weights, gradients, optimizer state and the engine's gathered / bucketed copies on one GPU."""
-    p_all = shapes.total
-    p_train = sum(shapes.params[m] for m in trained)
-    steps = 4 * sum(shapes.tensors[m] for m in trained)  # AdamW's fp32 step counter per parameter tensor
     bf16 = engine.mixed_precision == "bf16"
     e = 2 if bf16 else 4
+    if shapes.lora:  # the adapters train; the frozen base is in the training dtype, the adapters in fp32
+        p_train = sum(shapes.adapters[m] for m in trained)
+        steps = 4 * sum(shapes.adapter_tensors[m] for m in trained)
+        p_all = shapes.total + sum(shapes.adapters.values())
+        held = e * shapes.total + 4 * sum(shapes.adapters.values())
+        what = f"{'bf16' if bf16 else 'fp32'} frozen base + fp32 LoRA adapters"
+        cached = 2 * sum(shapes.adapters.values())  # autocast casts the fp32 adapters only: the base is bf16
+    else:
+        p_train = sum(shapes.params[m] for m in trained)
+        steps = 4 * sum(shapes.tensors[m] for m in trained)  # AdamW's fp32 step counter per parameter tensor
+        p_all = shapes.total
+        held, what, cached = 4 * p_all, "fp32", 2 * p_all
     if engine.kind == "single":
         items = [
-            Item("weights", 4 * p_all, "fp32"),
+            Item("weights", held, what),
             Item("gradients", 4 * p_train, "fp32"),
             Item("optimizer", ADAMW_STATE * p_train + steps, "AdamW moments, fp32"),
         ]
         if bf16:
-            items.append(Item("bf16 weight copies", 2 * p_all, "autocast's cache during the forward"))
+            items.append(Item("bf16 weight copies", cached, "autocast's cache during the forward"))
         return items
     if engine.kind == "fsdp2":
         items = [
-            Item("weights", 4 * p_all / world, f"fp32, sharded over {world}"),
+            Item("weights", held / world, f"{what}, sharded over {world}"),
             Item("gradients", 4 * p_train / world, f"fp32, sharded over {world}"),
             Item("optimizer", ADAMW_STATE * p_train / world + steps, f"AdamW moments, sharded over {world}"),
         ]
@@ -126,7 +140,6 @@ def model_state(shapes: Shapes, trained: list[str], engine: Any, world: int) -> 
         Item("optimizer", DEEPSPEED_STATE * p_train / world, f"fp32 master, moments, grad partition over {world}"),
         Item("reduce bucket", min(p_train, DEEPSPEED_BUCKET) * e, "reduce_bucket_size"),
     ]
-    return items
 
 
 def activation_bytes(shapes: Shapes, trained: list[str], tokens: int, image_share: float, e: int, ckpt: bool) -> float:
@@ -188,25 +201,31 @@ def image_flops_per_token(shapes: Shapes) -> tuple[float, float]:
     return per_patch * shapes.patches_per_image_token, 2 * shapes.params["projector"]
 
 
-def pass_multipliers(trained: list[str], ckpt: bool) -> dict[str, float]:
+def pass_multipliers(trained: list[str], ckpt: bool, lora: bool = False) -> dict[str, float]:
     """Forward-equivalents per module for one training pass: 3 for a trained module (forward, two backward matmuls),
     2 for a frozen one that gradients cross on their way to a trained one, 1 for a frozen one before any trained
-    one; activation checkpointing adds a forward where the backward runs."""
+    one; activation checkpointing adds a forward where the backward runs. ``lora``: the trained modules' base is
+    frozen too (2: the input gradients reach their lower layers' adapters; the adapters' own FLOPs are apart)."""
     out = {}
     for i, module in enumerate(MODULE_ORDER):
         upstream = any(m in trained for m in MODULE_ORDER[:i])
-        backward = 2 if module in trained else (1 if upstream else 0)
+        backward = (1 if lora else 2) if module in trained else (1 if upstream else 0)
         out[module] = 1 + backward + (1 if ckpt and backward else 0)
     return out
 
 
 def training_flops(shapes: Shapes, trained: list[str], tokens: float, context: float, image_share: float, ckpt: bool):
-    mult = pass_multipliers(trained, ckpt)
+    mult = pass_multipliers(trained, ckpt, shapes.lora)
     vision, projector = image_flops_per_token(shapes)
     image_tokens = tokens * image_share
-    return tokens * forward_flops_per_token(shapes, context) * mult["llm"] + image_tokens * (
+    flops = tokens * forward_flops_per_token(shapes, context) * mult["llm"] + image_tokens * (
         vision * mult["vision"] + projector * mult["projector"]
     )
+    if shapes.lora:  # the adapters' forward, input and weight gradients: 6 FLOPs per parameter a token
+        a = shapes.adapters
+        per_image_token = a["vision"] * shapes.patches_per_image_token + a["projector"]
+        flops += 6 * (tokens * a["llm"] + image_tokens * per_image_token)
+    return flops
 
 
 def forward_flops(shapes: Shapes, tokens: float, context: float, image_share: float) -> float:
@@ -218,10 +237,19 @@ def forward_flops(shapes: Shapes, tokens: float, context: float, image_share: fl
 # the plan
 
 
-def trained_modules(config: SFTConfig | BPOConfig) -> list[str]:
-    """``model.train``, less modules whose learning rate is 0 (the stages freeze those too)."""
+def trained_modules(config: SFTConfig | BPOConfig, shapes: Shapes | None = None) -> list[str]:
+    """``model.train``, less modules whose learning rate is 0 (the stages freeze those too) and, with LoRA
+    (``shapes.adapters``), modules without adapters (their base is frozen)."""
     lrs = {"llm": config.optim.lr_llm, "vision": config.optim.lr_vision, "projector": config.optim.lr_projector}
-    return [m for m in MODULE_ORDER if m in config.model.train and lrs[m] > 0]
+    trains = [m for m in MODULE_ORDER if m in config.model.train and lrs[m] > 0]
+    if shapes is None or not shapes.lora:
+        return trains
+    from r4b.models.lora import frozen_targets_error
+
+    for module in MODULE_ORDER:  # the stages refuse adapters that would never train (r4b.train.schedule)
+        if shapes.adapter_layers.get(module) and module not in trains:
+            raise frozen_targets_error(module, shapes.adapter_layers[module])
+    return [m for m in trains if shapes.adapters[m] > 0]
 
 
 def plan(config: SFTConfig | BPOConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) -> Plan:
@@ -251,7 +279,7 @@ def _seconds(flops: float, gpu: GPU, config, assume: Assumptions) -> float:
 
 
 def _plan_sft(config: SFTConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) -> Plan:
-    trained = trained_modules(config)
+    trained = trained_modules(config, shapes)
     tokens = config.data.max_tokens
     memory, activations = _common(config, shapes, trained, tokens, assume)
     step_tokens = config.train.global_batch_samples * assume.sample_tokens
@@ -267,7 +295,7 @@ def _plan_sft(config: SFTConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) 
 
 
 def _plan_bpo(config: BPOConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) -> Plan:
-    trained = trained_modules(config)
+    trained = trained_modules(config, shapes)
     tokens = config.policy.max_tokens
     update, activations = _common(config, shapes, trained, tokens, assume)
     rollout, g = config.rollout, config.rollout.group_size
@@ -290,7 +318,7 @@ def _plan_bpo(config: BPOConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) 
     e = 2 if config.engine.mixed_precision == "bf16" else 4
     resident = [i for i in update if i.name in ("weights", "optimizer")]
     shared: list[Item] = []
-    if config.policy.beta > 0:
+    if config.policy.beta > 0 and not shapes.lora:  # with LoRA the reference is the policy, its adapters off
         shared.append(Item("reference model", 4 * shapes.total, "fp32 copy of the initial policy (policy.beta > 0)"))
     engine_share, engine_idle = _rollout_memory(config, shapes, gpu, assume, rollouts, response)
     update_items = update + shared + ([Item("rollout engine (idle)", engine_idle[0], engine_idle[1])] * bool(
@@ -302,6 +330,8 @@ def _plan_bpo(config: BPOConfig, shapes: Shapes, gpu: GPU, assume: Assumptions) 
     notes = [f"{rollouts} rollouts a step ({prompts} prompts x 2 x {g}), responses of {response} tokens on average"]
     if e == 4 and rollout.engine == "vllm":
         notes.append("vLLM generates in bf16 whatever engine.mixed_precision says")
+    if config.policy.beta > 0 and shapes.lora:
+        notes.append("the KL reference is the policy with its LoRA adapters off: no copy of the weights")
     return Plan("bpo", gpu, assume, shapes, trained, memory, activations, step_tokens,
                 update_s + prefill_s + decode_s, config.train.max_steps or config.train.steps,
                 timing={"update": update_s, "prefill": prefill_s, "decode": decode_s}, phase=phase,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r4b.config.sections import LoraSection
 from r4b.errors import InputError
 
 
@@ -44,10 +45,20 @@ class Shapes:
     patches_per_image_token: int
     source: str = ""
     layer_params: list[int] = field(default_factory=list)
+    # model.lora: the adapters' parameters and parameter tensors (A and B) per module, beside the base's; {}: none
+    adapters: dict[str, int] = field(default_factory=dict)
+    adapter_tensors: dict[str, int] = field(default_factory=dict)
+    adapter_layers: dict[str, list[str]] = field(default_factory=dict)  # the targeted layers' names per module
+    lora_rank: int = 0
 
     @property
     def total(self) -> int:
+        """The base model's parameters (the adapters not included)."""
         return sum(self.params.values())
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.lora_rank)
 
 
 def load_model_config(path: str | None) -> tuple[Any, str]:
@@ -73,8 +84,10 @@ def load_model_config(path: str | None) -> tuple[Any, str]:
         raise InputError(f"model.path {path}: no readable config.json: {why}") from None
 
 
-def model_shapes(path: str | None) -> Shapes:
-    """The :class:`Shapes` of the model at ``path`` (see :func:`load_model_config`)."""
+def model_shapes(path: str | None, lora: LoraSection | None = None) -> Shapes:
+    """The :class:`Shapes` of the model at ``path`` (see :func:`load_model_config`); ``lora`` (``model.lora``, rank
+    > 0): with the adapters its targets name, rank x (in + out) parameters per targeted linear layer (peft's A and
+    B; bench/lora_memory.py checks the count against peft's injected layers)."""
     import torch
 
     from r4b.train.schedule import module_of
@@ -94,6 +107,7 @@ def model_shapes(path: str | None) -> Shapes:
     head = model.get_output_embeddings().weight
     family = config.model_type
     merge = getattr(config.vision_config, "spatial_merge_size", 1)
+    adapters, adapter_tensors, adapter_layers = _adapters(model, lora)
     return Shapes(
         family=family,
         params=params,
@@ -108,7 +122,31 @@ def model_shapes(path: str | None) -> Shapes:
         patches_per_image_token=merge * merge,
         source=source,
         layer_params=layer_params,
+        adapters=adapters,
+        adapter_tensors=adapter_tensors,
+        adapter_layers=adapter_layers,
+        lora_rank=lora.rank if lora is not None else 0,
     )
+
+
+def _adapters(model: Any, lora: LoraSection | None) -> tuple[dict[str, int], dict[str, int], dict[str, list[str]]]:
+    """(parameters, tensors, targeted layers) per module of the LoRA adapters ``lora`` puts on ``model``; empty
+    without LoRA. The targets resolve as training resolves them (r4b.models.lora.lora_targets: its one-line errors
+    included)."""
+    if lora is None or not lora.rank:
+        return {}, {}, {}
+    from r4b.models.lora import lora_targets
+    from r4b.train.schedule import module_of
+
+    params = {"vision": 0, "projector": 0, "llm": 0}
+    tensors = dict(params)
+    layers: dict[str, list[str]] = {m: [] for m in params}
+    for name in lora_targets(model, lora.targets):
+        layer, module = model.get_submodule(name), module_of(f"{name}.weight")
+        params[module] += lora.rank * (layer.in_features + layer.out_features)
+        tensors[module] += 2
+        layers[module].append(name)
+    return params, tensors, layers
 
 
 def _build(config: Any) -> Any:

@@ -30,13 +30,15 @@ def parameter_groups(model: nn.Module, lrs: dict[str, float], trainable: Iterabl
     """One optimizer group per module with its learning rate (the paper: ViT 4e-6, projector 4e-6,
     LLM 4e-5). Modules not in ``trainable`` are frozen (``requires_grad=False``) and left out. A model with LoRA
     adapters (r4b.models.lora) trains its adapters only, each in its module's group; the base stays frozen."""
-    from r4b.models.lora import has_lora, is_adapter_parameter
+    from r4b.models.lora import check_adapters_train, has_lora, is_adapter_parameter
 
     trainable = set(trainable)
     unknown = trainable - set(MODULES)
     if unknown:
         raise ValueError(f"unknown module(s) {sorted(unknown)}; expected a subset of {MODULES}")
     adapters_only = has_lora(model)
+    if adapters_only:  # adapters where nothing trains would stay at B = 0: a one-line error (r4b.models.lora)
+        check_adapters_train(model, module_of, lambda module: module in trainable and lrs[module] > 0)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in MODULES}
     for name, param in model.named_parameters():
         module = module_of(name)

@@ -54,6 +54,104 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact(tiny, train):
     assert sum(tiny.params[m] for m in train) == sum(p.numel() for p in trained)
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_lora_parameter_gradient_and_optimizer_bytes_are_exact(mixed_precision):
+    """model.lora on the single engine after one step of the tiny model: the frozen base in the training dtype beside
+    fp32 adapters, and gradients and AdamW state of the adapters alone."""
+    from r4b.config.sections import LoraSection
+    from r4b.models.lora import apply_lora
+    from r4b.models.tiny import build_tiny_r4b
+    from r4b.train.engine import build_engine
+    from r4b.train.runtime import lora_base_dtype
+    from r4b.train.schedule import parameter_groups
+
+    config, section = EngineConfig(kind="single", mixed_precision=mixed_precision), LoraSection(rank=4)
+    model = build_tiny_r4b(0)
+    apply_lora(model, section, lora_base_dtype(config))
+    lrs = {"vision": 1e-3, "projector": 1e-3, "llm": 1e-3}
+    engine = build_engine(model, parameter_groups(model, lrs, list(lrs)), lambda step: 1.0, EngineConfig(kind="single"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    grads = sum(p.grad.nbytes for p in trained)
+    engine.step()
+    state = sum(t.nbytes for s in engine.optimizer.state.values() for t in s.values())
+    shapes = model_shapes(None, section)
+    planned = items(model_state(shapes, ["llm"], config, 1))
+    assert planned["weights"] == sum(p.nbytes for p in model.parameters())
+    assert planned["gradients"] == grads and planned["optimizer"] == state
+    assert shapes.adapters == {"vision": 0, "projector": 0, "llm": sum(p.numel() for p in trained)}
+
+
+def r4b_config(directory: Path) -> Path:
+    """R-4B's config.json at bench/lora_memory.py's shapes (SigLIP-so400m, the projector, Qwen3-4B), lm_head apart
+    from the input embedding as README's LoRA table counts it."""
+    import sys
+
+    from helpers import bench_module
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_random_model import PRESETS, build_config
+
+    bench = bench_module("lora_memory")
+    PRESETS["r4b"] = {
+        "text": bench.QWEN3_4B,
+        "vision": bench.SIGLIP_SO400M,
+        "grid_pinpoints": PRESETS["1b"]["grid_pinpoints"],
+    }
+    config = build_config("r4b")
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    config.save_pretrained(directory)
+    return directory
+
+
+def test_lora_states_of_r4b_are_readmes_table(tmp_path):
+    """README's LoRA table (bench/lora_memory.py): weights, gradients and AdamW state of a bf16 R-4B run on one GPU,
+    full training against LoRA ranks 8 and 64 on the default targets, to the table's 0.01 GiB."""
+    from r4b.config.sections import LoraSection
+
+    path = str(r4b_config(tmp_path / "r4b"))
+    engine = EngineConfig(kind="fsdp2", mixed_precision="bf16")
+    expected = {0: (4833.9e6, 72.03), 8: (16.5e6, 9.25), 64: (132.1e6, 10.97)}
+    for rank, (trainable, gib) in expected.items():
+        shapes = model_shapes(path, LoraSection(rank=rank))
+        trained = ["llm"] if rank else ["vision", "projector", "llm"]
+        planned = items(model_state(shapes, trained, engine, 1))
+        state = planned["weights"] + planned["gradients"] + planned["optimizer"]
+        assert round(state / GIB, 2) == gib, rank
+        assert round(sum(shapes.adapters.values()) if rank else shapes.total, -5) == trainable
+
+
+def test_lora_in_the_plan_and_as_a_fix(tmp_path, capsys):
+    """r4b plan with model.lora: the adapters alone train, BPO's reference is no copy; a full R-4B SFT that does not
+    fit one H100 names model.lora.rank=16 among its fixes, and with it fits."""
+    assert main(["plan", "--config", "configs/demo/bpo.yaml", "--gpus", "1", "model.path=null", "model.lora.rank=8",
+                 "--json"]) == 0  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["trained"] == ["llm"] and plan["lora"]["rank"] == 8 and "reference model" not in plan["memory_gib"]
+    assert plan["lora"]["trainable"] == plan["lora"]["adapters"]["llm"] > 0
+    assert any("adapters off" in note for note in plan["notes"])
+    path = r4b_config(tmp_path / "r4b")
+    argv = ["plan", "--config", "configs/demo/sft.yaml", "--gpus", "1", "--json", f"model.path={path}"]
+    assert main(argv) == 1
+    assert "model.lora.rank=16" in json.loads(capsys.readouterr().out)["fixes"]
+    assert main([*argv, "model.lora.rank=16"]) == 0
+    fits = json.loads(capsys.readouterr().out)
+    assert fits["fits"] and fits["lora"]["trainable"] == fits["lora"]["adapters"]["total"]
+    # a vision target while model.train leaves vision out: refused as the stages refuse it
+    frozen = ["plan", "--config", "configs/demo/sft.yaml", "--gpus", "1", "model.lora.rank=8", "model.train=[llm]",
+              r"model.lora.targets=[q_proj, .*vision_tower.*\.fc1]"]  # fmt: skip
+    assert main(frozen) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            "r4b plan: error: model.lora.targets: 2 targeted layer(s) are in the vision module "
+            "(model.vision_tower.encoder.layers.0.mlp.fc1, ...), which does not train"
+        )
+    )
+
+
 def test_activations_are_within_a_factor_of_what_the_forward_saves(tiny, torch_reference_kernels, tmp_path):
     """Bytes autograd saves in the tiny model's packed forward (fp32, parameters aside), less what only the CPU's
     reference kernels save (the [heads, N, N] attention probabilities and masks, the [N, V] logits), against the

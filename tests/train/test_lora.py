@@ -81,6 +81,34 @@ def test_targets_are_the_language_models_projections_and_lm_head_is_refused(tiny
         lora_targets(tiny_r4b, ["qproj"])
 
 
+def test_targets_in_a_module_that_does_not_train_are_refused(data, tmp_path, capsys):
+    """A dotted target in the vision tower while model.train leaves vision out (or optim.lr_vision is 0): its
+    adapters would stay at B = 0, so the run stops before it starts, in one line; with vision trained they train."""
+    from r4b.train.schedule import parameter_groups
+
+    model = build_tiny_r4b(seed=0)
+    apply_lora(model, LoraSection(rank=RANK, targets=["q_proj", r".*vision_tower.*\.fc1"]))
+    lrs = {"vision": 1e-3, "projector": 1e-3, "llm": 1e-3}
+    refused = (
+        r"^model.lora.targets: 2 targeted layer\(s\) are in the vision module "
+        r"\(model.vision_tower.encoder.layers.0.mlp.fc1, ...\), which does not train \(model.train, optim.lr_vision\): "
+        r"their adapters would never change; train vision or leave its layers out of model.lora.targets$"
+    )
+    with pytest.raises(InputError, match=refused):
+        parameter_groups(model, lrs, ["projector", "llm"])
+    with pytest.raises(InputError, match=refused):
+        parameter_groups(model, {**lrs, "vision": 0.0}, ["vision", "projector", "llm"])
+    groups = {g["name"]: len(g["params"]) for g in parameter_groups(model, lrs, ["vision", "llm"])}
+    assert groups == {"vision": 4, "llm": 4}  # A and B of 2 fc1 layers, of 2 q_proj layers
+
+    argv = ["sft", "--config", str(DEMO_SFT), "--output-dir", str(tmp_path / "run"), f"data.train=[{data}]",
+            *LORA, r"model.lora.targets=[q_proj, .*vision_tower.*\.fc1]", "model.train=[projector, llm]"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the data's warnings
+    assert err.startswith("r4b sft: error: model.lora.targets: 2 targeted layer(s) are in the vision module")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_the_first_loss_is_full_trainings_and_the_log_gives_the_adapters_size(runs, capsys):
     assert metrics(runs["lora"])[0]["loss"] == metrics(runs["full"])[0]["loss"]  # B = 0: the base's forward
     assert [m["step"] for m in metrics(runs["lora"])] == [1, 2, 3]

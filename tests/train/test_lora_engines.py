@@ -1,6 +1,7 @@
 """LoRA (``model.lora``) on the sharded engines with 2 gloo ranks: FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 checkpoints hold
-the adapters only and resume bit for bit; 2 FSDP2 ranks give the one-process run, for ``r4b sft`` and for ``r4b bpo``
-with the KL to the reference (the base: the policy with its adapters off) and the rollout copy fed merged weights.
+the adapters only and resume bit for bit (FSDP2's and ZeRO-2's on 1 rank too); 2 FSDP2 ranks give the one-process
+run, for ``r4b sft`` and for ``r4b bpo`` with the KL to the reference (the base: the policy with its adapters off)
+and the rollout copy fed merged weights.
 
 The 2-rank runs share one torchrun launch (this file is its worker)."""
 
@@ -101,6 +102,30 @@ def test_sharded_lora_checkpoints_resume_exactly(two_ranks, kind):
         assert (a["loss"], a["grad_norm"], a["lrs"]) == (b["loss"], b["grad_norm"], b["lrs"])
     expected, got = weights(two_ranks / kind / "model"), weights(two_ranks / f"{kind}-resumed" / "model")
     assert set(expected) == set(got) and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["fsdp2", "deepspeed"])
+def test_a_lora_checkpoint_resumes_on_another_number_of_ranks(two_ranks, data, tmp_path, kind):
+    """A 2-rank FSDP2 or DeepSpeed ZeRO-2 LoRA checkpoint (adapters and their AdamW state only) resumed on 1 rank,
+    as full training's do (tests/train/test_resume_engines.py): the same steps follow, equal up to the order of the
+    ranks' sums."""
+    from train.test_resume_engines import one_rank
+
+    resume = f"train.resume={two_ranks / kind / 'checkpoint-1'}"
+    proc = one_rank(*sft_args(data, tmp_path / "one", f"engine.kind={kind}", resume))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full, resumed = metrics(two_ranks / kind), metrics(tmp_path / "one")
+    assert [m["step"] for m in resumed] == [2, 3]
+    for a, b in zip(full[1:], resumed, strict=True):
+        assert a["lrs"] == b["lrs"] and a["tokens"] == b["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-4
+        )
+    expected, got = weights(two_ranks / kind / "model"), weights(tmp_path / "one" / "model")
+    assert set(expected) == set(got)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.multiprocess
