@@ -15,7 +15,7 @@ Measured (docs/usage.md#lora): this test's run raises the mean reward of its las
 (the thinking group's off-mode share from 1.00 to 0.30), its control by +0.043. Over BPO seeds 0-3 (train.seed)
 after a 2-thread annealing: +0.441, +0.445, +0.473, +0.414; after an annealing of seed 1, BPO seeds 0-1: +0.309,
 +0.395; the controls: -0.059 to +0.074. Rollouts and updates are seeded, so the test is deterministic on a given
-thread count (the fixture: 1); 53-60 s on 2 cores shared with another job (load average 2.4-3).
+thread count (the fixture: 1); 53-63 s on 2 CPU cores shared with other jobs (load average 1.4-3).
 """
 
 from __future__ import annotations
